@@ -1,0 +1,372 @@
+"""The public API's implementation (re-exported by runtime/__init__.py)."""
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import grpc
+
+from runtime import config, rpc
+from runtime.core_worker.core_worker import DRIVER, CoreWorker
+from runtime.core_worker.current import core_worker_or_none, set_core_worker
+from runtime.exceptions import AuthenticationError, ClusterConnectionError
+from runtime.node import Node, NodeConfig
+from runtime.object_ref import ObjectRef
+from runtime.protocol import common_pb2, gcs_pb2, gcs_pb2_grpc
+from runtime.runtime_context import RuntimeContext
+from runtime.session import find_running_cluster, new_session_dir, write_cluster_file
+
+log = logging.getLogger("runtime")
+
+_INIT_KEYWORDS = {
+    "num_cpus", "num_gpus", "resources", "labels", "object_store_memory", "local_mode",
+    "ignore_reinit_error", "include_dashboard", "dashboard_host", "dashboard_port", "job_config",
+    "configure_logging", "logging_level", "logging_format", "logging_config", "log_to_driver",
+    "namespace", "runtime_env", "storage", "_node_ip_address", "_temp_dir", "_system_config",
+    "_enable_object_reconstruction", "_plasma_directory", "_metrics_export_port",
+}
+
+
+class RuntimeContextInfo(dict):
+    """What init() returns (Ray's RayContext): address_info, and usable as a context manager."""
+
+    def __init__(self, address_info: Dict[str, Any]) -> None:
+        super().__init__(address_info)
+        self.address_info = address_info
+        self.dashboard_url = None
+        self.python_version = ".".join(map(str, sys.version_info[:3]))
+        from runtime import __version__
+
+        self.ray_version = __version__
+
+    def __enter__(self) -> "RuntimeContextInfo":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        shutdown()
+
+    def disconnect(self) -> None:
+        shutdown()
+
+
+class _Driver:
+    def __init__(self) -> None:
+        self.node: Optional[Node] = None
+        self.cw: Optional[CoreWorker] = None
+        self.gcs_channel: Optional[grpc.Channel] = None
+        self.gcs: Optional[gcs_pb2_grpc.GcsStub] = None
+        self.context: Optional[RuntimeContextInfo] = None
+        self.lock = threading.RLock()
+
+
+_driver = _Driver()
+
+
+def is_initialized() -> bool:
+    return _driver.cw is not None
+
+
+def _ensure_initialized() -> CoreWorker:
+    cw = core_worker_or_none()
+    if cw is None:
+        init()
+        cw = core_worker_or_none()
+    return cw
+
+
+def _configure_logging(level: Union[int, str], fmt: Optional[str]) -> None:
+    logger = logging.getLogger("runtime")
+    logger.setLevel(level)
+    if not any(getattr(h, "_runtime_handler", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(fmt or "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler._runtime_handler = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+        logger.propagate = False
+    # Process spawn/stop lines belong in the node's logs, not on the user's terminal.
+    logging.getLogger("runtime.supervisor").setLevel(max(logging.WARNING, logger.level))
+
+
+def _token_for(address: str, found: Optional[dict]) -> str:
+    for env in ("NODE_AGENT_TOKEN", rpc.TOKEN_ENV):
+        if os.environ.get(env):
+            return os.environ[env].strip()
+    path = os.environ.get("NODE_AGENT_TOKEN_FILE")
+    if path:
+        try:
+            with open(path) as fh:
+                return fh.read().strip()
+        except OSError as exc:
+            raise AuthenticationError(f"cannot read the cluster token file {path}: {exc}") from None
+    if found and found.get("gcs_address") == address:
+        return found["token"]
+    raise AuthenticationError(
+        f"no cluster token for {address}: set NODE_AGENT_TOKEN (or NODE_AGENT_TOKEN_FILE) to the "
+        f"token printed by `agentctl start --head`")
+
+
+def init(address: Optional[str] = None, **kwargs) -> RuntimeContextInfo:
+    """Start a private single-node cluster, or connect to a running one.
+
+    address=None starts a private cluster on free ports (unless $RUNTIME_ADDRESS
+    names one); "auto" attaches to the newest cluster running on this machine;
+    "host:port" attaches to the GCS at that address.
+    """
+    unknown = sorted(set(kwargs) - _INIT_KEYWORDS)
+    if unknown:
+        raise TypeError(f"init() got unexpected keyword argument(s): {', '.join(unknown)}")
+    with _driver.lock:
+        if _driver.cw is not None:
+            if kwargs.get("ignore_reinit_error"):
+                log.info("Calling init() again after it has already been called.")
+                return _driver.context  # type: ignore[return-value]
+            raise RuntimeError("Maybe you called init() twice by accident? This error can be "
+                               "suppressed by passing in 'ignore_reinit_error=True' or by calling "
+                               "'shutdown()' prior to 'init()'.")
+        if kwargs.get("configure_logging", True):
+            _configure_logging(kwargs.get("logging_level", logging.INFO), kwargs.get("logging_format"))
+        if kwargs.get("runtime_env"):
+            raise ValueError("runtime_env is not supported yet")
+        if address is None:
+            address = os.environ.get("RUNTIME_ADDRESS") or None
+        try:
+            if address is None or address == "local":
+                return _start_private(kwargs)
+            return _attach(address, kwargs)
+        except BaseException:
+            _teardown()
+            raise
+
+
+def _start_private(kwargs: Dict[str, Any]) -> RuntimeContextInfo:
+    t0 = time.perf_counter()
+    session_dir = new_session_dir(kwargs.get("_temp_dir"))
+    cfg = NodeConfig(head=True, node_ip=kwargs.get("_node_ip_address") or "127.0.0.1",
+                     num_cpus=kwargs.get("num_cpus"), num_gpus=kwargs.get("num_gpus"),
+                     resources=dict(kwargs.get("resources") or {}),
+                     object_store_memory=kwargs.get("object_store_memory"),
+                     session_dir=session_dir)
+    node = Node(cfg)
+    _driver.node = node
+    node.start()
+    write_cluster_file(session_dir, {
+        "gcs_address": node.gcs_address, "gcs_pid": node.pids.get("gcs"),
+        "node_id": node.node_id.hex(), "session_dir": session_dir,
+        "raylet_address": node.raylet_address, "store_address": node.store_address}, node.token)
+    _connect(node.gcs_address, node.token, kwargs, session_dir)
+    log.debug("private cluster up in %.3fs at %s", time.perf_counter() - t0, session_dir)
+    return _driver.context  # type: ignore[return-value]
+
+
+def _attach(address: str, kwargs: Dict[str, Any]) -> RuntimeContextInfo:
+    for key in ("num_cpus", "num_gpus", "resources", "object_store_memory"):
+        if kwargs.get(key) is not None:
+            raise ValueError(f"When connecting to an existing cluster, {key} must not be provided.")
+    found = find_running_cluster(kwargs.get("_temp_dir"))
+    if address == "auto":
+        if found is None:
+            raise ConnectionError(
+                "Could not find any running cluster on this machine (address='auto'). Start one "
+                "with `agentctl start --head`, or call init() without an address for a private one.")
+        address = found["gcs_address"]
+    from runtime.net import split_address
+
+    split_address(address)
+    token = _token_for(address, found)
+    _connect(address, token, kwargs, found.get("session_dir", "") if found else "")
+    return _driver.context  # type: ignore[return-value]
+
+
+def _connect(gcs_address: str, token: str, kwargs: Dict[str, Any], session_dir: str) -> None:
+    channel = rpc.sync_channel(gcs_address, token)
+    gcs = gcs_pb2_grpc.GcsStub(channel)
+    _driver.gcs_channel, _driver.gcs = channel, gcs
+    try:
+        nodes = gcs.GetAllNodes(common_pb2.Empty(), timeout=10).nodes
+    except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+            raise AuthenticationError(f"{gcs_address}: {exc.details()}") from None
+        raise ClusterConnectionError(
+            f"cannot reach the GCS at {gcs_address}: {exc.code().name}: {exc.details()}. Is the "
+            f"head node running (agentctl status) and the port reachable?") from None
+    alive = [n for n in nodes if n.alive]
+    if not alive:
+        raise ClusterConnectionError(f"the cluster at {gcs_address} has no live node")
+    node = _pick_local_node(alive, _driver.node)
+    namespace = kwargs.get("namespace") or ""
+    job = gcs_pb2.JobInfo(driver_pid=os.getpid(), driver_ip=node.node_ip,
+                          entrypoint=" ".join(sys.argv), namespace=namespace)
+    job_id = gcs.AddJob(job, timeout=10).job_id
+    cw = CoreWorker(mode=DRIVER, node_id=node.node_id, node_ip=node.node_ip,
+                    raylet_address=f"{node.node_ip}:{node.raylet_port}",
+                    store_address=f"{node.node_ip}:{node.store_port}", gcs_address=gcs_address,
+                    session_dir=node.session_dir or session_dir, token=token, job_id=job_id,
+                    namespace=namespace or f"anonymous-{job_id.hex()}")
+    cw.job_config.sys_path.extend(p for p in sys.path if p)
+    cw.job_config.cwd = os.getcwd()
+    cw.on_raylet_lost = lambda reason: log.error("lost the local raylet: %s", reason)
+    cw.start()
+    set_core_worker(cw)
+    _driver.cw = cw
+    info = {"node_ip_address": node.node_ip, "gcs_address": gcs_address, "address": gcs_address,
+            "raylet_address": f"{node.node_ip}:{node.raylet_port}",
+            "object_store_address": f"{node.node_ip}:{node.store_port}",
+            "session_dir": node.session_dir or session_dir, "node_id": node.node_id.hex(),
+            "webui_url": None, "job_id": job_id.hex()}
+    _driver.context = RuntimeContextInfo(info)
+
+
+def _pick_local_node(alive, private: Optional[Node]):
+    if private is not None:
+        for n in alive:
+            if n.node_id == private.node_id:
+                return n
+    local_ips = {"127.0.0.1", socket.gethostbyname(socket.gethostname())}
+    for n in alive:
+        if n.node_ip in local_ips:
+            return n
+    heads = [n for n in alive if n.is_head]
+    return heads[0] if heads else alive[0]
+
+
+def shutdown(_exiting_interpreter: bool = False) -> None:
+    """Disconnect; a private cluster started by init() is stopped (no process outlives it)."""
+    with _driver.lock:
+        _teardown()
+
+
+def _teardown() -> None:
+    cw, node, gcs = _driver.cw, _driver.node, _driver.gcs
+    _driver.cw = _driver.node = _driver.gcs = None
+    _driver.context = None
+    set_core_worker(None)
+    if cw is not None:
+        if gcs is not None:
+            try:
+                gcs.MarkJobFinished(gcs_pb2.JobInfo(job_id=cw.job_id), timeout=2)
+            except grpc.RpcError:
+                pass
+        cw.shutdown()
+    if _driver.gcs_channel is not None:
+        _driver.gcs_channel.close()
+        _driver.gcs_channel = None
+    if node is not None:
+        node.stop()
+
+
+atexit.register(shutdown, True)
+
+
+# -- objects ------------------------------------------------------------------------------------
+def put(value: Any, *, _owner: Any = None) -> ObjectRef:
+    """Store a value in the object store; returns its ObjectRef."""
+    if isinstance(value, ObjectRef):
+        raise TypeError("Calling 'put' on an ObjectRef is not allowed. If you really want to do "
+                        "this, you can wrap the ObjectRef in a list and call 'put' on it.")
+    return _ensure_initialized().put(value)
+
+
+def get(object_refs: Union[ObjectRef, Sequence[ObjectRef]], *, timeout: Optional[float] = None) -> Any:
+    """The value(s) of one ObjectRef or a list of them; blocks until ready or `timeout`."""
+    cw = _ensure_initialized()
+    if timeout is not None:
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout < 0:
+            raise ValueError(f"'timeout' must be a non-negative number or None, got {timeout!r}")
+    if isinstance(object_refs, ObjectRef):
+        return cw.get([object_refs], timeout)[0]
+    if isinstance(object_refs, (list, tuple)):
+        for r in object_refs:
+            if not isinstance(r, ObjectRef):
+                raise ValueError(f"Invalid type of object refs, {type(r)}, is given. 'object_refs' "
+                                 f"must either be an ObjectRef or a list of ObjectRefs.")
+        return cw.get(list(object_refs), timeout)
+    raise ValueError(f"Invalid type of object refs, {type(object_refs)}, is given. 'object_refs' "
+                     f"must either be an ObjectRef or a list of ObjectRefs.")
+
+
+def wait(object_refs: Sequence[ObjectRef], *, num_returns: int = 1, timeout: Optional[float] = None,
+         fetch_local: bool = True) -> Tuple[List[ObjectRef], List[ObjectRef]]:
+    """Split refs into (ready, not ready): at most num_returns ready ones, in input order."""
+    cw = _ensure_initialized()
+    if isinstance(object_refs, ObjectRef):
+        raise TypeError("wait() expected a list of ObjectRef, got a single ObjectRef")
+    if not isinstance(object_refs, (list, tuple)):
+        raise TypeError(f"wait() expected a list of ObjectRef, got {type(object_refs)}")
+    for r in object_refs:
+        if not isinstance(r, ObjectRef):
+            raise TypeError(f"wait() expected a list of ObjectRef, got list containing {type(r)}")
+    if timeout is not None and (not isinstance(timeout, (int, float)) or timeout < 0):
+        raise ValueError(f"The 'timeout' argument must be nonnegative. Received {timeout}")
+    if len(set(object_refs)) != len(object_refs):
+        raise ValueError("Wait requires a list of unique object refs.")
+    if not isinstance(num_returns, int) or num_returns <= 0:
+        raise ValueError(f"Invalid number of objects to return {num_returns}.")
+    if num_returns > len(object_refs):
+        raise ValueError("num_returns cannot be greater than the number of objects provided to wait().")
+    if not object_refs:
+        return [], []
+    return cw.wait(list(object_refs), num_returns, timeout)
+
+
+def cancel(ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> None:
+    """Cancel the task that produces `ref`; get() then raises TaskCancelledError."""
+    if not isinstance(ref, ObjectRef):
+        raise TypeError(f"cancel() expected an ObjectRef, got {type(ref)}")
+    cw = _ensure_initialized()
+    if ref.owner_address[2] != cw.worker_id:
+        raise ValueError("Only the owner of an ObjectRef (the process that submitted its task) "
+                         "can cancel it.")
+    cw.cancel(ref, force)
+
+
+# -- cluster information ------------------------------------------------------------------------------
+def _gcs() -> gcs_pb2_grpc.GcsStub:
+    _ensure_initialized()
+    if _driver.gcs is None:
+        cw = core_worker_or_none()
+        _driver.gcs_channel = rpc.sync_channel(cw.gcs_address, cw.token)
+        _driver.gcs = gcs_pb2_grpc.GcsStub(_driver.gcs_channel)
+    return _driver.gcs
+
+
+def nodes() -> List[Dict[str, Any]]:
+    """Every node the GCS knows, with Ray's keys."""
+    out = []
+    for n in _gcs().GetAllNodes(common_pb2.Empty(), timeout=10).nodes:
+        out.append({
+            "NodeID": n.node_id.hex(), "Alive": n.alive, "alive": n.alive,
+            "NodeManagerAddress": n.node_ip, "NodeManagerHostname": n.hostname,
+            "NodeManagerPort": n.raylet_port, "ObjectManagerPort": n.store_port,
+            "ObjectStoreSocketName": f"{n.node_ip}:{n.store_port}",
+            "RayletSocketName": f"{n.node_ip}:{n.raylet_port}", "MetricsExportPort": 0,
+            "NodeName": n.node_ip, "Resources": dict(n.resources_total) if n.alive else {},
+            "Labels": dict(n.labels), "IsHead": n.is_head, "DeathReason": n.death_reason,
+        })
+    return out
+
+
+def cluster_resources() -> Dict[str, float]:
+    """Total resources of the live nodes."""
+    return dict(_gcs().GetClusterStatus(common_pb2.Empty(), timeout=10).total)
+
+
+def available_resources() -> Dict[str, float]:
+    """Resources not in use right now (as last reported by each raylet)."""
+    status = _gcs().GetClusterStatus(common_pb2.Empty(), timeout=10)
+    return {k: v for k, v in status.available.items() if v > 0}
+
+
+def get_runtime_context() -> RuntimeContext:
+    return RuntimeContext(_ensure_initialized())
+
+
+def get_gpu_ids() -> List[int]:
+    """GPU ids assigned to the current task (what CUDA_VISIBLE_DEVICES holds)."""
+    cw = _ensure_initialized()
+    return list(cw.current_gpu_ids)

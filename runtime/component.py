@@ -1,0 +1,93 @@
+"""What every component process (GCS, raylet, object store, worker) does at start.
+
+A component is started by the supervisor (runtime/supervisor.py) with its stdout
+and stderr appended to its log file in the session directory, the cluster token
+in the environment, and a ready file to write once it serves. It dies with its
+parent: a private cluster must never outlive a SIGKILLed driver.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+from runtime.rpc import TOKEN_ENV
+
+PARENT_PID_ENV = "RUNTIME_PARENT_PID"
+
+
+def token_from_env() -> str:
+    token = os.environ.get(TOKEN_ENV, "")
+    if not token:
+        sys.exit(f"{os.path.basename(sys.argv[0])}: no cluster token in ${TOKEN_ENV}; "
+                 "components are started by runtime.init() or node-agent, not by hand")
+    return token
+
+
+def setup_logging(component: str, node_id_hex: str, level: str | int = "INFO") -> logging.Logger:
+    """Log lines name the component, node and PID, as errors must (DEVELOPERS.md)."""
+    fmt = (f"%(asctime)s %(levelname)s {component} node={node_id_hex[:8]} "
+           f"pid=%(process)d %(name)s: %(message)s")
+    root = logging.getLogger()
+    root.handlers.clear()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(fmt))
+    root.addHandler(handler)
+    root.setLevel(level)
+    return logging.getLogger(component)
+
+
+def announce_ready(path: str | None, **info) -> None:
+    """Atomically write {"pid": ..., **info} to path so the supervisor sees us serving."""
+    if not path:
+        return
+    info.setdefault("pid", os.getpid())
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump(info, fh)
+    os.replace(tmp, path)
+
+
+def die_with_parent(on_parent_death=None, interval: float = 0.5) -> None:
+    """Exit when the parent process is gone.
+
+    PR_SET_PDEATHSIG (set by the supervisor at spawn) covers the normal case; this
+    watcher also covers a parent that died before the signal was armed and a
+    parent thread that exited (PDEATHSIG follows the spawning thread).
+    """
+    expected = int(os.environ.get(PARENT_PID_ENV, "0") or 0)
+    if not expected:
+        return
+    if os.getppid() != expected:
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            if os.getppid() != expected:
+                if on_parent_death is not None:
+                    try:
+                        on_parent_death()
+                    except Exception:
+                        pass
+                os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def install_stop_handler(stop) -> None:
+    """SIGTERM/SIGINT call stop() once (from the signal handler's thread)."""
+    fired = []
+
+    def handler(signum, frame):
+        if fired:
+            return
+        fired.append(signum)
+        stop()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)

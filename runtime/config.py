@@ -1,0 +1,45 @@
+"""Tunables in one place. Each can be overridden by an environment variable named
+``RUNTIME_<NAME>`` (e.g. ``RUNTIME_INLINE_OBJECT_MAX_BYTES``) so tests and operators
+can change them without code changes; children inherit the environment."""
+from __future__ import annotations
+
+import os
+
+
+def _env(name: str, default, cast=None):
+    raw = os.environ.get("RUNTIME_" + name)
+    if raw is None:
+        return default
+    return (cast or type(default))(raw)
+
+
+# Values up to this size travel inline in RPCs and live in the owner's memory;
+# larger ones go to the node's shared-memory object store (Ray: 100 KiB).
+INLINE_OBJECT_MAX_BYTES: int = _env("INLINE_OBJECT_MAX_BYTES", 100 * 1024)
+# Default object store size when none is given: 30% of RAM, capped (as Ray does).
+OBJECT_STORE_FRACTION: float = _env("OBJECT_STORE_FRACTION", 0.3)
+OBJECT_STORE_MAX_DEFAULT: int = _env("OBJECT_STORE_MAX_DEFAULT", 200 * 1024**3)
+# Default retries for tasks whose worker died (Ray: 3).
+DEFAULT_MAX_RETRIES: int = _env("DEFAULT_MAX_RETRIES", 3)
+# Tasks of a function whose mean run time is below this may be pipelined to a
+# leased worker, several in flight at once; slower ones go one at a time so a
+# long task never holds short ones hostage behind it.
+PIPELINE_MAX_TASK_SECONDS: float = _env("PIPELINE_MAX_TASK_SECONDS", 0.002)
+PIPELINE_DEPTH: int = _env("PIPELINE_DEPTH", 16)
+# An idle lease is returned to the raylet after this long without work
+# (it is returned at once if the raylet asks for it).
+LEASE_IDLE_RETURN_S: float = _env("LEASE_IDLE_RETURN_S", 0.2)
+# Idle task workers above the node's CPU count are stopped after this long.
+IDLE_WORKER_KILL_S: float = _env("IDLE_WORKER_KILL_S", 10.0)
+# How often a raylet reports its resources to the GCS, and when the GCS calls
+# a silent node dead.
+RESOURCE_REPORT_INTERVAL_S: float = _env("RESOURCE_REPORT_INTERVAL_S", 0.5)
+NODE_DEATH_TIMEOUT_S: float = _env("NODE_DEATH_TIMEOUT_S", 10.0)
+# How long to wait for a component process to come up.
+COMPONENT_START_TIMEOUT_S: float = _env("COMPONENT_START_TIMEOUT_S", 30.0)
+# Warn about tasks that cannot be placed anywhere after this long.
+INFEASIBLE_WARNING_S: float = _env("INFEASIBLE_WARNING_S", 1.0)
+# Largest gRPC message (inline values are small; this bounds malformed peers).
+GRPC_MAX_MESSAGE_BYTES: int = _env("GRPC_MAX_MESSAGE_BYTES", 512 * 1024 * 1024)
+# Root of session directories (one per cluster started on this machine).
+SESSION_ROOT: str = _env("SESSION_ROOT", "/tmp/runtime-cluster")

@@ -1,0 +1,296 @@
+"""Task execution inside a worker process.
+
+Tasks arrive on PushTasks streams (loop thread) and run one at a time on the
+process's main thread, so user code can use signals and a blocking get() can
+lend the CPU back. Results go back on the stream they came from, batched; a
+result is held until this worker's borrower registrations for it are
+acknowledged, so the owner never frees an object the worker still holds.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
+
+from runtime import config
+from runtime.core_worker.memory_store import Value
+from runtime.exceptions import RayTaskError, TaskCancelledError
+from runtime.protocol import common_pb2, core_worker_pb2
+from runtime.serialization import (KIND_ERROR, NONE_BYTES, format_remote_traceback, loads_function,
+                                   parse, serialize, serialize_error)
+
+if TYPE_CHECKING:
+    from runtime.core_worker.core_worker import CoreWorker
+
+log = logging.getLogger("runtime.worker")
+
+
+class ArgSlot:
+    """Placeholder for a top-level ObjectRef argument, replaced by its value."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def __reduce__(self):
+        return (ArgSlot, (self.index,))
+
+
+class _Stream:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.outbox: asyncio.Queue = asyncio.Queue()
+        self.pending: List[common_pb2.TaskResult] = []
+        self.scheduled = False
+        self.job: Optional[common_pb2.JobConfig] = None
+
+
+class Executor:
+    def __init__(self, cw: "CoreWorker") -> None:
+        self.cw = cw
+        self.tasks: "queue.SimpleQueue" = queue.SimpleQueue()
+        self.functions: Dict[bytes, Any] = {}
+        self.jobs_applied: set = set()
+        self.running: Optional[bytes] = None
+        self.cancel_requested: Optional[bytes] = None
+        self.queued_cancels: set = set()
+        self._exit = False
+        self._base_cuda = os.environ.get("CUDA_VISIBLE_DEVICES")
+
+    # -- loop thread ------------------------------------------------------------------------------
+    async def serve_stream(self, request_iterator):
+        stream = _Stream(self.cw.loop)
+        reader = asyncio.ensure_future(self._read(stream, request_iterator))
+        try:
+            while True:
+                item = await stream.outbox.get()
+                if item is None:
+                    return
+                yield item
+        finally:
+            reader.cancel()
+
+    async def _read(self, stream: _Stream, request_iterator) -> None:
+        try:
+            async for batch in request_iterator:
+                if batch.HasField("job_config"):
+                    stream.job = batch.job_config
+                for spec in batch.tasks:
+                    self.tasks.put((spec, stream))
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            log.debug("task stream closed", exc_info=True)
+        finally:
+            stream.outbox.put_nowait(None)
+
+    def _post_result(self, stream: _Stream, result: common_pb2.TaskResult) -> None:
+        if self.cw.borrowers.has_pending():
+            asyncio.ensure_future(self._post_after_flush(stream, result))
+            return
+        stream.pending.append(result)
+        if not stream.scheduled:
+            stream.scheduled = True
+            self.cw.loop.call_soon(self._flush, stream)
+
+    async def _post_after_flush(self, stream: _Stream, result) -> None:
+        await self.cw.borrowers.flush()
+        stream.pending.append(result)
+        if not stream.scheduled:
+            stream.scheduled = True
+            self.cw.loop.call_soon(self._flush, stream)
+
+    def _flush(self, stream: _Stream) -> None:
+        stream.scheduled = False
+        if stream.pending:
+            stream.outbox.put_nowait(core_worker_pb2.ResultBatch(results=stream.pending))
+            stream.pending = []
+
+    def cancel(self, task_id: bytes, force: bool) -> bool:
+        if self.running == task_id:
+            self.cancel_requested = task_id
+            os.kill(os.getpid(), signal.SIGINT)  # KeyboardInterrupt in the main thread
+            return True
+        self.queued_cancels.add(task_id)
+        return True
+
+    def request_exit(self) -> None:
+        self._exit = True
+        self.tasks.put((None, None))
+
+    # -- main thread --------------------------------------------------------------------------------
+    def run_forever(self) -> None:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        while True:
+            try:
+                spec, stream = self.tasks.get()
+            except KeyboardInterrupt:
+                continue  # a cancel that arrived after its task finished
+            if spec is None:
+                return
+            try:
+                result = self.execute(spec, stream)
+            except KeyboardInterrupt:
+                result = self._cancelled_result(spec)
+            self.cw.post(self._post_result, stream, result)
+
+    def execute(self, spec: common_pb2.TaskSpec, stream: _Stream) -> common_pb2.TaskResult:
+        cw = self.cw
+        if spec.task_id in self.queued_cancels:
+            self.queued_cancels.discard(spec.task_id)
+            return self._cancelled_result(spec)
+        start = time.perf_counter()
+        self.running = spec.task_id
+        cw.current_task_id = spec.task_id
+        try:
+            try:
+                job = stream.job
+                if job is not None:
+                    cw.job_id = job.job_id
+                    cw.job_config = job
+                    if job.job_id not in self.jobs_applied:
+                        self._apply_job(job)
+                fn = self._function(spec)
+                args, kwargs = self._args(spec)
+                self._set_gpus(spec)
+                value = fn(*args, **kwargs)
+                returns = self._returns(spec, value)
+                app_error = False
+            except KeyboardInterrupt:
+                if self.cancel_requested == spec.task_id:
+                    return self._cancelled_result(spec)
+                raise
+            except Exception as exc:
+                returns = self._error_returns(spec, exc)
+                app_error = True
+        finally:
+            self.running = None
+            self.cancel_requested = None
+            cw.current_task_id = None
+        return common_pb2.TaskResult(task_id=spec.task_id, returns=returns, app_error=app_error,
+                                     exec_seconds=time.perf_counter() - start,
+                                     attempt=spec.attempt)
+
+    def _apply_job(self, job: common_pb2.JobConfig) -> None:
+        """Make the driver's importable modules importable here (Ray does the same)."""
+        for path in reversed(list(job.sys_path)):
+            if path and path not in sys.path:
+                sys.path.insert(0, path)
+        if job.cwd and os.path.isdir(job.cwd):
+            try:
+                os.chdir(job.cwd)
+            except OSError:
+                pass
+        self.jobs_applied.add(job.job_id)
+
+    def _function(self, spec: common_pb2.TaskSpec) -> Any:
+        fn = self.functions.get(spec.function_id)
+        if fn is None:
+            if not spec.function_blob:
+                raise RuntimeError(f"function {spec.name} was not sent to this worker")
+            fn = loads_function(spec.function_blob)
+            self.functions[spec.function_id] = fn
+        return fn
+
+    def _args(self, spec: common_pb2.TaskSpec):
+        if not spec.args:
+            return (), {}
+        _kind, (args, kwargs) = parse(spec.args)
+        if spec.arg_values:
+            values = [self._arg_value(loc) for loc in spec.arg_values]
+            args = [values[a.index] if type(a) is ArgSlot else a for a in args]
+            kwargs = {k: values[v.index] if type(v) is ArgSlot else v for k, v in kwargs.items()}
+        return args, kwargs
+
+    def _arg_value(self, loc: common_pb2.ObjectLocation) -> Any:
+        v = Value.from_proto(loc)
+        data = self.cw.map_from_store(loc.object_id, v) if v.in_store else v.data
+        kind, value = parse(data)
+        if kind == KIND_ERROR:
+            raise value
+        return value
+
+    def _set_gpus(self, spec: common_pb2.TaskSpec) -> None:
+        ids = list(spec.gpu_ids)
+        self.cw.current_gpu_ids = ids
+        if ids:
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in ids)
+        elif self._base_cuda is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = self._base_cuda
+
+    def _returns(self, spec: common_pb2.TaskSpec, value: Any) -> List[common_pb2.ObjectLocation]:
+        n = len(spec.return_ids)
+        if n == 1:
+            if value is None:
+                return [common_pb2.ObjectLocation(object_id=spec.return_ids[0],
+                                                  inline_data=NONE_BYTES, size=len(NONE_BYTES))]
+            values = [value]
+        elif n == 0:
+            return []
+        else:
+            try:
+                values = list(value)
+            except TypeError:
+                raise ValueError(f"task {spec.name} declared num_returns={n} but returned a "
+                                 f"non-iterable {type(value).__name__}") from None
+            if len(values) != n:
+                raise ValueError(f"task {spec.name} declared num_returns={n} but returned "
+                                 f"{len(values)} values")
+        return [self._store_value(oid, v, spec.owner) for oid, v in zip(spec.return_ids, values)]
+
+    def _store_value(self, oid: bytes, value: Any, caller: common_pb2.Address,
+                     kind_error: bool = False) -> common_pb2.ObjectLocation:
+        cw = self.cw
+        ser = serialize_error(value) if kind_error else serialize(value)
+        loc = common_pb2.ObjectLocation(object_id=oid, size=ser.total_size, is_error=kind_error)
+        if ser.contained:
+            caller_addr = (caller.ip, caller.port, caller.worker_id)
+            for ref in ser.contained:
+                owner = ref._owner
+                loc.contained.add(object_id=ref._id, owner=common_pb2.Address(
+                    ip=owner[0], port=owner[1], worker_id=owner[2]))
+                if owner[2] == caller.worker_id:
+                    continue  # the caller owns it and will count it as contained
+                if owner[2] == cw.worker_id:
+                    cw.refs.add_borrower(ref._id, caller_addr)
+                else:
+                    cw.post(cw.borrowers.add, owner, caller_addr, ref._id)
+        if ser.total_size <= config.INLINE_OBJECT_MAX_BYTES:
+            loc.inline_data = ser.to_bytes()
+        else:
+            v = cw.write_to_store(oid, ser)
+            loc.in_store = True
+            loc.node_id = v.node_id
+            loc.store_address = v.store_address
+        return loc
+
+    def _error_returns(self, spec: common_pb2.TaskSpec, exc: BaseException):
+        cause = exc
+        if isinstance(exc, RayTaskError):
+            cause = exc.cause if exc.cause is not None else exc
+        err = RayTaskError(spec.name or "task", format_remote_traceback(exc), cause,
+                           pid=os.getpid(), ip=self.cw.node_ip)
+        loc = self._store_value(spec.return_ids[0], err, spec.owner, kind_error=True) \
+            if spec.return_ids else None
+        out = []
+        for oid in spec.return_ids:
+            c = common_pb2.ObjectLocation()
+            c.CopyFrom(loc)
+            c.object_id = oid
+            out.append(c)
+        return out
+
+    def _cancelled_result(self, spec: common_pb2.TaskSpec) -> common_pb2.TaskResult:
+        data = serialize_error(TaskCancelledError(spec.task_id.hex())).to_bytes()
+        return common_pb2.TaskResult(task_id=spec.task_id, cancelled=True, app_error=True,
+                                     returns=[common_pb2.ObjectLocation(
+                                         object_id=oid, inline_data=data, is_error=True,
+                                         size=len(data)) for oid in spec.return_ids])

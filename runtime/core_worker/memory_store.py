@@ -1,0 +1,86 @@
+"""In-process store of object values and locations, with waiters.
+
+The owner keeps every small value it owns here (inline bytes) and, for large
+ones, where they live (node and object store). Borrowers cache what they learn
+from owners here too. Writes happen on the event loop thread; reads may happen
+on any thread (a dict lookup is atomic under the GIL), which is what makes
+``get`` of a ready value cheap.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional
+
+from runtime.protocol import common_pb2
+
+
+class Value:
+    """A ready value: inline serialized bytes, or a location in an object store."""
+
+    __slots__ = ("data", "in_store", "node_id", "store_address", "size", "is_error")
+
+    def __init__(self, data: Optional[bytes] = None, in_store: bool = False, node_id: bytes = b"",
+                 store_address: str = "", size: int = 0, is_error: bool = False) -> None:
+        self.data = data
+        self.in_store = in_store
+        self.node_id = node_id
+        self.store_address = store_address
+        self.size = size
+        self.is_error = is_error
+
+    @classmethod
+    def from_proto(cls, loc: "common_pb2.ObjectLocation") -> "Value":
+        if loc.in_store:
+            return cls(None, True, loc.node_id, loc.store_address, loc.size, loc.is_error)
+        return cls(loc.inline_data, False, b"", "", len(loc.inline_data), loc.is_error)
+
+    def to_proto(self, oid: bytes) -> "common_pb2.ObjectLocation":
+        if self.in_store:
+            return common_pb2.ObjectLocation(object_id=oid, in_store=True, node_id=self.node_id,
+                                             store_address=self.store_address, size=self.size,
+                                             is_error=self.is_error)
+        return common_pb2.ObjectLocation(object_id=oid, inline_data=self.data, size=self.size,
+                                         is_error=self.is_error)
+
+
+class MemoryStore:
+    def __init__(self) -> None:
+        self._values: Dict[bytes, Value] = {}
+        self._waiters: Dict[bytes, List[Callable[[bytes, Value], None]]] = {}
+
+    def get(self, oid: bytes) -> Optional[Value]:
+        return self._values.get(oid)
+
+    def __contains__(self, oid: bytes) -> bool:
+        return oid in self._values
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def put(self, oid: bytes, value: Value) -> None:
+        """Loop thread only: store and wake waiters."""
+        self._values[oid] = value
+        waiters = self._waiters.pop(oid, None)
+        if waiters:
+            for cb in waiters:
+                cb(oid, value)
+
+    def add_waiter(self, oid: bytes, cb: Callable[[bytes, Value], None]) -> None:
+        """Loop thread only: cb(oid, value) once the value is ready (at once if it is)."""
+        v = self._values.get(oid)
+        if v is not None:
+            cb(oid, v)
+        else:
+            self._waiters.setdefault(oid, []).append(cb)
+
+    def remove_waiter(self, oid: bytes, cb) -> None:
+        lst = self._waiters.get(oid)
+        if lst and cb in lst:
+            lst.remove(cb)
+            if not lst:
+                del self._waiters[oid]
+
+    def has_waiters(self, oid: bytes) -> bool:
+        return oid in self._waiters
+
+    def delete(self, oid: bytes) -> Optional[Value]:
+        return self._values.pop(oid, None)

@@ -1,0 +1,89 @@
+"""The core worker's side of the raylet Connect stream."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable, Optional
+
+import grpc
+
+from runtime.protocol import raylet_pb2, raylet_pb2_grpc
+
+log = logging.getLogger("runtime.core_worker")
+
+
+class RayletClient:
+    """Sends ClientMessages in order; hands LeaseGrants to `on_grant`."""
+
+    def __init__(self, channel: grpc.aio.Channel, on_grant: Callable[[raylet_pb2.LeaseGrant], None],
+                 on_lost: Callable[[str], None]) -> None:
+        self._stub = raylet_pb2_grpc.RayletStub(channel)
+        self._outbox: asyncio.Queue = asyncio.Queue()
+        self._on_grant = on_grant
+        self._on_lost = on_lost
+        self._call = None
+        self._reader: Optional[asyncio.Task] = None
+        self.registered: Optional[raylet_pb2.RegisterAck] = None
+        self.closed = False
+
+    async def connect(self, register: raylet_pb2.RegisterClient, timeout: float = 30.0) -> raylet_pb2.RegisterAck:
+        self._call = self._stub.Connect(self._requests())
+        self.send(raylet_pb2.ClientMessage(register=register))
+        first = await asyncio.wait_for(self._call.read(), timeout)
+        if first is grpc.aio.EOF or first.WhichOneof("msg") != "registered":
+            raise ConnectionError("the raylet closed the connection during registration")
+        self.registered = first.registered
+        self._reader = asyncio.ensure_future(self._read())
+        return first.registered
+
+    async def _requests(self):
+        while True:
+            msg = await self._outbox.get()
+            if msg is None:
+                return
+            yield msg
+
+    async def _read(self) -> None:
+        reason = "the raylet closed the connection"
+        try:
+            while True:
+                msg = await self._call.read()
+                if msg is grpc.aio.EOF:
+                    break
+                if msg.WhichOneof("msg") == "grant":
+                    self._on_grant(msg.grant)
+        except asyncio.CancelledError:
+            return
+        except grpc.RpcError as exc:
+            reason = f"lost the raylet connection: {exc.code().name}: {exc.details()}"
+        except Exception as exc:  # pragma: no cover - defensive
+            log.exception("raylet stream reader failed")
+            reason = repr(exc)
+        if not self.closed:
+            self.closed = True
+            self._on_lost(reason)
+
+    def send(self, msg: raylet_pb2.ClientMessage) -> None:
+        self._outbox.put_nowait(msg)
+
+    def request_lease(self, req: raylet_pb2.LeaseRequest) -> None:
+        self.send(raylet_pb2.ClientMessage(request_lease=req))
+
+    def return_lease(self, lease_id: int, kill_worker: bool = False) -> None:
+        self.send(raylet_pb2.ClientMessage(return_lease=raylet_pb2.ReturnLease(
+            lease_id=lease_id, kill_worker=kill_worker)))
+
+    def cancel_request(self, request_id: int) -> None:
+        self.send(raylet_pb2.ClientMessage(cancel_request=raylet_pb2.CancelLeaseRequest(
+            request_id=request_id)))
+
+    def set_blocked(self, blocked: bool) -> None:
+        self.send(raylet_pb2.ClientMessage(blocked=raylet_pb2.BlockedChange(blocked=blocked)))
+
+    async def close(self) -> None:
+        self.closed = True
+        self._outbox.put_nowait(None)
+        if self._reader is not None:
+            self._reader.cancel()
+        if self._call is not None:
+            self._call.cancel()

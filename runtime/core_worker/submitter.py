@@ -1,0 +1,449 @@
+"""Task submission: from .remote() to a result in the owner's memory store.
+
+Runs on the core worker's event loop. Tasks are grouped by scheduling key
+(function, resource shape, strategy), as Ray does. For each key the submitter
+leases workers from the raylet (one message on the Connect stream) and pushes
+tasks straight to them on a long-lived PushTasks stream, several per message.
+
+Pipelining: a function whose tasks are known to be short (mean run time under
+config.PIPELINE_MAX_TASK_SECONDS) may have up to config.PIPELINE_DEPTH tasks in
+flight per leased worker; others (and functions never seen before) get one at
+a time, so a long task never holds short ones hostage behind it.
+
+An idle lease is returned after config.LEASE_IDLE_RETURN_S, so back-to-back
+tasks do not pay a lease round trip each.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Deque, Dict, List, Optional, Tuple
+
+import grpc
+
+from runtime import config
+from runtime.core_worker.memory_store import Value
+from runtime.exceptions import TaskCancelledError, TaskUnschedulableError, WorkerCrashedError
+from runtime.protocol import common_pb2, core_worker_pb2, core_worker_pb2_grpc, raylet_pb2
+from runtime.serialization import parse, serialize_error
+
+if TYPE_CHECKING:
+    from runtime.core_worker.core_worker import CoreWorker
+
+log = logging.getLogger("runtime.core_worker")
+MAX_LEASE_REQUESTS_PER_KEY = 10
+
+
+class PendingTask:
+    """A task from submission until its result is stored (owner side)."""
+
+    __slots__ = ("task_id", "function_id", "function_blob", "name", "args", "slot_refs",
+                 "arg_values", "arg_ids", "return_ids", "key", "resources", "strategy",
+                 "retries_left", "retry_exceptions", "attempt", "cancelled", "force_cancel",
+                 "conn", "lease", "state", "waiting", "actor_id", "method_name")
+
+    def __init__(self) -> None:
+        self.arg_values: List[common_pb2.ObjectLocation] = []
+        self.attempt = 0
+        self.cancelled = False
+        self.force_cancel = False
+        self.conn: Optional[WorkerConnection] = None
+        self.lease: Optional[LeaseState] = None
+        self.state = "PENDING_ARGS_AVAIL"
+        self.waiting = 0
+        self.actor_id = b""
+        self.method_name = ""
+
+
+class LeaseState:
+    __slots__ = ("lease_id", "key", "conn", "inflight", "gpu_ids", "idle_timer", "dead")
+
+    def __init__(self, lease_id: int, key, conn: "WorkerConnection", gpu_ids: List[int]) -> None:
+        self.lease_id = lease_id
+        self.key = key
+        self.conn = conn
+        self.inflight = 0
+        self.gpu_ids = list(gpu_ids)
+        self.idle_timer: Optional[asyncio.TimerHandle] = None
+        self.dead = False
+
+
+class KeyState:
+    __slots__ = ("queue", "leases", "requests", "resources", "strategy", "function_id", "name",
+                 "warned")
+
+    def __init__(self, resources: Dict[str, float], strategy: common_pb2.SchedulingStrategy,
+                 function_id: bytes, name: str) -> None:
+        self.queue: Deque[PendingTask] = deque()
+        self.leases: List[LeaseState] = []
+        self.requests: set = set()
+        self.resources = resources
+        self.strategy = strategy
+        self.function_id = function_id
+        self.name = name
+        self.warned = False
+
+
+class WorkerConnection:
+    """One PushTasks stream to one worker process, shared by the leases on it."""
+
+    def __init__(self, submitter: "TaskSubmitter", address: str, worker_id: bytes) -> None:
+        self.submitter = submitter
+        self.address = address
+        self.worker_id = worker_id
+        cw = submitter.cw
+        self.stub = core_worker_pb2_grpc.CoreWorkerStub(cw.channel(address))
+        self.inflight: Dict[bytes, PendingTask] = {}
+        self.functions_sent: set = set()
+        self.out: List[common_pb2.TaskSpec] = []
+        self._wake = asyncio.Event()
+        self._job_sent = False
+        self.dead = False
+        self.call = self.stub.PushTasks(self._requests())
+        self.reader = asyncio.ensure_future(self._read())
+
+    def send(self, spec: common_pb2.TaskSpec) -> None:
+        self.out.append(spec)
+        self._wake.set()
+
+    async def _requests(self):
+        cw = self.submitter.cw
+        while not self.dead:
+            await self._wake.wait()
+            self._wake.clear()
+            if self.dead:
+                return
+            batch = core_worker_pb2.TaskBatch(tasks=self.out)
+            self.out = []
+            if not self._job_sent:
+                self._job_sent = True
+                batch.job_config.CopyFrom(cw.job_config)
+            yield batch
+
+    async def _read(self) -> None:
+        error = "the worker's task stream ended"
+        try:
+            async for batch in self.call:
+                for result in batch.results:
+                    self.submitter.on_result(self, result)
+        except asyncio.CancelledError:
+            return
+        except grpc.RpcError as exc:
+            error = f"{exc.code().name}: {exc.details()}"
+        except Exception as exc:  # pragma: no cover - defensive
+            log.exception("error reading results from %s", self.address)
+            error = repr(exc)
+        self.submitter.on_connection_lost(self, error)
+
+    def close(self) -> None:
+        self.dead = True
+        self._wake.set()
+        self.reader.cancel()
+        self.call.cancel()
+
+
+class TaskSubmitter:
+    def __init__(self, cw: "CoreWorker") -> None:
+        self.cw = cw
+        self.keys: Dict[tuple, KeyState] = {}
+        self.tasks: Dict[bytes, PendingTask] = {}
+        self.requests: Dict[int, KeyState] = {}
+        self.connections: Dict[bytes, WorkerConnection] = {}
+        self.fn_time: Dict[bytes, float] = {}
+        self._request_ids = itertools.count(1)
+
+    # -- submission -------------------------------------------------------------------------
+    def submit(self, task: PendingTask) -> None:
+        self.tasks[task.task_id] = task
+        if task.slot_refs:
+            self._resolve_args(task)
+        else:
+            self._enqueue(task)
+
+    def _resolve_args(self, task: PendingTask) -> None:
+        cw = self.cw
+        task.waiting = len(task.slot_refs)
+        task.arg_values = [None] * len(task.slot_refs)  # type: ignore[list-item]
+
+        def make_cb(i: int):
+            def cb(oid: bytes, value: Value) -> None:
+                task.arg_values[i] = value.to_proto(oid)
+                task.waiting -= 1
+                if task.waiting == 0:
+                    self._args_ready(task)
+            return cb
+
+        for i, ref in enumerate(task.slot_refs):
+            cw.wait_for_value(ref, make_cb(i))
+
+    def _args_ready(self, task: PendingTask) -> None:
+        if task.cancelled:
+            return
+        for loc in task.arg_values:
+            if loc.is_error:
+                # A failed dependency fails this task with the same error, without running it.
+                err = Value.from_proto(loc)
+                self._finish(task, [err] * len(task.return_ids))
+                return
+        task.slot_refs = None
+        self._enqueue(task)
+
+    def _enqueue(self, task: PendingTask) -> None:
+        ks = self.keys.get(task.key)
+        if ks is None:
+            ks = self.keys[task.key] = KeyState(task.resources, task.strategy, task.function_id,
+                                                task.name)
+        task.state = "PENDING_NODE_ASSIGNMENT"
+        ks.queue.append(task)
+        self._pump(ks)
+
+    # -- leases and dispatch ------------------------------------------------------------------
+    def _depth(self, ks: KeyState) -> int:
+        t = self.fn_time.get(ks.function_id)
+        if t is not None and t < config.PIPELINE_MAX_TASK_SECONDS:
+            return config.PIPELINE_DEPTH
+        return 1
+
+    def _pump(self, ks: KeyState) -> None:
+        depth = self._depth(ks)
+        queue = ks.queue
+        while queue:
+            best = None
+            for lease in ks.leases:
+                if lease.inflight < depth and (best is None or lease.inflight < best.inflight):
+                    best = lease
+            if best is None:
+                break
+            task = queue.popleft()
+            if task.cancelled:
+                continue
+            self._dispatch(task, best)
+        if queue:
+            want = min(len(queue), MAX_LEASE_REQUESTS_PER_KEY) - len(ks.requests)
+            for _ in range(want):
+                self._request_lease(ks)
+        elif ks.requests:
+            for rid in list(ks.requests):
+                self.cw.raylet.cancel_request(rid)
+                self.requests.pop(rid, None)
+            ks.requests.clear()
+        for lease in ks.leases:
+            if lease.inflight == 0 and not queue and lease.idle_timer is None:
+                lease.idle_timer = self.cw.loop.call_later(config.LEASE_IDLE_RETURN_S,
+                                                           self._return_if_idle, lease)
+
+    def _request_lease(self, ks: KeyState) -> None:
+        rid = next(self._request_ids)
+        ks.requests.add(rid)
+        self.requests[rid] = ks
+        self.cw.raylet.request_lease(raylet_pb2.LeaseRequest(
+            request_id=rid, resources=ks.resources, strategy=ks.strategy, function_name=ks.name))
+
+    def on_grant(self, grant: raylet_pb2.LeaseGrant) -> None:
+        ks = self.requests.get(grant.request_id)
+        if grant.message and not grant.rejected and not grant.lease_id and not grant.retry_at:
+            if ks is not None and not ks.warned:
+                ks.warned = True
+                log.warning("%s", grant.message)
+            return
+        if ks is None:
+            if grant.lease_id:  # cancelled meanwhile: give it back
+                self.cw.raylet.return_lease(grant.lease_id)
+            return
+        del self.requests[grant.request_id]
+        ks.requests.discard(grant.request_id)
+        if grant.rejected:
+            err = Value(serialize_error(TaskUnschedulableError(grant.message)).to_bytes(),
+                        is_error=True)
+            while ks.queue:
+                t = ks.queue.popleft()
+                self._finish(t, [err] * len(t.return_ids))
+            return
+        if grant.retry_at:
+            # Multi-node spillback: ask that node's raylet (cluster issue); meanwhile retry here.
+            log.info("lease request for %s spilled back to %s", ks.name, grant.retry_at)
+            self._pump(ks)
+            return
+        addr = f"{grant.worker.ip}:{grant.worker.port}"
+        conn = self.connections.get(grant.worker.worker_id)
+        if conn is None or conn.dead:
+            conn = self.connections[grant.worker.worker_id] = WorkerConnection(
+                self, addr, grant.worker.worker_id)
+        lease = LeaseState(grant.lease_id, ks, conn, list(grant.gpu_ids))
+        ks.leases.append(lease)
+        self._pump(ks)
+
+    def _dispatch(self, task: PendingTask, lease: LeaseState) -> None:
+        if lease.idle_timer is not None:
+            lease.idle_timer.cancel()
+            lease.idle_timer = None
+        conn = lease.conn
+        spec = common_pb2.TaskSpec(
+            task_id=task.task_id, job_id=self.cw.job_id, function_id=task.function_id,
+            name=task.name, args=task.args, return_ids=task.return_ids,
+            owner=self.cw.address_proto, attempt=task.attempt, gpu_ids=lease.gpu_ids,
+            parent_task_id=self.cw.current_task_id or b"")
+        if task.arg_values:
+            spec.arg_values.extend(task.arg_values)
+        if task.function_id not in conn.functions_sent:
+            spec.function_blob = task.function_blob
+            conn.functions_sent.add(task.function_id)
+        lease.inflight += 1
+        task.conn = conn
+        task.lease = lease
+        task.state = "SUBMITTED_TO_WORKER"
+        conn.inflight[task.task_id] = task
+        conn.send(spec)
+
+    def _return_if_idle(self, lease: LeaseState) -> None:
+        lease.idle_timer = None
+        ks = lease.key
+        if lease.inflight or ks.queue or lease.dead:
+            return
+        ks.leases.remove(lease)
+        self.cw.raylet.return_lease(lease.lease_id)
+
+    def return_idle_leases(self) -> None:
+        for ks in self.keys.values():
+            for lease in list(ks.leases):
+                if lease.inflight == 0:
+                    if lease.idle_timer is not None:
+                        lease.idle_timer.cancel()
+                    self._return_if_idle(lease)
+
+    # -- results ---------------------------------------------------------------------------------
+    def on_result(self, conn: WorkerConnection, result: common_pb2.TaskResult) -> None:
+        task = conn.inflight.pop(result.task_id, None)
+        if task is None:
+            return
+        lease = task.lease
+        if lease is not None:
+            lease.inflight -= 1
+        prev = self.fn_time.get(task.function_id)
+        self.fn_time[task.function_id] = (result.exec_seconds if prev is None
+                                          else 0.8 * prev + 0.2 * result.exec_seconds)
+        if result.app_error and not result.cancelled and self._should_retry_app_error(task, result):
+            task.retries_left -= 1 if task.retries_left > 0 else 0
+            task.attempt += 1
+            log.info("retrying task %s after an application error (attempt %s)", task.name,
+                     task.attempt)
+            self._requeue(task)
+        else:
+            values = [Value.from_proto(loc) for loc in result.returns]
+            for loc, v in zip(result.returns, values):
+                if loc.contained:
+                    self.cw.refs.add_contained(loc.object_id, [
+                        (c.object_id, (c.owner.ip, c.owner.port, c.owner.worker_id))
+                        for c in loc.contained])
+            self._finish(task, values, result.returns)
+        if lease is not None and not lease.dead:
+            self._pump(lease.key)
+
+    def _should_retry_app_error(self, task: PendingTask, result: common_pb2.TaskResult) -> bool:
+        if not task.retry_exceptions or task.retries_left == 0:
+            return False
+        if task.retry_exceptions is True:
+            return True
+        try:
+            _kind, err = parse(result.returns[0].inline_data)
+            cause = getattr(err, "cause", err)
+            return isinstance(cause, tuple(task.retry_exceptions))
+        except Exception:
+            return False
+
+    def _requeue(self, task: PendingTask) -> None:
+        task.conn = None
+        task.lease = None
+        ks = self.keys.get(task.key)
+        if ks is None:
+            self._enqueue(task)
+            return
+        task.state = "PENDING_NODE_ASSIGNMENT"
+        ks.queue.appendleft(task)
+        self._pump(ks)
+
+    def _finish(self, task: PendingTask, values: List[Value], locs=None) -> None:
+        cw = self.cw
+        task.state = "FINISHED"
+        self.tasks.pop(task.task_id, None)
+        for i, oid in enumerate(task.return_ids):
+            v = values[i] if i < len(values) else values[-1]
+            if oid in cw.refs:
+                cw.memory.put(oid, v)
+            elif v.in_store:
+                cw.delete_stored(oid, v)
+        if task.arg_ids:
+            cw.refs.remove_submitted(task.arg_ids)
+
+    def on_connection_lost(self, conn: WorkerConnection, error: str) -> None:
+        conn.dead = True
+        if self.connections.get(conn.worker_id) is conn:
+            del self.connections[conn.worker_id]
+        touched = set()
+        for ks in self.keys.values():
+            for lease in list(ks.leases):
+                if lease.conn is conn:
+                    lease.dead = True
+                    if lease.idle_timer is not None:
+                        lease.idle_timer.cancel()
+                    ks.leases.remove(lease)
+                    touched.add(id(ks))
+                    self.cw.raylet.return_lease(lease.lease_id)
+        tasks = list(conn.inflight.values())
+        conn.inflight.clear()
+        for task in tasks:
+            if task.cancelled:
+                err = Value(serialize_error(TaskCancelledError(task.task_id.hex())).to_bytes(),
+                            is_error=True)
+                self._finish(task, [err] * len(task.return_ids))
+            elif task.retries_left != 0:
+                task.retries_left -= 1 if task.retries_left > 0 else 0
+                task.attempt += 1
+                log.warning("worker %s running %s died (%s); retrying (attempt %s)",
+                            conn.address, task.name, error, task.attempt)
+                self._requeue(task)
+            else:
+                msg = (f"The worker running task {task.name} died unexpectedly ({error}) and "
+                       f"the task has no retries left (max_retries). Check the worker's log in "
+                       f"{self.cw.session_dir}/logs for the reason (e.g. a segfault or os._exit).")
+                err = Value(serialize_error(WorkerCrashedError(msg)).to_bytes(), is_error=True)
+                self._finish(task, [err] * len(task.return_ids))
+        for ks in self.keys.values():
+            if id(ks) in touched:
+                self._pump(ks)
+
+    # -- cancellation ------------------------------------------------------------------------------
+    def cancel(self, task_id: bytes, force: bool) -> bool:
+        task = self.tasks.get(task_id)
+        if task is None:
+            return False
+        task.cancelled = True
+        err = Value(serialize_error(TaskCancelledError(task_id.hex())).to_bytes(), is_error=True)
+        if task.conn is None:
+            ks = self.keys.get(task.key)
+            if ks is not None and task in ks.queue:
+                ks.queue.remove(task)
+            self._finish(task, [err] * len(task.return_ids))
+            return True
+        if force:
+            self.cw.raylet.return_lease(task.lease.lease_id, kill_worker=True)
+        else:
+            asyncio.ensure_future(self._cancel_remote(task))
+        return True
+
+    async def _cancel_remote(self, task: PendingTask) -> None:
+        conn = task.conn
+        if conn is None or conn.dead:
+            return
+        try:
+            await conn.stub.CancelTask(core_worker_pb2.CancelRequest(task_id=task.task_id), timeout=10)
+        except grpc.RpcError:
+            pass
+
+    def close(self) -> None:
+        for conn in list(self.connections.values()):
+            conn.close()
+        self.connections.clear()

@@ -1,0 +1,247 @@
+"""The runtime's exceptions: one tree, Ray's names, rooted at :class:`RayError`.
+
+::
+
+    RayError
+    ├── RayTaskError                 a task raised; also an instance of the original class
+    ├── GetTimeoutError              get() timed out (also a TimeoutError)
+    ├── TaskCancelledError           the task was cancelled with cancel()
+    ├── WorkerCrashedError           the worker died while running the task, retries exhausted
+    ├── NodeDiedError                the node running the task died
+    ├── ObjectStoreFullError         no room in the object store, even after spilling
+    ├── OutOfDiskError               ObjectStoreFullError's sibling for the spill disk
+    ├── ObjectLostError              a value can no longer be reached
+    │   ├── OwnerDiedError           ... because the process that owned it exited
+    │   ├── ObjectFetchTimedOutError ... because fetching it timed out
+    │   └── ReferenceCountingAssertionError  ... because it was freed too early
+    ├── RayActorError                an actor cannot run the call
+    │   ├── ActorDiedError           ... because the actor is dead (reason attached)
+    │   └── ActorUnavailableError    ... because it is restarting or unreachable for now
+    ├── TaskUnschedulableError       the task can never be placed (e.g. affinity to a dead node)
+    ├── ActorUnschedulableError      the same for an actor
+    ├── PlacementGroupSchedulingError
+    ├── RuntimeEnvSetupError
+    ├── AuthenticationError          a request carried no or the wrong cluster token
+    ├── ClusterConnectionError       the GCS / raylet could not be reached
+    └── RaySystemError               an internal failure of the runtime itself
+
+Every error says what went wrong and what to do about it.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+__all__ = [
+    "RayError", "RayTaskError", "GetTimeoutError", "TaskCancelledError", "WorkerCrashedError",
+    "NodeDiedError", "ObjectStoreFullError", "OutOfDiskError", "ObjectLostError",
+    "OwnerDiedError", "ObjectFetchTimedOutError", "ReferenceCountingAssertionError",
+    "RayActorError", "ActorDiedError", "ActorUnavailableError", "TaskUnschedulableError",
+    "ActorUnschedulableError", "PlacementGroupSchedulingError", "RuntimeEnvSetupError",
+    "AuthenticationError", "ClusterConnectionError", "RaySystemError", "CrossLanguageError",
+]
+
+
+class RayError(Exception):
+    """Root of every error raised by the runtime."""
+
+
+class RayTaskError(RayError):
+    """A task (or actor method) raised an exception.
+
+    ``get()`` raises it as an instance of *both* this class and the original
+    exception's class (see :meth:`as_instanceof_cause`), so ``except ValueError``
+    catches a remote ``ValueError``. ``cause`` is the original exception and the
+    message carries the remote traceback, as in Ray.
+    """
+
+    def __init__(self, function_name: str, traceback_str: str, cause: Optional[BaseException],
+                 proctitle: Optional[str] = None, pid: Optional[int] = None,
+                 ip: Optional[str] = None, actor_repr: Optional[str] = None,
+                 actor_id: Optional[str] = None) -> None:
+        self.function_name = function_name
+        self.traceback_str = traceback_str
+        self.cause = cause
+        self.proctitle = proctitle or f"runtime::{function_name}"
+        self.pid = pid if pid is not None else os.getpid()
+        self.ip = ip or "127.0.0.1"
+        self.actor_repr = actor_repr
+        self.actor_id = actor_id
+        super().__init__(function_name, traceback_str, cause, proctitle, pid, ip)
+
+    def __reduce__(self):
+        return (RayTaskError, (self.function_name, self.traceback_str, self.cause,
+                               self.proctitle, self.pid, self.ip, self.actor_repr, self.actor_id))
+
+    def __str__(self) -> str:
+        head = f"{type(self.cause).__name__ if self.cause is not None else 'RayTaskError'}"
+        lines = [f"{head}: {self.proctitle}() (pid={self.pid}, ip={self.ip})"]
+        if self.actor_repr:
+            lines[0] += f", actor={self.actor_repr}"
+        lines.append(self.traceback_str.rstrip())
+        return "\n".join(lines)
+
+    def as_instanceof_cause(self) -> "RayTaskError":
+        """This error as an instance of RayTaskError *and* the cause's class.
+
+        Falls back to plain RayTaskError when the cause's class cannot be
+        subclassed (e.g. it is final or has an incompatible layout).
+        """
+        cause = self.cause
+        if cause is None:
+            return self
+        cause_cls = type(cause)
+        if issubclass(RayTaskError, cause_cls) or isinstance(cause, RayTaskError):
+            return self
+        return _dual_instance(self, cause_cls)
+
+
+_DUAL_CLASSES: dict[type, type] = {}
+
+
+def _dual_instance(err: RayTaskError, cause_cls: type) -> RayTaskError:
+    cls = _DUAL_CLASSES.get(cause_cls)
+    if cls is None:
+        name = f"RayTaskError({cause_cls.__name__})"
+        try:
+            cls = type(name, (RayTaskError, cause_cls), {
+                "__init__": _dual_init,
+                "__getattr__": _dual_getattr,
+                "__str__": lambda self: self._message,
+                "__reduce__": lambda self: (_rebuild_dual, (self._task_error,)),
+                "__module__": cause_cls.__module__ if isinstance(cause_cls.__module__, str)
+                else __name__,
+            })
+            cls.__qualname__ = name
+        except TypeError:
+            return err
+        _DUAL_CLASSES[cause_cls] = cls
+    try:
+        return cls(err)
+    except Exception:
+        return err
+
+
+def _dual_init(self, err: RayTaskError) -> None:
+    self.__dict__.update(err.__dict__)
+    self._task_error = err
+    self._message = str(err)
+    self.args = (err.cause,)
+
+
+def _dual_getattr(self, name: str) -> Any:
+    cause = self.__dict__.get("cause")
+    if cause is None or name.startswith("__"):
+        raise AttributeError(name)
+    return getattr(cause, name)
+
+
+def _rebuild_dual(err: RayTaskError) -> RayTaskError:
+    return err.as_instanceof_cause()
+
+
+class GetTimeoutError(RayError, TimeoutError):
+    """``get()`` (or an actor call's ``get``) did not finish within ``timeout``."""
+
+
+class TaskCancelledError(RayError):
+    """The task was cancelled with ``cancel()`` before or while it ran."""
+
+    def __init__(self, task_id: Optional[str] = None, message: Optional[str] = None) -> None:
+        self.task_id = task_id
+        super().__init__(message or (f"Task {task_id} was cancelled" if task_id
+                                     else "Task was cancelled"))
+
+
+class WorkerCrashedError(RayError):
+    """The worker process died (exit, signal, segfault) while running the task."""
+
+    def __init__(self, message: str = "The worker died unexpectedly while executing this task.") -> None:
+        super().__init__(message)
+
+
+class NodeDiedError(RayError):
+    """The node that ran (or held) the work died."""
+
+
+class ObjectStoreFullError(RayError):
+    """The object store cannot hold a new object, even after spilling to disk."""
+
+
+class OutOfDiskError(RayError):
+    """The spill directory's disk is full."""
+
+
+class ObjectLostError(RayError):
+    """The value of an ObjectRef can no longer be reached."""
+
+    def __init__(self, object_ref_hex: str = "", message: str = "") -> None:
+        self.object_ref_hex = object_ref_hex
+        super().__init__(message or f"Object {object_ref_hex} is lost and cannot be retrieved.")
+
+
+class OwnerDiedError(ObjectLostError):
+    """The process that owned the object (created the ObjectRef) exited."""
+
+
+class ObjectFetchTimedOutError(ObjectLostError):
+    """Fetching the object from another node timed out."""
+
+
+class ReferenceCountingAssertionError(ObjectLostError):
+    """The object was freed while a reference to it still existed (a bug)."""
+
+
+class RayActorError(RayError):
+    """The actor cannot run the method call."""
+
+    def __init__(self, message: str = "The actor died unexpectedly before finishing this task.",
+                 actor_id: Optional[str] = None, cause: Optional[BaseException] = None) -> None:
+        self.actor_id = actor_id
+        self.cause = cause
+        self.error_msg = message
+        super().__init__(message)
+
+    def __reduce__(self):
+        return (type(self), (self.error_msg, self.actor_id, self.cause))
+
+
+class ActorDiedError(RayActorError):
+    """The actor is dead: killed, its process died with no restarts left, its
+    constructor raised (``cause`` holds that error) or its owner exited."""
+
+
+class ActorUnavailableError(RayActorError):
+    """The actor is temporarily unreachable (restarting); the call may be retried."""
+
+
+class TaskUnschedulableError(RayError):
+    """The task can never be scheduled (e.g. hard affinity to a dead node)."""
+
+
+class ActorUnschedulableError(RayError):
+    """The actor can never be scheduled."""
+
+
+class PlacementGroupSchedulingError(RayError):
+    """The placement group could not be created or was removed."""
+
+
+class RuntimeEnvSetupError(RayError):
+    """The task's runtime environment could not be set up."""
+
+
+class AuthenticationError(RayError):
+    """A request carried no cluster token or the wrong one."""
+
+
+class ClusterConnectionError(RayError, ConnectionError):
+    """The cluster (GCS, raylet, object store) could not be reached."""
+
+
+class RaySystemError(RayError):
+    """An internal error of the runtime; the message names the component."""
+
+
+class CrossLanguageError(RayError):
+    """Kept for API compatibility with Ray; never raised here."""

@@ -1,0 +1,3 @@
+from runtime.gcs.server import main
+
+main()

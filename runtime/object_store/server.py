@@ -1,0 +1,504 @@
+"""The object store process: an asyncio service over ``StoreState`` and its gRPC face.
+
+``StoreService`` turns requests into state transitions and file work. The only
+slow file work is copying an object to or from the spill directory; it runs in
+a thread (``asyncio.to_thread``) so a multi-GiB spill never stalls the other
+requests. While an object is being copied it is marked busy: it is never chosen
+for another spill, and a Get or Delete of it waits until the copy is done.
+Spills and restores (the only operations that make room) are serialized by one
+lock; a Create that already fits never waits for that lock.
+
+Run as ``python -m runtime.object_store --node-id HEX --session-dir DIR
+--capacity BYTES --host IP --port 0 --ready-file PATH``; see ``parse_args``.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import glob
+import itertools
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Iterable, Sequence, TypeVar
+
+import grpc
+
+from runtime import component, rpc
+from runtime.object_store.store import (FILE_PREFIX, Entry, FileOps, ObjState, StoreState,
+                                        format_bytes, object_file_name)
+from runtime.protocol import common_pb2, object_store_pb2, object_store_pb2_grpc
+
+log = logging.getLogger("object_store")
+
+MAX_OBJECT_ID_BYTES = 64  # file names carry the hex id; keeps them far below NAME_MAX
+# Freeing a file's tmpfs pages takes ~30 ms per 200 MiB; above this size it
+# happens in a thread so Delete never stalls the other requests.
+BACKGROUND_UNLINK_BYTES = 32 * 1024 * 1024
+_T = TypeVar("_T")
+
+
+class StoreIOError(Exception):
+    """A file operation of the store failed for a reason other than lack of space."""
+
+
+@dataclass
+class CreateResult:
+    path: str = ""
+    full: bool = False
+    exists: bool = False
+    message: str = ""
+
+
+@dataclass
+class GetResult:
+    object_id: bytes
+    path: str = ""
+    size: int = 0
+    found: bool = False
+    spilled: bool = False  # path is the spill file on disk, not shared memory
+
+
+class StoreService:
+    """Create/Seal/Get/Delete with spilling, independent of gRPC (tests drive it directly)."""
+
+    def __init__(self, *, node_id_hex: str, capacity: int, shm_dir: str,
+                 spill_dir: str | None, ops: FileOps | None = None) -> None:
+        """spill_dir None disables spilling (a full store then rejects Creates at once)."""
+        self.node_id_hex = node_id_hex
+        self.shm_dir = shm_dir
+        self.spill_dir = spill_dir
+        self.state = StoreState(capacity)
+        self.ops = ops or FileOps()
+        self._room_lock = asyncio.Lock()
+        self._transit: dict[bytes, asyncio.Event] = {}  # set when the busy object's copy ends
+        self._seal_waiters: dict[bytes, set[asyncio.Future]] = {}
+        self._background: set[asyncio.Future] = set()
+        self._doomed_seq = itertools.count()
+
+    # ---- paths -------------------------------------------------------------------
+    def shm_path(self, object_id: bytes) -> str:
+        return os.path.join(self.shm_dir, object_file_name(self.node_id_hex, object_id))
+
+    def spill_path(self, object_id: bytes) -> str:
+        assert self.spill_dir is not None
+        return os.path.join(self.spill_dir, object_file_name(self.node_id_hex, object_id))
+
+    @staticmethod
+    def _check_id(object_id: bytes) -> None:
+        if not object_id or len(object_id) > MAX_OBJECT_ID_BYTES:
+            raise ValueError(f"object id must be 1 to {MAX_OBJECT_ID_BYTES} bytes, "
+                             f"got {len(object_id)}")
+
+    # ---- Create ------------------------------------------------------------------
+    async def create(self, object_id: bytes, size: int) -> CreateResult:
+        """Reserve `size` bytes (spilling LRU sealed objects if needed) and make the file."""
+        self._check_id(object_id)
+        if size < 0:
+            raise ValueError(f"object size must be >= 0, got {size}")
+        existing = self.state.get(object_id)
+        if existing is not None:
+            return CreateResult(path=existing.path, exists=True)
+        if self.state.fits(size):
+            return self._create_file(object_id, size)
+        async with self._room_lock:
+            reason = await self._make_room(size, frozenset())
+            # A retry of this Create may have won while we waited or spilled.
+            existing = self.state.get(object_id)
+            if existing is not None:
+                return CreateResult(path=existing.path, exists=True)
+            if reason is not None:
+                message = self.state.full_message(object_id, size, reason)
+                log.warning("%s", message)
+                return CreateResult(full=True, message=message)
+            # No await between making room and reserving it: nobody can take it.
+            return self._create_file(object_id, size)
+
+    def _create_file(self, object_id: bytes, size: int) -> CreateResult:
+        path = self.shm_path(object_id)
+        self.state.add_created(object_id, size, path)
+        try:
+            try:
+                self.ops.create(path, size)
+            except FileExistsError:
+                # Only a dead store of this very node could have left it.
+                log.warning("replacing stale object file %s", path)
+                self.ops.unlink(path)
+                self.ops.create(path, size)
+        except OSError as exc:
+            self.state.remove(object_id)
+            if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EDQUOT):
+                message = self.state.full_message(
+                    object_id, size, f"the shared-memory directory {self.shm_dir} is out of "
+                    f"space ({exc.strerror}); it is smaller than the store's capacity")
+                log.error("%s", message)
+                return CreateResult(full=True, message=message)
+            raise StoreIOError(f"cannot create object file {path} of {size} bytes: {exc}") from exc
+        return CreateResult(path=path)
+
+    async def _make_room(self, size: int, protect: frozenset[bytes]) -> str | None:
+        """Spill until `size` more bytes fit; None on success, else why not. Hold the room lock."""
+        if size > self.state.capacity:
+            return (f"the object is larger than the whole store ({size} > {self.state.capacity} "
+                    "bytes)")
+        while not self.state.fits(size):
+            if self.spill_dir is None:
+                return "spilling to disk is disabled (--no-spill)"
+            plan = self.state.plan_spill(size, protect)
+            if plan is None:
+                return (f"spilling cannot make room: only {self.state.spillable_bytes(protect)} "
+                        "bytes are held by sealed objects not in use; unsealed objects (still "
+                        "being written) are never spilled")
+            # Mark them busy now: the spill task starts a tick later, and a Delete
+            # in between must wait for it instead of freeing a planned object.
+            for entry in plan:
+                self.state.begin_spill(entry)
+                self._begin_transit(entry)
+            error = await self._shielded(self._spill(plan))
+            if error is not None:
+                return error
+        return None
+
+    # ---- spilling & restoring ------------------------------------------------------
+    async def _shielded(self, coro: Awaitable[_T]) -> _T:
+        """Run coro to completion even if the RPC awaiting it is cancelled.
+
+        A copy thread cannot be interrupted; its state transition must still
+        happen, or the object would stay busy forever.
+        """
+        return await asyncio.shield(self._track(asyncio.ensure_future(coro)))
+
+    def _track(self, task: asyncio.Future) -> asyncio.Future:
+        """Keep a reference to background work, so drain() can wait for it."""
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    def _begin_transit(self, entry: Entry) -> None:
+        self._transit[entry.object_id] = asyncio.Event()
+
+    def _end_transit(self, entry: Entry) -> None:
+        event = self._transit.pop(entry.object_id, None)
+        if event is not None:
+            event.set()
+
+    async def _spill(self, plan: list[Entry]) -> str | None:
+        """Spill the planned (already busy) objects; None when all went to disk, else the error."""
+        start = time.monotonic()
+        copied = spilled_bytes = spilled = 0
+        error = None
+        failed: list[Entry] = []
+        for entry in plan:
+            if error is None:
+                dst = entry.spill_path or self.spill_path(entry.object_id)
+                try:
+                    copied += await asyncio.to_thread(self._spill_files, entry, dst)
+                except OSError as exc:
+                    error = f"spilling to {self.spill_dir} failed: {exc}"
+                    log.error("cannot spill object %s (%d bytes): %s",
+                              entry.object_id.hex()[:16], entry.size, exc)
+                else:
+                    self.state.finish_spill(entry, dst)
+                    self._end_transit(entry)
+                    spilled += 1
+                    spilled_bytes += entry.size
+                    continue
+            failed.append(entry)
+        for entry in reversed(failed):  # back to the LRU end, in their original order
+            self.state.abort_spill(entry)
+            self._end_transit(entry)
+        if spilled:
+            elapsed = max(time.monotonic() - start, 1e-6)
+            s = self.state
+            written = (f"write throughput {format_bytes(int(copied / elapsed))}/s" if copied
+                       else "no write needed, their disk copies were kept")
+            log.info("Spilled %s, %d objects, %s (total spilled %s, %d objects; used %s of %s)",
+                     format_bytes(spilled_bytes), spilled, written,
+                     format_bytes(s.spilled_bytes_total), s.spilled_objects_total,
+                     format_bytes(s.used), format_bytes(s.capacity))
+        return error
+
+    def _spill_files(self, entry: Entry, dst: str) -> int:
+        """Thread: copy to disk (unless a copy from an earlier spill exists), drop the shm file."""
+        copied = 0
+        if entry.spill_path is None:
+            self.ops.copy(entry.shm_path, dst)
+            copied = entry.size
+        self.ops.unlink(entry.shm_path)
+        return copied
+
+    async def _restore(self, entry: Entry, protect: frozenset[bytes]) -> bool | None:
+        """Copy a spilled object back into shared memory if room can be made. Hold the room lock.
+
+        None when the object changed (deleted, say) while room was being made.
+        """
+        reason = await self._make_room(entry.size, protect | {entry.object_id})
+        if self.state.get(entry.object_id) is not entry or entry.busy \
+                or entry.state is not ObjState.SPILLED:
+            return None
+        if reason is not None:
+            log.info("serving object %s (%d bytes) from its spill file: cannot restore it: %s",
+                     entry.object_id.hex()[:16], entry.size, reason)
+            return False
+        self.state.begin_restore(entry)
+        self._begin_transit(entry)
+        start = time.monotonic()
+        try:
+            assert entry.spill_path is not None
+            await asyncio.to_thread(self.ops.copy, entry.spill_path, entry.shm_path)
+        except OSError as exc:
+            self.state.abort_restore(entry)
+            log.error("cannot restore object %s (%d bytes) from %s: %s; serving the spill file",
+                      entry.object_id.hex()[:16], entry.size, entry.spill_path, exc)
+            return False
+        else:
+            self.state.finish_restore(entry)
+        finally:
+            self._end_transit(entry)
+        elapsed = max(time.monotonic() - start, 1e-6)
+        log.info("Restored %s, 1 objects, read throughput %s/s (total restored %d objects)",
+                 format_bytes(entry.size), format_bytes(int(entry.size / elapsed)),
+                 self.state.restored_objects_total)
+        return True
+
+    # ---- Seal ----------------------------------------------------------------------
+    def seal(self, object_ids: Iterable[bytes]) -> None:
+        """Make objects readable and wake the Gets waiting for them."""
+        for object_id in object_ids:
+            if not self.state.seal(object_id):
+                entry = self.state.get(object_id)
+                if entry is None:
+                    log.warning("seal of unknown object %s ignored", object_id.hex()[:16])
+                continue
+            for fut in self._seal_waiters.pop(object_id, ()):
+                if not fut.done():
+                    fut.set_result(None)
+
+    # ---- Get -----------------------------------------------------------------------
+    async def get(self, object_ids: Sequence[bytes], timeout_s: float) -> list[GetResult]:
+        """Locate objects, waiting up to timeout_s (< 0: forever) for unsealed ones.
+
+        Objects already returned by this call are protected from being spilled to
+        make room for restoring a later one, so every path returned stays valid
+        until the caller has had a chance to map it.
+        """
+        deadline = None if timeout_s < 0 else time.monotonic() + timeout_s
+        protect: set[bytes] = set()
+        return [await self._get_one(oid, deadline, protect) for oid in object_ids]
+
+    async def _get_one(self, object_id: bytes, deadline: float | None,
+                       protect: set[bytes]) -> GetResult:
+        while True:
+            entry = self.state.get(object_id)
+            if entry is not None and entry.busy:
+                await self._transit[object_id].wait()
+                continue
+            if entry is None or entry.state is ObjState.CREATED:
+                if not await self._wait_sealed(object_id, deadline):
+                    return GetResult(object_id)
+                continue
+            if entry.state is ObjState.SEALED:
+                self.state.touch(object_id)
+                protect.add(object_id)
+                return GetResult(object_id, entry.shm_path, entry.size, found=True)
+            async with self._room_lock:
+                if self.state.get(object_id) is not entry or entry.busy \
+                        or entry.state is not ObjState.SPILLED:
+                    continue  # changed while we waited for the lock; look again
+                restored = await self._shielded(self._restore(entry, frozenset(protect)))
+            if restored is None:
+                continue
+            if restored:
+                protect.add(object_id)
+                return GetResult(object_id, entry.shm_path, entry.size, found=True)
+            assert entry.spill_path is not None
+            return GetResult(object_id, entry.spill_path, entry.size, found=True, spilled=True)
+
+    async def _wait_sealed(self, object_id: bytes, deadline: float | None) -> bool:
+        """Wait for a Seal of object_id; False when the deadline passed first."""
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            return False
+        fut = asyncio.get_running_loop().create_future()
+        waiters = self._seal_waiters.setdefault(object_id, set())
+        waiters.add(fut)
+        try:
+            await asyncio.wait_for(fut, remaining)
+            return True
+        except asyncio.TimeoutError:
+            return False
+        finally:
+            waiters.discard(fut)
+            if not waiters and self._seal_waiters.get(object_id) is waiters:
+                del self._seal_waiters[object_id]
+
+    # ---- Delete --------------------------------------------------------------------
+    async def delete(self, object_ids: Iterable[bytes]) -> None:
+        """Free objects and their files; unknown ids are ignored (idempotent)."""
+        for object_id in object_ids:
+            while True:
+                entry = self.state.get(object_id)
+                if entry is None:
+                    break
+                if entry.busy:
+                    await self._transit[object_id].wait()
+                    continue
+                self.state.remove(object_id)
+                if entry.in_memory:
+                    self._discard(entry.shm_path, entry.size)
+                if entry.spill_path is not None:
+                    self._discard(entry.spill_path, entry.size)
+                break
+
+    def _discard(self, path: str, size: int) -> None:
+        """Unlink a file; a big one is first renamed (so its name is free at once for
+        a re-created object of the same id) and then unlinked in a thread."""
+        if size < BACKGROUND_UNLINK_BYTES:
+            self.ops.unlink(path)
+            return
+        doomed = f"{path}.deleted-{next(self._doomed_seq)}"
+        if self.ops.rename(path, doomed):
+            self._track(asyncio.ensure_future(asyncio.to_thread(self.ops.unlink, doomed)))
+
+    # ---- lifecycle -------------------------------------------------------------------
+    def prepare_dirs(self) -> None:
+        """Check the shm dir, create the spill dir, warn when shm is smaller than capacity."""
+        if not os.path.isdir(self.shm_dir):
+            raise SystemExit(f"object store: shared-memory directory {self.shm_dir} does not exist")
+        if self.spill_dir is not None:
+            os.makedirs(self.spill_dir, mode=0o700, exist_ok=True)
+        st = os.statvfs(self.shm_dir)
+        free = st.f_bavail * st.f_frsize
+        if free < self.state.capacity:
+            log.warning("%s has only %s free but the object store capacity is %s; creates may "
+                        "fail with out-of-space errors before the store counts itself full",
+                        self.shm_dir, format_bytes(free), format_bytes(self.state.capacity))
+
+    async def drain(self, timeout_s: float = 10.0) -> None:
+        """Let in-flight spill/restore copies finish, so cleanup sees their files."""
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=timeout_s)
+
+    def cleanup_files(self) -> None:
+        """Delete every file of this store (shm and spill). Safe from any thread."""
+        paths = set()
+        for entry in list(self.state.entries.values()):
+            paths.add(entry.shm_path)
+            if entry.spill_path:
+                paths.add(entry.spill_path)
+        pattern = f"{FILE_PREFIX}{self.node_id_hex[:12]}-*"
+        for directory in (self.shm_dir, self.spill_dir):
+            if directory:
+                paths.update(glob.glob(os.path.join(glob.escape(directory), pattern)))
+        for path in paths:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        if self.spill_dir:
+            try:
+                os.rmdir(self.spill_dir)  # only when empty: never remove others' files
+            except OSError:
+                pass
+
+
+# ---- gRPC ----------------------------------------------------------------------------
+class ObjectStoreServicer(object_store_pb2_grpc.ObjectStoreServicer):
+    """Translates the ObjectStore RPCs to StoreService calls."""
+
+    def __init__(self, service: StoreService) -> None:
+        self._svc = service
+
+    async def Create(self, request, context):
+        try:
+            result = await self._svc.create(request.object_id, request.size)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except StoreIOError as exc:
+            await context.abort(grpc.StatusCode.INTERNAL, str(exc))
+        state = self._svc.state
+        return object_store_pb2.CreateReply(path=result.path, full=result.full,
+                                            message=result.message, capacity=state.capacity,
+                                            used=state.used, exists=result.exists)
+
+    async def Seal(self, request, context):
+        self._svc.seal(request.object_ids)
+        return common_pb2.Empty()
+
+    async def Get(self, request, context):
+        results = await self._svc.get(list(request.object_ids), request.timeout_s)
+        return object_store_pb2.StoreGetReply(objects=[
+            object_store_pb2.StoreObject(object_id=r.object_id, path=r.path, size=r.size,
+                                         found=r.found, spilled=r.spilled) for r in results])
+
+    async def Delete(self, request, context):
+        await self._svc.delete(request.object_ids)
+        return common_pb2.Empty()
+
+    async def Stats(self, request, context):
+        s = self._svc.state.stats()
+        return object_store_pb2.StoreStats(
+            capacity=s.capacity, used=s.used, num_objects=s.num_objects,
+            spilled_bytes=s.spilled_bytes_total, spilled_objects=s.spilled_objects_total,
+            restored_objects=s.restored_objects_total, num_spilled_now=s.num_spilled_now,
+            shm_dir=self._svc.shm_dir, spill_dir=self._svc.spill_dir or "")
+
+
+# ---- process ---------------------------------------------------------------------------
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m runtime.object_store",
+                                description="Per-node shared-memory object store.")
+    p.add_argument("--node-id", required=True, help="hex node id (names the object files)")
+    p.add_argument("--session-dir", required=True)
+    p.add_argument("--capacity", required=True, type=int, help="bytes of shared memory to use")
+    p.add_argument("--host", required=True)
+    p.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    p.add_argument("--ready-file", default=None, help='written with {"pid", "port"} once serving')
+    p.add_argument("--shm-dir", default="/dev/shm")
+    p.add_argument("--spill-dir", default=None, help="default: SESSION_DIR/spill")
+    p.add_argument("--no-spill", action="store_true", help="reject Creates instead of spilling")
+    args = p.parse_args(argv)
+    if args.capacity < 0:
+        p.error(f"--capacity must be >= 0, got {args.capacity}")
+    if args.no_spill:
+        args.spill_dir = None
+    elif args.spill_dir is None:
+        args.spill_dir = os.path.join(args.session_dir, "spill")
+    return args
+
+
+async def serve(args: argparse.Namespace, token: str) -> None:
+    """Serve until SIGTERM/SIGINT, then stop and delete every file of the store."""
+    service = StoreService(node_id_hex=args.node_id, capacity=args.capacity,
+                           shm_dir=args.shm_dir, spill_dir=args.spill_dir)
+    service.prepare_dirs()
+    component.die_with_parent(on_parent_death=service.cleanup_files)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    component.install_stop_handler(lambda: loop.call_soon_threadsafe(stop.set))
+    server = rpc.make_server(token)
+    object_store_pb2_grpc.add_ObjectStoreServicer_to_server(ObjectStoreServicer(service), server)
+    port = rpc.bind(server, args.host, args.port)
+    await server.start()
+    try:
+        component.announce_ready(args.ready_file, port=port)
+        log.info("object store serving on %s:%d: capacity %s, shm dir %s, spill dir %s",
+                 args.host, port, format_bytes(args.capacity), args.shm_dir,
+                 args.spill_dir or "(spilling disabled)")
+        await stop.wait()
+        log.info("stopping: deleting %d objects", len(service.state.entries))
+    finally:
+        await server.stop(grace=0.5)
+        await service.drain()
+        service.cleanup_files()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    token = component.token_from_env()
+    component.setup_logging("object_store", args.node_id)
+    asyncio.run(serve(args, token))
+    sys.exit(0)

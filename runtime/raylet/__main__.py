@@ -1,0 +1,3 @@
+from runtime.raylet.server import main
+
+main()

@@ -1,0 +1,302 @@
+"""The raylet's lease scheduler as a sans-I/O state machine.
+
+Stimuli (method calls: a lease is requested, returned or cancelled, a worker
+registers, blocks, dies, a client disconnects) mutate the state; ``schedule()``
+returns the actions the I/O layer must carry out (grant a lease, start
+workers, reject, warn, kill a worker). Nothing here touches a socket or a
+process, so every policy is unit-testable (tests/test_scheduler.py), in the
+style of Dask's worker_state_machine.
+
+Policy:
+* requests are served FIFO, but a request that cannot be served now never
+  blocks later ones that can (no head-of-line blocking);
+* a request that no node can ever satisfy stays pending and produces one
+  warning naming the missing resources; it is granted if resources appear;
+* a worker blocked in ``get`` lends its lease's CPUs back to the node until it
+  unblocks (so nested tasks cannot deadlock the node);
+* at most ``max_starting`` workers start at once (starting a Python process is
+  the expensive part on small machines).
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+from runtime.raylet.resources import GpuInstances, Resources, add, describe, fits, missing, subtract
+
+RequestKey = Tuple[int, int]  # (client id, request id)
+
+
+@dataclass
+class PendingRequest:
+    client: int
+    request_id: int
+    resources: Resources
+    strategy: str = "DEFAULT"
+    affinity_node: bytes = b""
+    soft: bool = False
+    grant_or_reject: bool = False
+    name: str = ""
+    since: float = field(default_factory=time.monotonic)
+    warned: bool = False
+
+
+@dataclass
+class Worker:
+    worker_id: bytes
+    pid: int
+    port: int
+    client: int
+    lease_id: Optional[int] = None
+    idle_since: float = field(default_factory=time.monotonic)
+    blocked: bool = False
+
+
+@dataclass
+class Lease:
+    lease_id: int
+    client: int
+    request_id: int
+    worker_id: bytes
+    resources: Resources
+    gpu_ids: List[int]
+    lent: Resources = field(default_factory=dict)
+
+
+# -- actions --------------------------------------------------------------------------
+@dataclass
+class Grant:
+    client: int
+    request_id: int
+    lease_id: int
+    worker: Worker
+    gpu_ids: List[int]
+
+
+@dataclass
+class Reject:
+    client: int
+    request_id: int
+    message: str
+
+
+@dataclass
+class Spillback:
+    client: int
+    request_id: int
+    raylet_address: str
+
+
+@dataclass
+class Warn:
+    client: int
+    request_id: int
+    message: str
+
+
+@dataclass
+class StartWorkers:
+    count: int
+
+
+@dataclass
+class KillWorker:
+    worker_id: bytes
+    reason: str
+
+
+@dataclass
+class RemoteNode:
+    """Another node as the GCS last reported it (for spillback)."""
+    node_id: bytes
+    raylet_address: str
+    total: Resources
+    available: Resources
+
+
+class Scheduler:
+    def __init__(self, node_id: bytes, total: Resources, gpu_ids: List[int],
+                 max_starting: int = 2, soft_worker_limit: Optional[int] = None) -> None:
+        self.node_id = node_id
+        self.total: Resources = dict(total)
+        self.available: Resources = dict(total)
+        self.gpus = GpuInstances(gpu_ids)
+        self.pending: "OrderedDict[RequestKey, PendingRequest]" = OrderedDict()
+        self.workers: Dict[bytes, Worker] = {}
+        self.idle: List[bytes] = []  # LIFO: the warmest worker first
+        self.leases: Dict[int, Lease] = {}
+        self.starting = 0
+        self.max_starting = max_starting
+        self.soft_worker_limit = soft_worker_limit or max(1, int(total.get("CPU", 1)))
+        self.remote_nodes: Dict[bytes, RemoteNode] = {}
+        self._lease_ids = itertools.count(1)
+
+    # -- stimuli ---------------------------------------------------------------------------
+    def request_lease(self, req: PendingRequest) -> None:
+        self.pending[(req.client, req.request_id)] = req
+
+    def cancel_request(self, client: int, request_id: int) -> bool:
+        return self.pending.pop((client, request_id), None) is not None
+
+    def worker_starting(self, n: int = 1) -> None:
+        self.starting += n
+
+    def worker_start_failed(self) -> None:
+        self.starting = max(0, self.starting - 1)
+
+    def worker_registered(self, worker: Worker) -> None:
+        self.starting = max(0, self.starting - 1)
+        self.workers[worker.worker_id] = worker
+        self.idle.append(worker.worker_id)
+
+    def return_lease(self, lease_id: int) -> Optional[Worker]:
+        lease = self.leases.pop(lease_id, None)
+        if lease is None:
+            return None
+        self._release(lease)
+        w = self.workers.get(lease.worker_id)
+        if w is not None:
+            w.lease_id = None
+            w.blocked = False
+            w.idle_since = time.monotonic()
+            self.idle.append(w.worker_id)
+        return w
+
+    def worker_died(self, worker_id: bytes) -> Optional[Lease]:
+        w = self.workers.pop(worker_id, None)
+        if w is None:
+            return None
+        if worker_id in self.idle:
+            self.idle.remove(worker_id)
+        if w.lease_id is not None:
+            lease = self.leases.pop(w.lease_id, None)
+            if lease is not None:
+                self._release(lease)
+            return lease
+        return None
+
+    def client_disconnected(self, client: int) -> List[KillWorker]:
+        """A driver or worker's stream closed: drop its requests and leases.
+
+        Workers leased to it may still be running its tasks, which nobody will
+        collect: they are killed (and replaced on demand)."""
+        for key in [k for k in self.pending if k[0] == client]:
+            del self.pending[key]
+        kills = []
+        for lease in [l for l in self.leases.values() if l.client == client]:
+            kills.append(KillWorker(lease.worker_id, "its lease holder disconnected"))
+        return kills
+
+    def set_blocked(self, worker_id: bytes, blocked: bool) -> None:
+        w = self.workers.get(worker_id)
+        if w is None or w.blocked == blocked:
+            return
+        w.blocked = blocked
+        lease = self.leases.get(w.lease_id) if w.lease_id is not None else None
+        if lease is None:
+            return
+        cpu = lease.resources.get("CPU", 0.0)
+        if blocked and cpu:
+            lease.lent = {"CPU": cpu}
+            add(self.available, lease.lent)
+        elif not blocked and lease.lent:
+            subtract(self.available, lease.lent)
+            lease.lent = {}
+
+    # -- decisions -------------------------------------------------------------------------
+    def schedule(self) -> list:
+        actions: list = []
+        need_workers = 0
+        for key, req in list(self.pending.items()):
+            target = self._placement(req)
+            if isinstance(target, Reject):
+                del self.pending[key]
+                actions.append(target)
+                continue
+            if isinstance(target, Spillback):
+                del self.pending[key]
+                actions.append(target)
+                continue
+            if target == "infeasible":
+                if not req.warned:
+                    req.warned = True
+                    actions.append(Warn(req.client, req.request_id, self._infeasible_message(req)))
+                continue
+            if not fits(self.available, req.resources):
+                continue
+            if not self.idle:
+                need_workers += 1
+                continue
+            gpu_ids = self.gpus.allocate(req.resources.get("GPU", 0.0))
+            if gpu_ids is None:
+                continue
+            worker = self.workers[self.idle.pop()]
+            lease = Lease(next(self._lease_ids), req.client, req.request_id, worker.worker_id,
+                          dict(req.resources), gpu_ids)
+            subtract(self.available, req.resources)
+            self.leases[lease.lease_id] = lease
+            worker.lease_id = lease.lease_id
+            del self.pending[key]
+            actions.append(Grant(req.client, req.request_id, lease.lease_id, worker, gpu_ids))
+        to_start = min(need_workers - self.starting, self.max_starting - self.starting)
+        if to_start > 0:
+            self.starting += to_start
+            actions.append(StartWorkers(to_start))
+        return actions
+
+    def idle_workers_to_stop(self, now: float, idle_timeout: float) -> List[bytes]:
+        """Idle workers beyond the soft limit that have idled longer than idle_timeout."""
+        excess = len(self.workers) - self.soft_worker_limit
+        out = []
+        for wid in list(self.idle):
+            if excess <= 0:
+                break
+            if now - self.workers[wid].idle_since >= idle_timeout:
+                out.append(wid)
+                excess -= 1
+        return out
+
+    def pending_demand(self) -> List[Tuple[Resources, bool]]:
+        """(shape, infeasible) of every pending request, for the GCS and `status`."""
+        return [(r.resources, not self._feasible_here(r.resources)) for r in self.pending.values()]
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _feasible_here(self, res: Resources) -> bool:
+        return not missing(self.total, res)
+
+    def _placement(self, req: PendingRequest):
+        if req.strategy == "NODE_AFFINITY" and req.affinity_node and req.affinity_node != self.node_id:
+            node = self.remote_nodes.get(req.affinity_node)
+            if node is not None and not req.grant_or_reject:
+                return Spillback(req.client, req.request_id, node.raylet_address)
+            if not req.soft:
+                return Reject(req.client, req.request_id,
+                              f"node {req.affinity_node.hex()} named by NodeAffinitySchedulingStrategy "
+                              f"is not alive in the cluster (soft=False)")
+        if self._feasible_here(req.resources):
+            return "local"
+        if not req.grant_or_reject:
+            for node in self.remote_nodes.values():
+                if not missing(node.total, req.resources):
+                    return Spillback(req.client, req.request_id, node.raylet_address)
+        return "infeasible"
+
+    def _infeasible_message(self, req: PendingRequest) -> str:
+        miss = missing(self.total, req.resources)
+        what = ", ".join(f"{k} (needs {v:g}, the largest node has "
+                         f"{max([self.total.get(k, 0.0)] + [n.total.get(k, 0.0) for n in self.remote_nodes.values()]):g})"
+                         for k, v in sorted(miss.items()))
+        return (f"The resource request {describe(req.resources)}"
+                f"{' of ' + req.name if req.name else ''} cannot be scheduled on any node of the "
+                f"cluster: missing {what}. It stays pending until a node with these resources "
+                f"joins; other work is not blocked.")
+
+    def _release(self, lease: Lease) -> None:
+        held = dict(lease.resources)
+        if lease.lent:
+            subtract(held, lease.lent)
+        add(self.available, held)
+        self.gpus.release(lease.gpu_ids, lease.resources.get("GPU", 0.0))

@@ -1,0 +1,366 @@
+"""The raylet process: serves the Raylet gRPC service, runs the worker pool
+through the supervisor, reports resources to the GCS.
+
+Every core worker on the node keeps one Connect stream open; requests and
+grants for leases, blocked/unblocked notices and registration all travel on
+it, so a lease costs one message each way and a closed stream is how the
+raylet learns that a driver or worker is gone.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import logging
+import os
+import secrets
+import sys
+import time
+from typing import Dict, Optional
+
+import grpc
+
+from runtime import component, config, rpc
+from runtime.protocol import common_pb2, gcs_pb2, gcs_pb2_grpc, raylet_pb2, raylet_pb2_grpc
+from runtime.raylet.scheduler import (Grant, KillWorker, PendingRequest, Reject, RemoteNode,
+                                      Scheduler, Spillback, StartWorkers, Warn, Worker)
+from runtime.supervisor import ManagedProcess, ProcessSpec, Supervisor
+
+log = logging.getLogger("runtime.raylet")
+
+
+class Client:
+    """One Connect stream: a driver or a worker process."""
+
+    def __init__(self, cid: int) -> None:
+        self.cid = cid
+        self.outbox: asyncio.Queue = asyncio.Queue()
+        self.worker_id: Optional[bytes] = None
+        self.is_driver = False
+        self.pid = 0
+        self.port = 0
+        self.job_id = b""
+
+
+class Raylet(raylet_pb2_grpc.RayletServicer):
+    def __init__(self, args: argparse.Namespace, token: str) -> None:
+        self.args = args
+        self.token = token
+        self.node_id = bytes.fromhex(args.node_id)
+        resources = json.loads(args.resources)
+        gpu_ids = [int(x) for x in args.gpu_ids.split(",") if x.strip()] if args.gpu_ids else []
+        self.sched = Scheduler(self.node_id, resources, gpu_ids,
+                               max_starting=max(1, min(4, int(resources.get("CPU", 1)) or 1)))
+        self.clients: Dict[int, Client] = {}
+        self._cids = itertools.count(1)
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self.supervisor = Supervisor(on_exit=self._on_process_exit)
+        self.starting: Dict[str, ManagedProcess] = {}   # startup token -> process
+        self.procs: Dict[bytes, ManagedProcess] = {}    # worker id -> process
+        self._dirty = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self.port = 0
+
+    # -- gRPC ---------------------------------------------------------------------------------
+    async def Connect(self, request_iterator, context):
+        client = Client(next(self._cids))
+        self.clients[client.cid] = client
+        reader = asyncio.ensure_future(self._read(client, request_iterator))
+        try:
+            while True:
+                msg = await client.outbox.get()
+                if msg is None:
+                    break
+                yield msg
+        finally:
+            reader.cancel()
+            self._disconnected(client)
+
+    async def _read(self, client: Client, request_iterator) -> None:
+        try:
+            async for msg in request_iterator:
+                self._handle(client, msg)
+        except (asyncio.CancelledError, grpc.RpcError):
+            pass
+        except Exception:
+            log.exception("error handling a message from client %s", client.cid)
+        finally:
+            client.outbox.put_nowait(None)
+
+    def _handle(self, client: Client, msg: raylet_pb2.ClientMessage) -> None:
+        kind = msg.WhichOneof("msg")
+        if kind == "request_lease":
+            r = msg.request_lease
+            s = r.strategy
+            self.sched.request_lease(PendingRequest(
+                client.cid, r.request_id, dict(r.resources), s.kind or "DEFAULT", s.node_id, s.soft,
+                r.grant_or_reject, r.function_name))
+        elif kind == "return_lease":
+            lease = self.sched.leases.get(msg.return_lease.lease_id)
+            if msg.return_lease.kill_worker and lease is not None:
+                self._kill_worker(lease.worker_id, "its lease holder asked (force cancel)")
+            else:
+                self.sched.return_lease(msg.return_lease.lease_id)
+        elif kind == "cancel_request":
+            self.sched.cancel_request(client.cid, msg.cancel_request.request_id)
+        elif kind == "blocked":
+            if client.worker_id is not None:
+                self.sched.set_blocked(client.worker_id, msg.blocked.blocked)
+        elif kind == "register":
+            self._register(client, msg.register)
+        self._run_scheduler()
+
+    def _register(self, client: Client, reg: raylet_pb2.RegisterClient) -> None:
+        client.is_driver = reg.is_driver
+        client.pid = reg.pid
+        client.port = reg.port
+        client.job_id = reg.job_id
+        client.outbox.put_nowait(raylet_pb2.RayletMessage(registered=raylet_pb2.RegisterAck(
+            node_id=self.node_id, store_address=self.args.store_address,
+            gcs_address=self.args.gcs_address, session_dir=self.args.session_dir)))
+        if not reg.is_driver:
+            proc = self.starting.pop(reg.startup_token, None)
+            if proc is None:
+                log.warning("worker pid %s registered with unknown startup token", reg.pid)
+                return
+            client.worker_id = reg.worker_id
+            self.procs[reg.worker_id] = proc
+            self.sched.worker_registered(Worker(reg.worker_id, reg.pid, reg.port, client.cid))
+            log.info("worker %s pid %s registered on port %s", reg.worker_id.hex()[:8], reg.pid, reg.port)
+
+    def _disconnected(self, client: Client) -> None:
+        self.clients.pop(client.cid, None)
+        if client.worker_id is not None:
+            self.sched.worker_died(client.worker_id)
+            proc = self.procs.pop(client.worker_id, None)
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+        for kill in self.sched.client_disconnected(client.cid):
+            self._kill_worker(kill.worker_id, kill.reason)
+        self._run_scheduler()
+
+    async def GetNodeStats(self, request, context):
+        stats = raylet_pb2.NodeStats(node_id=self.node_id, resources_total=self.sched.total,
+                                     resources_available=self.sched.available,
+                                     pending_leases=len(self.sched.pending))
+        for c in self.clients.values():
+            if c.worker_id is None and not c.is_driver:
+                continue
+            w = self.sched.workers.get(c.worker_id) if c.worker_id else None
+            stats.workers.add(worker_id=c.worker_id or b"", pid=c.pid, port=c.port,
+                              is_driver=c.is_driver, leased=bool(w and w.lease_id),
+                              blocked=bool(w and w.blocked), job_id=c.job_id)
+        for shape, infeasible in self.sched.pending_demand():
+            if infeasible:
+                stats.infeasible.append(json.dumps(shape, sort_keys=True))
+        return stats
+
+    async def Shutdown(self, request, context):
+        self._stopping.set()
+        return common_pb2.Empty()
+
+    # -- scheduling ----------------------------------------------------------------------------
+    def _run_scheduler(self) -> None:
+        for action in self.sched.schedule():
+            if isinstance(action, Grant):
+                self._send(action.client, raylet_pb2.LeaseGrant(
+                    request_id=action.request_id, lease_id=action.lease_id,
+                    worker=common_pb2.Address(ip=self.args.node_ip, port=action.worker.port,
+                                              worker_id=action.worker.worker_id, node_id=self.node_id),
+                    gpu_ids=action.gpu_ids, worker_pid=action.worker.pid))
+            elif isinstance(action, StartWorkers):
+                for _ in range(action.count):
+                    self._start_worker()
+            elif isinstance(action, Reject):
+                self._send(action.client, raylet_pb2.LeaseGrant(
+                    request_id=action.request_id, rejected=True, message=action.message))
+            elif isinstance(action, Spillback):
+                self._send(action.client, raylet_pb2.LeaseGrant(
+                    request_id=action.request_id, retry_at=action.raylet_address))
+            elif isinstance(action, Warn):
+                log.warning("%s", action.message)
+                self._send(action.client, raylet_pb2.LeaseGrant(request_id=action.request_id,
+                                                                message=action.message))
+        self._dirty.set()
+
+    def _send(self, cid: int, grant: raylet_pb2.LeaseGrant) -> None:
+        client = self.clients.get(cid)
+        if client is not None:
+            client.outbox.put_nowait(raylet_pb2.RayletMessage(grant=grant))
+
+    # -- worker pool ----------------------------------------------------------------------------
+    def _start_worker(self) -> None:
+        token = secrets.token_hex(8)
+        worker_id = os.urandom(28)
+        a = self.args
+        argv = [sys.executable, "-m", "runtime.worker", "--raylet-address", f"{a.node_ip}:{self.port}",
+                "--node-id", a.node_id, "--node-ip", a.node_ip, "--store-address", a.store_address,
+                "--gcs-address", a.gcs_address, "--session-dir", a.session_dir,
+                "--startup-token", token, "--worker-id", worker_id.hex()]
+        env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        spec = ProcessSpec(name=f"worker-{worker_id.hex()[:8]}", argv=argv, env=env,
+                           log_path=os.path.join(a.session_dir, "logs",
+                                                 f"worker-{worker_id.hex()[:8]}.log"),
+                           stop_grace_s=2.0)
+        try:
+            proc = self.supervisor.spawn(spec)
+        except Exception:
+            log.exception("failed to start a worker process")
+            self.sched.worker_start_failed()
+            return
+        proc.raylet_token = token  # type: ignore[attr-defined]
+        self.starting[token] = proc
+
+    def _on_process_exit(self, proc: ManagedProcess, returncode: int) -> None:
+        """Supervisor thread: a worker process exited."""
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self._worker_exited, proc, returncode)
+
+    def _worker_exited(self, proc: ManagedProcess, returncode: int) -> None:
+        token = getattr(proc, "raylet_token", None)
+        if token in self.starting:
+            del self.starting[token]
+            self.sched.worker_start_failed()
+            log.error("worker pid %s exited with status %s before registering; last log lines:\n%s",
+                      proc.pid, returncode, "\n".join(proc.tail_log(20)))
+        for wid, p in list(self.procs.items()):
+            if p is proc:
+                del self.procs[wid]
+                if self.sched.worker_died(wid) is not None:
+                    log.warning("leased worker %s pid %s died with status %s", wid.hex()[:8],
+                                proc.pid, returncode)
+        self.supervisor.remove(proc)
+        self._run_scheduler()
+
+    def _kill_worker(self, worker_id: bytes, reason: str) -> None:
+        proc = self.procs.get(worker_id)
+        log.info("killing worker %s: %s", worker_id.hex()[:8], reason)
+        self.sched.worker_died(worker_id)
+        if proc is not None:
+            proc.kill()
+
+    async def _reap_idle_workers(self) -> None:
+        while not self._stopping.is_set():
+            await asyncio.sleep(1.0)
+            for wid in self.sched.idle_workers_to_stop(time.monotonic(), config.IDLE_WORKER_KILL_S):
+                proc = self.procs.pop(wid, None)
+                self.sched.worker_died(wid)
+                if proc is not None:
+                    log.info("stopping idle worker %s pid %s", wid.hex()[:8], proc.pid)
+                    await asyncio.to_thread(proc.stop, 2.0)
+                    self.supervisor.remove(proc)
+
+    # -- GCS -----------------------------------------------------------------------------------
+    async def _gcs_loop(self, gcs) -> None:
+        last = 0.0
+        while not self._stopping.is_set():
+            try:
+                await asyncio.wait_for(self._dirty.wait(), config.RESOURCE_REPORT_INTERVAL_S)
+            except asyncio.TimeoutError:
+                pass
+            self._dirty.clear()
+            report = gcs_pb2.ResourceReport(node_id=self.node_id,
+                                            resources_available=self.sched.available,
+                                            resources_total=self.sched.total)
+            shapes: Dict[str, list] = {}
+            for shape, infeasible in self.sched.pending_demand():
+                key = json.dumps(shape, sort_keys=True)
+                shapes.setdefault(key, [shape, 0, infeasible])[1] += 1
+            for shape, count, infeasible in shapes.values():
+                report.pending.add(shape=shape, count=count, infeasible=infeasible)
+            try:
+                reply = await gcs.ReportResources(report, timeout=10)
+                if reply.node_dead:
+                    log.error("the GCS has marked this node dead; exiting")
+                    self._stopping.set()
+                    return
+                now = time.monotonic()
+                if now - last > 1.0:
+                    last = now
+                    await self._refresh_nodes(gcs)
+            except grpc.RpcError as exc:
+                log.warning("cannot report resources to the GCS at %s: %s", self.args.gcs_address,
+                            exc.details() if hasattr(exc, "details") else exc)
+                await asyncio.sleep(0.5)
+            await asyncio.sleep(0.05)  # coalesce bursts of changes
+
+    async def _refresh_nodes(self, gcs) -> None:
+        nodes = await gcs.GetAllNodes(common_pb2.Empty(), timeout=10)
+        remote = {}
+        for n in nodes.nodes:
+            if n.alive and n.node_id != self.node_id:
+                remote[n.node_id] = RemoteNode(n.node_id, f"{n.node_ip}:{n.raylet_port}",
+                                               dict(n.resources_total), dict(n.resources_available))
+        self.sched.remote_nodes = remote
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def run(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._dirty = asyncio.Event()
+        self._stopping = asyncio.Event()
+        a = self.args
+        server = rpc.make_server(self.token)
+        raylet_pb2_grpc.add_RayletServicer_to_server(self, server)
+        self.port = rpc.bind(server, a.node_ip, a.port)
+        await server.start()
+        channel = rpc.aio_channel(a.gcs_address, self.token)
+        gcs = gcs_pb2_grpc.GcsStub(channel)
+        info = gcs_pb2.NodeInfo(
+            node_id=self.node_id, node_ip=a.node_ip, raylet_port=self.port,
+            store_port=int(a.store_address.rsplit(":", 1)[1]), resources_total=self.sched.total,
+            resources_available=self.sched.available, alive=True, hostname=os.uname().nodename,
+            session_dir=a.session_dir, is_head=a.is_head, start_time=time.time(),
+            raylet_pid=os.getpid(), object_store_memory=a.object_store_memory)
+        await gcs.RegisterNode(info, timeout=30)
+        for _ in range(max(0, a.prestart)):
+            self.sched.worker_starting()
+            self._start_worker()
+        component.announce_ready(a.ready_file, port=self.port, node_id=a.node_id)
+        log.info("raylet serving on %s:%s with resources %s", a.node_ip, self.port, self.sched.total)
+        component.install_stop_handler(lambda: self.loop.call_soon_threadsafe(self._stopping.set))
+        tasks = [asyncio.ensure_future(self._gcs_loop(gcs)),
+                 asyncio.ensure_future(self._reap_idle_workers())]
+        await self._stopping.wait()
+        log.info("raylet stopping")
+        for t in tasks:
+            t.cancel()
+        for c in list(self.clients.values()):
+            c.outbox.put_nowait(None)
+        await asyncio.to_thread(self.supervisor.close)
+        try:
+            await gcs.UnregisterNode(gcs_pb2.NodeId(node_id=self.node_id, reason="raylet stopped"),
+                                     timeout=2)
+        except grpc.RpcError:
+            pass
+        await server.stop(0.5)
+        await channel.close()
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="runtime.raylet")
+    p.add_argument("--node-id", required=True)
+    p.add_argument("--node-ip", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--gcs-address", required=True)
+    p.add_argument("--store-address", required=True)
+    p.add_argument("--session-dir", required=True)
+    p.add_argument("--resources", required=True, help="JSON: total resources of this node")
+    p.add_argument("--gpu-ids", default="")
+    p.add_argument("--object-store-memory", type=int, default=0)
+    p.add_argument("--prestart", type=int, default=1)
+    p.add_argument("--is-head", action="store_true")
+    p.add_argument("--ready-file", default="")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    token = component.token_from_env()
+    component.setup_logging("raylet", args.node_id)
+    component.die_with_parent()
+    asyncio.run(Raylet(args, token).run())
+
+
+if __name__ == "__main__":
+    main()

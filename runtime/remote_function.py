@@ -1,0 +1,110 @@
+"""RemoteFunction: what ``@runtime.remote`` makes of a function."""
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Callable, Dict, List, Optional, Union
+
+from runtime import ids
+from runtime.core_worker.submitter import PendingTask
+from runtime.core_worker.task_args import prepare_args
+from runtime.object_ref import ObjectRef
+from runtime.options import (default_max_retries, strategy_proto, task_resources,
+                             validate_task_options)
+from runtime.serialization import dumps_function
+
+
+class RemoteFunction:
+    """A function that runs as a task: call ``.remote(*args)``, not the function."""
+
+    def __init__(self, function: Callable, options: Optional[Dict[str, Any]] = None) -> None:
+        self._function = function
+        self._name = getattr(function, "__qualname__", getattr(function, "__name__", "task"))
+        self._options = validate_task_options(options or {})
+        self._blob: Optional[bytes] = None
+        self._function_id = b""
+        self._cache: Dict[Any, tuple] = {}
+        self.__doc__ = function.__doc__
+        self.__name__ = getattr(function, "__name__", self._name)
+        self.__wrapped__ = function
+
+    def __call__(self, *args, **kwargs):
+        raise TypeError(f"Remote functions cannot be called directly. Instead of running "
+                        f"'{self._name}()', try '{self._name}.remote()'.")
+
+    def __repr__(self) -> str:
+        return f"<RemoteFunction {self._name}>"
+
+    def __getstate__(self):
+        return {"_function": self._function, "_options": self._options}
+
+    def __setstate__(self, state):
+        self.__init__(state["_function"], state["_options"])
+
+    def options(self, **options) -> "_BoundOptions":
+        merged = dict(self._options)
+        merged.update(options)
+        return _BoundOptions(self, validate_task_options(merged))
+
+    def remote(self, *args, **kwargs) -> Union[ObjectRef, List[ObjectRef], None]:
+        return self._remote(args, kwargs, self._options)
+
+    def _export(self) -> None:
+        if self._blob is None:
+            blob = dumps_function(self._function)
+            self._function_id = hashlib.sha1(blob).digest()
+            self._blob = blob
+
+    def _remote(self, args: tuple, kwargs: dict, opts: Dict[str, Any]):
+        from runtime.api import _ensure_initialized
+
+        cw = _ensure_initialized()
+        self._export()
+        shape = self._cache.get(id(opts))
+        if shape is None or shape[0] is not opts:
+            resources = task_resources(opts)
+            strategy = strategy_proto(opts.get("scheduling_strategy"))
+            key = (self._function_id, tuple(sorted(resources.items())),
+                   strategy.SerializeToString())
+            shape = (opts, resources, strategy, key)
+            self._cache[id(opts)] = shape
+        _opts, resources, strategy, key = shape
+        num_returns = opts.get("num_returns")
+        num_returns = 1 if num_returns is None else num_returns
+        name = opts.get("name") or self._name
+        blob, slots, held = prepare_args(cw, self._function, name, args, kwargs)
+        task = PendingTask()
+        task.task_id = tid = ids.new_task_id()
+        task.function_id = self._function_id
+        task.function_blob = self._blob
+        task.name = name
+        task.args = blob
+        task.slot_refs = slots or None
+        task.arg_ids = held
+        task.return_ids = [ids.object_id_for_return(tid, i + 1) for i in range(num_returns)]
+        task.key = key
+        task.resources = resources
+        task.strategy = strategy
+        task.retries_left = default_max_retries(opts)
+        task.retry_exceptions = opts.get("retry_exceptions") or False
+        owner = cw.address
+        refs = [ObjectRef(oid, owner, cw) for oid in task.return_ids]
+        cw.submit(task)
+        if num_returns == 1:
+            return refs[0]
+        if num_returns == 0:
+            return None
+        return refs
+
+
+class _BoundOptions:
+    """``f.options(...)``: the same function with other options."""
+
+    def __init__(self, fn: RemoteFunction, opts: Dict[str, Any]) -> None:
+        self._fn = fn
+        self._opts = opts
+
+    def remote(self, *args, **kwargs):
+        return self._fn._remote(args, kwargs, self._opts)
+
+    def __call__(self, *args, **kwargs):
+        self._fn(*args, **kwargs)

@@ -1,0 +1,1 @@
+"""Worker processes: started by the raylet, run tasks pushed by core workers."""

@@ -1,0 +1,51 @@
+"""Entry point of a worker process (``python -m runtime.worker``), started by the raylet."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from runtime import component
+from runtime.core_worker.core_worker import WORKER, CoreWorker
+from runtime.core_worker.current import set_core_worker
+from runtime.core_worker.executor import Executor
+
+log = logging.getLogger("runtime.worker")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="runtime.worker")
+    p.add_argument("--raylet-address", required=True)
+    p.add_argument("--node-id", required=True)
+    p.add_argument("--node-ip", default="127.0.0.1")
+    p.add_argument("--store-address", required=True)
+    p.add_argument("--gcs-address", required=True)
+    p.add_argument("--session-dir", required=True)
+    p.add_argument("--startup-token", required=True)
+    p.add_argument("--worker-id", required=True)
+    args = p.parse_args(argv)
+    token = component.token_from_env()
+    component.setup_logging("worker", args.node_id)
+    component.die_with_parent()
+    cw = CoreWorker(mode=WORKER, node_id=bytes.fromhex(args.node_id), node_ip=args.node_ip,
+                    raylet_address=args.raylet_address, store_address=args.store_address,
+                    gcs_address=args.gcs_address, session_dir=args.session_dir, token=token,
+                    worker_id=bytes.fromhex(args.worker_id), startup_token=args.startup_token)
+    set_core_worker(cw)
+    executor = Executor(cw)
+    cw.executor = executor
+
+    def raylet_lost(reason: str) -> None:
+        log.info("exiting: %s", reason)
+        executor.request_exit()
+
+    cw.on_raylet_lost = raylet_lost
+    cw.start()
+    try:
+        executor.run_forever()
+    finally:
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

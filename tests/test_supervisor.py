@@ -1,0 +1,436 @@
+"""Tests for runtime.supervisor with real child processes.
+
+Every wait is a poll with a deadline; every process a test starts is accounted for
+by the ``no_leaked_children`` fixture, which kills and reports leftovers (a zombie
+counts as a leak: the supervisor must reap what it starts).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import psutil
+import pytest
+
+from runtime.supervisor import (
+    ComponentStartError,
+    ManagedProcess,
+    ProcessSpec,
+    ProcessState,
+    RestartPolicy,
+    Supervisor,
+    describe_exit,
+)
+
+REPO = str(Path(__file__).resolve().parent.parent)
+PARENT_PID_ENV = "RUNTIME_PARENT_PID"
+
+# A server-like child: optional SIGTERM behaviour, announces itself in the ready
+# file (argv[1]) with its pid and what it sees of its environment, then idles.
+SERVER = r"""
+import json, os, signal, sys, time
+path, mode = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else "")
+if mode == "ignore-term":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+elif mode == "graceful":
+    def on_term(signum, frame):
+        print("got SIGTERM, exiting cleanly", flush=True)
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, on_term)
+print("child serving", flush=True)
+info = {"pid": os.getpid(), "port": 4321,
+        "parent_env": os.environ.get("RUNTIME_PARENT_PID"), "extra": os.environ.get("EXTRA")}
+with open(path + ".tmp", "w") as fh:
+    json.dump(info, fh)
+os.replace(path + ".tmp", path)
+while True:
+    time.sleep(1)
+"""
+
+
+def wait_until(pred: Callable[[], object], timeout: float = 10.0, what: str = "condition"):
+    """Poll pred until it is truthy; fail with `what` after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+
+
+def wait_monitor_cycles(sup: Supervisor, n: int = 3) -> None:
+    """Wait until the monitor has run n more iterations (to check nothing happens)."""
+    for _ in range(n):
+        mark = sup.heartbeat()
+        wait_until(lambda: sup.heartbeat() > mark, 5.0, "a monitor iteration")
+
+
+def reaped(pid: int) -> bool:
+    """True if our child pid is gone *and* reaped (a zombie is not reaped)."""
+    try:
+        proc = psutil.Process(pid)
+        return proc.ppid() != os.getpid() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def dead(pid: int) -> bool:
+    """True if pid no longer runs (a zombie of someone else's counts as dead)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def server_spec(tmp_path: Path, name: str = "srv", mode: str = "", **kw) -> ProcessSpec:
+    return ProcessSpec(name=name, argv=[sys.executable, "-c", SERVER,
+                                        str(tmp_path / f"{name}.ready"), mode],
+                       log_path=str(tmp_path / "logs" / f"{name}.log"),
+                       ready_file=str(tmp_path / f"{name}.ready"), **kw)
+
+
+def script_spec(tmp_path: Path, name: str, code: str, **kw) -> ProcessSpec:
+    return ProcessSpec(name=name, argv=[sys.executable, "-c", code],
+                       log_path=str(tmp_path / "logs" / f"{name}.log"), **kw)
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_children():
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    yield
+    leaked = [p for p in me.children(recursive=True) if p.pid not in before]
+    for p in leaked:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(leaked, timeout=5)
+    assert not leaked, f"test left child processes behind: {leaked}"
+
+
+class Events:
+    """Thread-safe recorder for on_exit callbacks."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.items: list[tuple[str, int]] = []
+
+    def __call__(self, proc: ManagedProcess, rc: int) -> None:
+        with self.lock:
+            self.items.append((proc.spec.name, rc))
+
+    def list(self) -> list[tuple[str, int]]:
+        with self.lock:
+            return list(self.items)
+
+
+@pytest.fixture
+def events() -> Events:
+    return Events()
+
+
+@pytest.fixture
+def sup(events: Events):
+    s = Supervisor(on_exit=events, poll_interval=0.02)
+    yield s
+    s.close()
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def test_spawn_wait_ready(tmp_path: Path, sup: Supervisor) -> None:
+    spec = server_spec(tmp_path, env={"EXTRA": "from-spec"})
+    Path(spec.ready_file).write_text(json.dumps({"pid": 1, "port": 1}))  # stale
+    proc = sup.spawn(spec, wait_ready=10)
+
+    assert proc.state is ProcessState.RUNNING
+    assert proc.info["pid"] == proc.pid and proc.info["port"] == 4321
+    assert proc.info["parent_env"] == str(os.getpid())
+    assert proc.info["extra"] == "from-spec"
+    assert sup.get("srv") is proc and sup.processes() == [proc]
+
+    lines = proc.tail_log()
+    assert re.fullmatch(rf"=== srv started pid {proc.pid} at \S+ ===", lines[0]), lines
+    assert "child serving" in lines
+
+    snap = proc.snapshot()
+    assert snap["name"] == "srv" and snap["pid"] == proc.pid and snap["state"] == "running"
+    assert snap["restarts"] == 0 and snap["uptime"] >= 0 and snap["last_exit"] is None
+    json.dumps(snap)  # status RPCs send it as JSON
+    with pytest.raises(ValueError, match="already supervised"):
+        sup.spawn(spec)
+
+
+def test_exit_before_ready_raises_with_log_tail(tmp_path: Path, sup: Supervisor) -> None:
+    code = ("import sys; print('loading config', flush=True); "
+            "print('fatal: cannot bind port 1234', file=sys.stderr); sys.exit(3)")
+    spec = script_spec(tmp_path, "gcs", code, ready_file=str(tmp_path / "gcs.ready"))
+    with pytest.raises(ComponentStartError) as info:
+        sup.spawn(spec, wait_ready=10)
+    err = info.value
+    msg = str(err)
+    assert "gcs (pid " in msg and "exited before it was ready" in msg
+    assert "exit status 3" in msg and "fatal: cannot bind port 1234" in msg
+    assert err.returncode == 3 and reaped(err.pid)
+    assert sup.get("gcs") is None  # a failed start is forgotten
+
+
+def test_ready_timeout_stops_process(tmp_path: Path, sup: Supervisor) -> None:
+    spec = script_spec(tmp_path, "slow", "import time; time.sleep(60)",
+                       ready_file=str(tmp_path / "slow.ready"), stop_grace_s=2)
+    with pytest.raises(ComponentStartError, match="did not write its ready file") as info:
+        sup.spawn(spec, wait_ready=0.3)
+    assert reaped(info.value.pid)
+    assert sup.processes() == []
+
+
+def test_unexecutable_argv(tmp_path: Path, sup: Supervisor) -> None:
+    spec = ProcessSpec(name="bad", argv=[str(tmp_path / "no-such-binary")],
+                       log_path=str(tmp_path / "bad.log"))
+    with pytest.raises(ComponentStartError, match="bad could not be started"):
+        sup.spawn(spec)
+
+
+def test_stop_sigterm(tmp_path: Path, sup: Supervisor, events: Events) -> None:
+    proc = sup.spawn(server_spec(tmp_path, mode="graceful"), wait_ready=10)
+    pid = proc.pid
+    t0 = time.monotonic()
+    assert proc.stop(grace=5) == 0
+    assert time.monotonic() - t0 < 4  # the child's handler ran, no SIGKILL wait
+    assert reaped(pid) and proc.pid is None
+    assert proc.state is ProcessState.STOPPED and proc.last_exit == 0
+    assert "got SIGTERM, exiting cleanly" in proc.tail_log()
+    assert proc.stop() == 0  # idempotent
+    wait_monitor_cycles(sup)
+    assert events.list() == [] and proc.restarts == 0  # a requested stop is no crash
+
+
+def test_stop_sigkill_when_sigterm_ignored(tmp_path: Path, sup: Supervisor) -> None:
+    proc = sup.spawn(server_spec(tmp_path, mode="ignore-term",
+                                 restart=RestartPolicy(restart=True)), wait_ready=10)
+    pid = proc.pid
+    t0 = time.monotonic()
+    assert proc.stop(grace=0.3) == -signal.SIGKILL
+    assert time.monotonic() - t0 >= 0.3
+    assert reaped(pid) and proc.state is ProcessState.STOPPED
+    wait_monitor_cycles(sup)
+    assert proc.restarts == 0 and proc.state is ProcessState.STOPPED
+
+
+def test_restart_with_backoff_after_sigkill(tmp_path: Path, sup: Supervisor,
+                                            events: Events) -> None:
+    policy = RestartPolicy(restart=True, backoff_initial_s=0.05)
+    proc = sup.spawn(server_spec(tmp_path, restart=policy), wait_ready=10)
+    first = proc.pid
+    os.kill(first, signal.SIGKILL)
+    wait_until(lambda: proc.restarts == 1 and proc.state is ProcessState.RUNNING,
+               what="restart after SIGKILL")
+    assert proc.pid not in (None, first) and reaped(first)
+    assert proc.info["pid"] == proc.pid  # ready file of the new incarnation
+    assert proc.last_exit == -signal.SIGKILL
+    assert events.list() == [("srv", -signal.SIGKILL)]
+    log = Path(proc.spec.log_path).read_text()
+    assert log.count("=== srv started pid ") == 2
+
+    second = proc.pid
+    proc.kill()  # force-cancel path: reported and restarted like any crash
+    wait_until(lambda: proc.restarts == 2 and proc.state is ProcessState.RUNNING,
+               what="restart after kill()")
+    assert reaped(second)
+    assert events.list() == [("srv", -9), ("srv", -9)]
+
+
+def test_crash_loop_marks_failed(tmp_path: Path, sup: Supervisor, events: Events) -> None:
+    policy = RestartPolicy(restart=True, backoff_initial_s=0.01, backoff_max_s=0.02,
+                           crash_loop_failures=3, crash_loop_window_s=30)
+    spec = script_spec(tmp_path, "crasher",
+                       "import sys; print('crashing now', flush=True); sys.exit(1)",
+                       restart=policy)
+    proc = sup.spawn(spec)
+    wait_until(lambda: proc.state is ProcessState.FAILED, what="crash loop detection")
+    reason = proc.failure_reason
+    assert reason.startswith("crash loop: 3 exits in 30s; last exit status 1"), reason
+    assert "crashing now" in reason
+    assert proc.restarts == 2 and proc.pid is None
+    assert events.list() == [("crasher", 1)] * 3
+    wait_monitor_cycles(sup)
+    assert proc.restarts == 2  # no restart after FAILED
+
+
+def test_exit_without_restart_policy(tmp_path: Path, sup: Supervisor, events: Events) -> None:
+    ok = sup.spawn(script_spec(tmp_path, "ok", "print('done')"))
+    wait_until(lambda: ok.state is ProcessState.EXITED, what="clean exit")
+    assert ok.last_exit == 0 and ok.failure_reason == ""
+
+    victim = sup.spawn(server_spec(tmp_path, name="victim"), wait_ready=10)
+    victim.kill()
+    wait_until(lambda: victim.state is ProcessState.FAILED, what="killed process FAILED")
+    assert "victim killed by signal SIGKILL" in victim.failure_reason
+    assert "child serving" in victim.failure_reason
+    wait_until(lambda: len(events.list()) == 2, what="on_exit calls")
+    assert sorted(events.list()) == [("ok", 0), ("victim", -9)]
+
+
+def test_on_exit_exception_does_not_kill_monitor(tmp_path: Path) -> None:
+    seen: list[int] = []
+
+    def boom(proc: ManagedProcess, rc: int) -> None:
+        seen.append(rc)
+        raise RuntimeError("callback bug")
+
+    with Supervisor(on_exit=boom, poll_interval=0.02) as s:
+        a = s.spawn(script_spec(tmp_path, "a", "raise SystemExit(2)"))
+        wait_until(lambda: seen == [2], what="first callback")
+        b = s.spawn(script_spec(tmp_path, "b", "raise SystemExit(4)"))
+        wait_until(lambda: seen == [2, 4], what="second callback after a failing one")
+        assert a.state is b.state is ProcessState.FAILED
+        wait_monitor_cycles(s)
+
+
+def test_die_with_parent_env(tmp_path: Path, sup: Supervisor, monkeypatch) -> None:
+    # As inside a raylet: our own RUNTIME_PARENT_PID names the driver.
+    monkeypatch.setenv(PARENT_PID_ENV, "12345")
+    watched = sup.spawn(server_spec(tmp_path, name="watched"), wait_ready=10)
+    assert watched.info["parent_env"] == str(os.getpid())
+    free = sup.spawn(server_spec(tmp_path, name="free", die_with_parent=False), wait_ready=10)
+    assert free.info["parent_env"] is None
+
+
+def test_spawn_from_short_lived_thread_survives_thread_exit(tmp_path: Path,
+                                                            sup: Supervisor) -> None:
+    """PR_SET_PDEATHSIG follows the forking thread; children must outlive callers' threads."""
+    box: list[ManagedProcess] = []
+    t = threading.Thread(target=lambda: box.append(sup.spawn(server_spec(tmp_path),
+                                                             wait_ready=10)))
+    t.start()
+    t.join(15)
+    proc = box[0]
+    wait_monitor_cycles(sup, 5)
+    assert proc.poll() is None and proc.state is ProcessState.RUNNING
+
+
+def test_grandchild_dies_with_sigkilled_parent(tmp_path: Path) -> None:
+    report = tmp_path / "report.json"
+    middle_code = f"""
+import json, os, sys, time
+sys.path.insert(0, {REPO!r})
+from runtime.supervisor import ProcessSpec, Supervisor
+sup = Supervisor()
+proc = sup.spawn(ProcessSpec(name="grandchild",
+                             argv=[sys.executable, "-c", {SERVER!r}, {str(tmp_path / 'gc.ready')!r}],
+                             log_path={str(tmp_path / 'gc.log')!r},
+                             ready_file={str(tmp_path / 'gc.ready')!r}), wait_ready=10)
+with open({str(report) + '.tmp'!r}, "w") as fh:
+    json.dump({{"grandchild": proc.pid, "parent_env": proc.info["parent_env"]}}, fh)
+os.replace({str(report) + '.tmp'!r}, {str(report)!r})
+while True:
+    time.sleep(1)
+"""
+    with open(tmp_path / "middle.log", "ab") as log:
+        middle = subprocess.Popen([sys.executable, "-c", middle_code], stdout=log,
+                                  stderr=subprocess.STDOUT)
+    grandchild = None
+    try:
+        wait_until(lambda: report.exists() or middle.poll() is not None, 15, "middle's report")
+        assert report.exists(), (tmp_path / "middle.log").read_text()
+        data = json.loads(report.read_text())
+        grandchild = data["grandchild"]
+        assert data["parent_env"] == str(middle.pid)
+        assert not dead(grandchild)
+        middle.kill()
+        middle.wait(5)
+        wait_until(lambda: dead(grandchild), 5, "grandchild to die with its parent")
+    finally:
+        if middle.poll() is None:
+            middle.kill()
+            middle.wait(5)
+        if grandchild is not None and not dead(grandchild):
+            os.kill(grandchild, signal.SIGKILL)
+
+
+def test_log_rotation(tmp_path: Path) -> None:
+    log = tmp_path / "logs" / "rot.log"
+    log.parent.mkdir()
+    spec = ProcessSpec(name="rot", argv=[sys.executable, "-c", "print('run output')"],
+                       log_path=str(log), log_max_bytes=1000, log_backups=2)
+    proc = ManagedProcess(spec)
+    for i in range(1, 4):
+        with open(log, "a") as fh:
+            fh.write(f"round-{i}\n" * 200)  # > log_max_bytes
+        proc.start()
+        wait_until(lambda: proc.poll() is not None, what="short child to exit")
+    assert proc.state is ProcessState.EXITED
+    assert "round-" not in log.read_text() and "run output" in log.read_text()
+    assert log.read_text().startswith("=== rot started pid ")
+    assert "round-3" in Path(f"{log}.1").read_text()
+    assert "round-2" in Path(f"{log}.2").read_text()
+    assert not Path(f"{log}.3").exists()  # round-1 fell off (log_backups=2)
+    # A small log is appended to, not rotated.
+    proc.start()
+    wait_until(lambda: proc.poll() is not None, what="short child to exit")
+    assert log.read_text().count("=== rot started pid ") == 2
+
+
+def test_stop_all_leaves_no_child(tmp_path: Path, events: Events) -> None:
+    sup = Supervisor(on_exit=events, poll_interval=0.02)
+    try:
+        procs = [sup.spawn(server_spec(tmp_path, name="gcs", mode="graceful"), wait_ready=10),
+                 sup.spawn(server_spec(tmp_path, name="raylet", mode="ignore-term"),
+                           wait_ready=10),
+                 sup.spawn(server_spec(tmp_path, name="store", mode="ignore-term"),
+                           wait_ready=10)]
+        backoff = sup.spawn(script_spec(tmp_path, "flaky", "raise SystemExit(1)",
+                                        restart=RestartPolicy(restart=True,
+                                                              backoff_initial_s=30)))
+        wait_until(lambda: backoff.state is ProcessState.BACKOFF, what="BACKOFF")
+        pids = [p.pid for p in procs]
+
+        t0 = time.monotonic()
+        sup.stop_all(grace=0.5)
+        elapsed = time.monotonic() - t0
+        # One shared deadline: two SIGTERM-ignoring children cost one grace, not two.
+        assert 0.5 <= elapsed < 0.95, elapsed
+        assert all(reaped(pid) for pid in pids)
+        mine = {c.pid for c in psutil.Process().children(recursive=True)}
+        assert not mine & set(pids)
+        assert [p.state for p in procs] == [ProcessState.STOPPED] * 3
+        assert procs[0].last_exit == 0 and procs[1].last_exit == -9
+        assert backoff.state is ProcessState.STOPPED
+        wait_monitor_cycles(sup)
+        assert backoff.restarts == 0  # the pending restart was cancelled
+        assert events.list() == [("flaky", 1)]
+        sup.stop_all()  # idempotent
+    finally:
+        sup.close()
+    sup.close()  # idempotent
+    with pytest.raises(RuntimeError, match="closed"):
+        sup.spawn(server_spec(tmp_path, name="late"))
+
+
+def test_heartbeat_and_close(tmp_path: Path) -> None:
+    s = Supervisor(poll_interval=0.02)
+    proc = s.spawn(server_spec(tmp_path), wait_ready=10)
+    wait_monitor_cycles(s)
+    assert time.monotonic() - s.heartbeat() < 1.0
+    s.remove(proc)  # stops it first: never an unwatched child
+    assert s.processes() == [] and proc.state is ProcessState.STOPPED
+    s.close()
+    assert not s._thread.is_alive()
+
+
+def test_describe_exit() -> None:
+    assert describe_exit(0) == "exit status 0"
+    assert describe_exit(-9) == "killed by signal SIGKILL"
+    assert describe_exit(None) == "still running"
