@@ -3,9 +3,11 @@
 This module only re-exports; the implementation lives in the submodules.
 """
 from runtime._version import __version__
-from runtime import exceptions
-from runtime.api import (available_resources, cancel, cluster_resources, get, get_gpu_ids,
-                         get_runtime_context, init, is_initialized, nodes, put, shutdown, wait)
+from runtime import actor, exceptions, util
+from runtime.actor import ActorClass, ActorHandle
+from runtime.api import (available_resources, cancel, cluster_resources, get, get_actor,
+                         get_gpu_ids, get_runtime_context, init, is_initialized, kill, nodes, put,
+                         shutdown, wait)
 from runtime.object_ref import ObjectRef
 from runtime.remote import method, remote
 from runtime.remote_function import RemoteFunction
@@ -13,5 +15,6 @@ from runtime.remote_function import RemoteFunction
 __all__ = [
     "__version__", "exceptions", "init", "shutdown", "is_initialized", "remote", "method", "get",
     "put", "wait", "cancel", "nodes", "cluster_resources", "available_resources",
-    "get_runtime_context", "get_gpu_ids", "ObjectRef", "RemoteFunction",
+    "get_runtime_context", "get_gpu_ids", "ObjectRef", "RemoteFunction", "kill", "get_actor",
+    "actor", "util", "ActorClass", "ActorHandle",
 ]

@@ -1,14 +1,219 @@
-"""Actors (placeholder until the actors issue lands)."""
+"""Actors: ``@remote`` classes, their handles and methods.
+
+An actor lives in a worker process of its own, created and (if it dies)
+restarted by the GCS. Callers push method calls straight to that worker on a
+stream of their own, so calls from one caller run in submission order. A
+handle holds an ObjectRef to a per-actor *handle object* owned by the
+creator: the distributed reference counting of ObjectRefs then tells the
+creator when no handle is left anywhere, and the actor is destroyed (unless
+detached).
+"""
 from __future__ import annotations
+
+import hashlib
+import inspect
+from typing import Any, Dict, List, Optional
+
+from runtime import ids
+from runtime.object_ref import ObjectRef
+from runtime.options import strategy_proto, validate_task_options
+
+ACTOR_OPTIONS = {
+    "num_cpus", "num_gpus", "resources", "name", "namespace", "lifetime", "get_if_exists",
+    "max_restarts", "max_task_retries", "max_concurrency", "scheduling_strategy", "memory",
+    "runtime_env", "concurrency_groups", "max_pending_calls", "enable_task_events",
+    "accelerator_type", "label_selector", "_metadata", "placement_group",
+    "placement_group_bundle_index", "placement_group_capture_child_tasks", "object_store_memory",
+}
+METHOD_OPTIONS = {"num_returns", "name", "max_task_retries", "retry_exceptions",
+                  "concurrency_group", "enable_task_events", "_metadata"}
+
+
+class ActorExitRequested(BaseException):
+    """Raised by exit_actor(); caught by the worker, never seen by user code."""
+
+
+def exit_actor() -> None:
+    """End the current actor from inside one of its methods (no restart).
+
+    Calls already queued on the actor fail with ActorDiedError."""
+    from runtime.core_worker.current import core_worker_or_none
+
+    cw = core_worker_or_none()
+    if cw is None or not getattr(cw, "current_actor_id", None):
+        raise TypeError("exit_actor() called outside an actor method")
+    raise ActorExitRequested()
+
+
+def validate_actor_options(opts: Dict[str, Any]) -> Dict[str, Any]:
+    for key in opts:
+        if key not in ACTOR_OPTIONS:
+            raise ValueError(f"Invalid option keyword {key} for actors. Valid ones are "
+                             f"{sorted(ACTOR_OPTIONS)}.")
+    task_like = {k: v for k, v in opts.items()
+                 if k in ("num_cpus", "num_gpus", "resources", "scheduling_strategy", "memory",
+                          "runtime_env")}
+    validate_task_options(task_like)
+    lifetime = opts.get("lifetime")
+    if lifetime not in (None, "detached", "non_detached"):
+        raise ValueError("actor `lifetime` argument must be one of 'detached', 'non_detached' "
+                         "and 'None'.")
+    for key in ("max_restarts", "max_task_retries"):
+        v = opts.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < -1):
+            raise ValueError(f"The keyword '{key}' only accepts -1, 0 or a positive integer, "
+                             f"got {v!r}.")
+    mc = opts.get("max_concurrency")
+    if mc is not None and (not isinstance(mc, int) or isinstance(mc, bool) or mc < 1):
+        raise ValueError(f"max_concurrency must be a positive integer, got {mc!r}")
+    name = opts.get("name")
+    if name is not None and (not isinstance(name, str) or not name):
+        raise ValueError(f"Actor name must be a non-empty string, got {name!r}")
+    if opts.get("get_if_exists") and not name:
+        raise ValueError("The actor name must be specified to use `get_if_exists`.")
+    ns = opts.get("namespace")
+    if ns is not None and (not isinstance(ns, str) or not ns):
+        raise ValueError(f"namespace must be a non-empty string, got {ns!r}")
+    return dict(opts)
+
+
+def _method_names(cls: type) -> List[str]:
+    return [n for n, m in inspect.getmembers(cls, predicate=callable)
+            if not (n.startswith("__") and n.endswith("__")) or n == "__call__"]
+
+
+def _is_async(cls: type) -> bool:
+    return any(inspect.iscoroutinefunction(m) or inspect.isasyncgenfunction(m)
+               for _n, m in inspect.getmembers(cls, predicate=callable))
 
 
 class ActorClass:
-    def __init__(self, cls, options):
+    """What ``@remote`` makes of a class: ``Cls.remote(...)`` creates an actor."""
+
+    def __init__(self, cls: type, options: Optional[Dict[str, Any]] = None) -> None:
         self._cls = cls
+        self._name = cls.__qualname__
+        self._options = validate_actor_options(options or {})
+        self._blob: Optional[bytes] = None
+        self._class_id = b""
+        self._methods = _method_names(cls)
+        self._method_options = {n: getattr(getattr(cls, n), "__runtime_method_options__", {})
+                                for n in self._methods}
+        self._is_async = _is_async(cls)
+        self.__doc__ = cls.__doc__
+        self.__name__ = cls.__name__
+
+    def __call__(self, *args, **kwargs):
+        raise TypeError(f"Actors cannot be instantiated directly. Instead of '{self._name}()', "
+                        f"use '{self._name}.remote()'.")
+
+    def __repr__(self) -> str:
+        return f"<ActorClass {self._name}>"
+
+    def __getstate__(self):
+        return {"_cls": self._cls, "_options": self._options}
+
+    def __setstate__(self, state):
+        self.__init__(state["_cls"], state["_options"])
+
+    def options(self, **options) -> "_ActorClassOptions":
+        merged = dict(self._options)
+        merged.update(options)
+        return _ActorClassOptions(self, validate_actor_options(merged))
+
+    def remote(self, *args, **kwargs) -> "ActorHandle":
+        return self._remote(args, kwargs, self._options)
+
+    def bind(self, *args, **kwargs):
+        raise NotImplementedError("DAG building (bind) is not supported")
+
+    def _export(self) -> None:
+        if self._blob is None:
+            from runtime.serialization import dumps_function
+
+            self._blob = dumps_function(self._cls)
+            self._class_id = hashlib.sha1(self._blob).digest()
+
+    def _remote(self, args: tuple, kwargs: dict, opts: Dict[str, Any]) -> "ActorHandle":
+        from runtime.api import _ensure_initialized
+
+        cw = _ensure_initialized()
+        self._export()
+        return cw.actors.create(self, args, kwargs, opts)
+
+
+class _ActorClassOptions:
+    def __init__(self, actor_class: ActorClass, opts: Dict[str, Any]) -> None:
+        self._ac = actor_class
+        self._opts = opts
+
+    def remote(self, *args, **kwargs) -> "ActorHandle":
+        return self._ac._remote(args, kwargs, self._opts)
+
+
+class ActorHandle:
+    """A reference to an actor; picklable (pass it to tasks and other actors)."""
+
+    def __init__(self, actor_id: bytes, class_name: str, methods: List[str],
+                 method_options: Dict[str, dict], max_task_retries: int, is_async: bool,
+                 handle_ref: Optional[ObjectRef]) -> None:
+        self._actor_id = actor_id
+        self._class_name = class_name
+        self._methods = set(methods)
+        self._method_options = method_options
+        self._max_task_retries = max_task_retries
+        self._is_async = is_async
+        self._handle_ref = handle_ref  # keeps the actor in scope (see module docstring)
+
+    def __getattr__(self, name: str) -> "ActorMethod":
+        if name.startswith("_") and name not in self.__dict__.get("_methods", ()):
+            raise AttributeError(name)
+        if name not in self._methods:
+            raise AttributeError(f"'{self._class_name}' actor has no method '{name}'")
+        return ActorMethod(self, name, self._method_options.get(name) or {})
+
+    def __repr__(self) -> str:
+        return f"Actor({self._class_name}, {self._actor_id.hex()})"
+
+    def __hash__(self) -> int:
+        return hash(self._actor_id)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ActorHandle) and other._actor_id == self._actor_id
+
+    @property
+    def _ray_actor_id(self):
+        return self._actor_id
+
+    def __reduce__(self):
+        return (ActorHandle, (self._actor_id, self._class_name, sorted(self._methods),
+                              self._method_options, self._max_task_retries, self._is_async,
+                              self._handle_ref))
+
+
+class ActorMethod:
+    def __init__(self, handle: ActorHandle, name: str, options: Dict[str, Any]) -> None:
+        self._handle = handle
+        self._name = name
         self._options = options
 
-    def remote(self, *args, **kwargs):
-        raise NotImplementedError("actors are not implemented yet")
+    def __call__(self, *args, **kwargs):
+        raise TypeError(f"Actor methods cannot be called directly. Instead of running "
+                        f"'object.{self._name}()', try 'object.{self._name}.remote()'.")
 
-    def options(self, **kw):
-        return self
+    def options(self, **options) -> "ActorMethod":
+        for key in options:
+            if key not in METHOD_OPTIONS:
+                raise ValueError(f"Invalid option keyword {key} for actor methods. Valid ones "
+                                 f"are {sorted(METHOD_OPTIONS)}.")
+        merged = dict(self._options)
+        merged.update(options)
+        validate_task_options({k: v for k, v in merged.items()
+                               if k in ("num_returns", "name", "retry_exceptions")})
+        return ActorMethod(self._handle, self._name, merged)
+
+    def remote(self, *args, **kwargs):
+        from runtime.api import _ensure_initialized
+
+        cw = _ensure_initialized()
+        return cw.actors.call(self._handle, self._name, args, kwargs, self._options)

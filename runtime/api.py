@@ -370,3 +370,37 @@ def get_gpu_ids() -> List[int]:
     """GPU ids assigned to the current task (what CUDA_VISIBLE_DEVICES holds)."""
     cw = _ensure_initialized()
     return list(cw.current_gpu_ids)
+
+
+# -- actors ------------------------------------------------------------------------------------------
+def kill(actor: Any, *, no_restart: bool = True) -> None:
+    """Kill an actor; calls then raise ActorDiedError (with no_restart=False it may restart)."""
+    from runtime.actor import ActorHandle
+
+    if not isinstance(actor, ActorHandle):
+        raise ValueError(f"kill() only supports actors; for tasks use cancel(). Got {type(actor)}.")
+    cw = _ensure_initialized()
+    from runtime.protocol import gcs_pb2 as _g
+
+    req = _g.KillActorRequest(actor_id=actor._actor_id, no_restart=no_restart,
+                              reason="it was killed by kill()" + ("" if no_restart else
+                                                                  " (restart allowed)"))
+    cw.call(lambda: cw.actors.gcs().KillActor(req, timeout=30))
+
+
+def get_actor(name: str, namespace: Optional[str] = None) -> Any:
+    """The handle of the live named actor `name` in `namespace` (default: this job's)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError("Please supply a non-empty value to get_actor")
+    if namespace is not None and (not isinstance(namespace, str) or not namespace):
+        raise ValueError("namespace must be None or a non-empty string")
+    cw = _ensure_initialized()
+    ns = namespace or cw.namespace
+    req = gcs_pb2.GetActorRequest(name=name, namespace=ns)
+    reply = cw.call(lambda: cw.actors.gcs().GetActor(req, timeout=30))
+    if not reply.found or reply.actor.state == "DEAD":
+        raise ValueError(f"Failed to look up actor with name '{name}'. This could because 1. You "
+                         f"are trying to look up a named actor you didn't create. 2. The named "
+                         f"actor died. 3. You did not use a namespace matching the namespace of "
+                         f"the actor (looked in namespace {ns!r}).")
+    return cw.actors.handle_from_info(reply.actor)

@@ -32,7 +32,8 @@ class RuntimeContext:
         return tid.hex() if tid else None
 
     def get_actor_id(self) -> Optional[str]:
-        return None
+        aid = getattr(self._cw, "current_actor_id", None)
+        return aid.hex() if aid else None
 
     @property
     def namespace(self) -> str:

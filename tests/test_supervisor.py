@@ -264,6 +264,8 @@ def test_crash_loop_marks_failed(tmp_path: Path, sup: Supervisor, events: Events
     assert reason.startswith("crash loop: 3 exits in 30s; last exit status 1"), reason
     assert "crashing now" in reason
     assert proc.restarts == 2 and proc.pid is None
+    # on_exit runs after the state change, outside the lock: wait for the third call.
+    wait_until(lambda: len(events.list()) == 3, what="third on_exit call")
     assert events.list() == [("crasher", 1)] * 3
     wait_monitor_cycles(sup)
     assert proc.restarts == 2  # no restart after FAILED
@@ -398,10 +400,10 @@ def test_stop_all_leaves_no_child(tmp_path: Path, events: Events) -> None:
         pids = [p.pid for p in procs]
 
         t0 = time.monotonic()
-        sup.stop_all(grace=0.5)
+        sup.stop_all(grace=0.6)
         elapsed = time.monotonic() - t0
         # One shared deadline: two SIGTERM-ignoring children cost one grace, not two.
-        assert 0.5 <= elapsed < 0.95, elapsed
+        assert 0.6 <= elapsed < 1.15, elapsed
         assert all(reaped(pid) for pid in pids)
         mine = {c.pid for c in psutil.Process().children(recursive=True)}
         assert not mine & set(pids)

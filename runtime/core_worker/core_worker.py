@@ -41,6 +41,10 @@ WORKER = "worker"
 Owner = Tuple[str, int, bytes]
 
 
+async def _await(make):
+    return await make()
+
+
 class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
     def __init__(self, *, mode: str, node_id: bytes, node_ip: str, raylet_address: str,
                  store_address: str, gcs_address: str, session_dir: str, token: str,
@@ -74,6 +78,11 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         self._fetching: set = set()
         self._store_deletes: Dict[str, List[bytes]] = {}
         self.submitter = TaskSubmitter(self)
+        from runtime.core_worker.actor_submitter import ActorSubmitter
+
+        self.actors = ActorSubmitter(self)
+        self.current_actor_id: Optional[bytes] = None
+        self._exit_event: Optional[asyncio.Event] = None
         self.borrowers = BorrowerNotifier(self._owner_stub)
         self.raylet: RayletClient = None  # type: ignore[assignment]
         self.server: Optional[grpc.aio.Server] = None
@@ -94,6 +103,7 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         self.run(self._start(), timeout)
 
     async def _start(self) -> None:
+        self._exit_event = asyncio.Event()
         self.server = rpc.make_server(self.token)
         core_worker_pb2_grpc.add_CoreWorkerServicer_to_server(self, self.server)
         self.port = rpc.bind(self.server, self.node_ip, 0)
@@ -128,6 +138,8 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
 
     async def _shutdown(self) -> None:
         self.connected = False
+        if self._exit_event is not None:
+            self._exit_event.set()
         self.submitter.close()
         if self.raylet is not None:
             await self.raylet.close()
@@ -142,6 +154,10 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
     def run(self, coro, timeout: Optional[float] = None):
         """Run a coroutine on the loop from a user thread and wait for it."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def call(self, make: Callable[[], Any], timeout: Optional[float] = None):
+        """Make a gRPC call on the loop (calls and channels belong to the loop) and wait."""
+        return self.run(_await(make), timeout)
 
     def post(self, fn: Callable, *args) -> None:
         """Run fn(*args) on the loop soon; many posts share one wake-up."""
@@ -191,6 +207,10 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
 
     def _free_owned(self, oid: bytes) -> None:
         if oid in self.refs:  # re-referenced meanwhile (e.g. a late result)
+            return
+        if oid in self.actors.handle_objects:
+            self.memory.delete(oid)
+            self.actors.on_handle_freed(oid)
             return
         v = self.memory.delete(oid)
         if v is not None and v.in_store:
@@ -473,6 +493,10 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
     async def CancelTask(self, request, context):
         found = self.executor.cancel(request.task_id, request.force) if self.executor else False
         return core_worker_pb2.CancelReply(found=found)
+
+    async def WaitForExit(self, request, context):
+        await self._exit_event.wait()
+        return common_pb2.Empty()
 
     async def Exit(self, request, context):
         if self.executor is not None:

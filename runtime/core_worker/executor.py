@@ -9,6 +9,7 @@ acknowledged, so the owner never frees an object the worker still holds.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import queue
@@ -20,7 +21,8 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from runtime import config
 from runtime.core_worker.memory_store import Value
-from runtime.exceptions import RayTaskError, TaskCancelledError
+from runtime.actor import ActorExitRequested
+from runtime.exceptions import ActorDiedError, RayTaskError, TaskCancelledError
 from runtime.protocol import common_pb2, core_worker_pb2
 from runtime.serialization import (KIND_ERROR, NONE_BYTES, format_remote_traceback, loads_function,
                                    parse, serialize, serialize_error)
@@ -62,6 +64,13 @@ class Executor:
         self.queued_cancels: set = set()
         self._exit = False
         self._base_cuda = os.environ.get("CUDA_VISIBLE_DEVICES")
+        self.actor: Any = None
+        self.actor_loop: Optional[asyncio.AbstractEventLoop] = None
+        self.actor_pool = None
+        self.actor_semaphore: Optional[asyncio.Semaphore] = None
+        self.actor_limit = 1
+        self.creation_stream: Optional[_Stream] = None
+        self.creation_task_id = b""
 
     # -- loop thread ------------------------------------------------------------------------------
     async def serve_stream(self, request_iterator):
@@ -134,6 +143,8 @@ class Executor:
                 continue  # a cancel that arrived after its task finished
             if spec is None:
                 return
+            if self._dispatch_concurrent(spec, stream):
+                continue
             try:
                 result = self.execute(spec, stream)
             except KeyboardInterrupt:
@@ -150,22 +161,19 @@ class Executor:
         cw.current_task_id = spec.task_id
         try:
             try:
-                job = stream.job
-                if job is not None:
-                    cw.job_id = job.job_id
-                    cw.job_config = job
-                    if job.job_id not in self.jobs_applied:
-                        self._apply_job(job)
-                fn = self._function(spec)
-                args, kwargs = self._args(spec)
-                self._set_gpus(spec)
+                fn, args, kwargs = self._prepare(spec, stream)
                 value = fn(*args, **kwargs)
+                if spec.actor_creation:
+                    self._actor_created(spec, stream, value)
+                    value = None
                 returns = self._returns(spec, value)
                 app_error = False
             except KeyboardInterrupt:
                 if self.cancel_requested == spec.task_id:
                     return self._cancelled_result(spec)
                 raise
+            except ActorExitRequested:
+                return self._actor_exit(spec)
             except Exception as exc:
                 returns = self._error_returns(spec, exc)
                 app_error = True
@@ -176,6 +184,104 @@ class Executor:
         return common_pb2.TaskResult(task_id=spec.task_id, returns=returns, app_error=app_error,
                                      exec_seconds=time.perf_counter() - start,
                                      attempt=spec.attempt)
+
+    def _prepare(self, spec: common_pb2.TaskSpec, stream: _Stream):
+        """(callable, args, kwargs) for a task, an actor creation or an actor call."""
+        cw = self.cw
+        job = stream.job
+        if job is not None:
+            cw.job_id = job.job_id
+            cw.job_config = job
+            if job.job_id not in self.jobs_applied:
+                self._apply_job(job)
+        self._set_gpus(spec)
+        if spec.actor_id and not spec.actor_creation:
+            if self.actor is None or spec.actor_id != cw.current_actor_id:
+                raise RuntimeError(f"this worker does not host actor {spec.actor_id.hex()}")
+            method = getattr(self.actor, spec.method_name)
+            args, kwargs = self._args(spec)
+            return method, args, kwargs
+        fn = self._function(spec)
+        args, kwargs = self._args(spec)
+        if spec.actor_creation:
+            cw.current_actor_id = spec.actor_id
+            self.creation_stream = stream
+            self.creation_task_id = spec.task_id
+        return fn, args, kwargs
+
+    # -- actors ---------------------------------------------------------------------------------------
+    def _actor_created(self, spec: common_pb2.TaskSpec, stream: _Stream, instance: Any) -> None:
+        self.actor = instance
+        cls = type(instance)
+        is_async = any(inspect.iscoroutinefunction(m) for _n, m in inspect.getmembers(cls, callable))
+        limit = spec.max_concurrency or (1000 if is_async else 1)
+        if is_async:
+            loop = asyncio.new_event_loop()
+            self.actor_loop = loop
+            self.actor_semaphore = None
+            self.actor_limit = limit
+            threading.Thread(target=loop.run_forever, name="actor-loop", daemon=True).start()
+        elif limit > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.actor_pool = ThreadPoolExecutor(max_workers=limit, thread_name_prefix="actor")
+
+    def _dispatch_concurrent(self, spec: common_pb2.TaskSpec, stream: _Stream) -> bool:
+        """Run an actor call off the main thread when the actor is async or threaded."""
+        if not spec.actor_id or spec.actor_creation:
+            return False
+        if self.actor_loop is not None:
+            asyncio.run_coroutine_threadsafe(self._execute_async(spec, stream), self.actor_loop)
+            return True
+        if self.actor_pool is not None:
+            self.actor_pool.submit(self._execute_and_post, spec, stream)
+            return True
+        return False
+
+    def _execute_and_post(self, spec: common_pb2.TaskSpec, stream: _Stream) -> None:
+        result = self.execute(spec, stream)
+        self.cw.post(self._post_result, stream, result)
+
+    async def _execute_async(self, spec: common_pb2.TaskSpec, stream: _Stream) -> None:
+        if self.actor_semaphore is None:
+            self.actor_semaphore = asyncio.Semaphore(self.actor_limit)
+        async with self.actor_semaphore:
+            start = time.perf_counter()
+            self.cw.current_task_id = spec.task_id
+            try:
+                fn, args, kwargs = self._prepare(spec, stream)
+                value = fn(*args, **kwargs)
+                if inspect.isawaitable(value):
+                    value = await value
+                returns = self._returns(spec, value)
+                app_error = False
+            except ActorExitRequested:
+                self.cw.post(self._post_result, stream, self._actor_exit(spec))
+                return
+            except Exception as exc:
+                returns = self._error_returns(spec, exc)
+                app_error = True
+            result = common_pb2.TaskResult(task_id=spec.task_id, returns=returns,
+                                           app_error=app_error,
+                                           exec_seconds=time.perf_counter() - start,
+                                           attempt=spec.attempt)
+            self.cw.post(self._post_result, stream, result)
+
+    def _actor_exit(self, spec: common_pb2.TaskSpec) -> common_pb2.TaskResult:
+        """exit_actor(): fail this call, tell the GCS not to restart, then exit the process."""
+        reason = "the actor exited intentionally (exit_actor())"
+        err = ActorDiedError(f"The actor {spec.actor_id.hex()} is dead: {reason}",
+                             actor_id=spec.actor_id.hex())
+        data = serialize_error(err).to_bytes()
+        result = common_pb2.TaskResult(task_id=spec.task_id, app_error=True, returns=[
+            common_pb2.ObjectLocation(object_id=oid, inline_data=data, is_error=True, size=len(data))
+            for oid in spec.return_ids])
+        notice = common_pb2.TaskResult(task_id=self.creation_task_id or b"", actor_exit=True,
+                                       exit_reason=reason)
+        if self.creation_stream is not None:
+            self.cw.post(self._post_result, self.creation_stream, notice)
+        self.cw.post(self.cw.loop.call_later, 0.2, os._exit, 0)
+        return result
 
     def _apply_job(self, job: common_pb2.JobConfig) -> None:
         """Make the driver's importable modules importable here (Ray does the same)."""
@@ -277,7 +383,10 @@ class Executor:
         if isinstance(exc, RayTaskError):
             cause = exc.cause if exc.cause is not None else exc
         err = RayTaskError(spec.name or "task", format_remote_traceback(exc), cause,
-                           pid=os.getpid(), ip=self.cw.node_ip)
+                           pid=os.getpid(), ip=self.cw.node_ip,
+                           actor_repr=repr(self.actor) if spec.actor_id and self.actor is not None
+                           and not spec.actor_creation else None,
+                           actor_id=spec.actor_id.hex() if spec.actor_id else None)
         loc = self._store_value(spec.return_ids[0], err, spec.owner, kind_error=True) \
             if spec.return_ids else None
         out = []

@@ -27,7 +27,8 @@ import grpc
 from runtime import config
 from runtime.core_worker.memory_store import Value
 from runtime.exceptions import TaskCancelledError, TaskUnschedulableError, WorkerCrashedError
-from runtime.protocol import common_pb2, core_worker_pb2, core_worker_pb2_grpc, raylet_pb2
+from runtime.core_worker.worker_connection import WorkerConnection
+from runtime.protocol import common_pb2, core_worker_pb2, raylet_pb2
 from runtime.serialization import parse, serialize_error
 
 if TYPE_CHECKING:
@@ -87,64 +88,6 @@ class KeyState:
         self.warned = False
 
 
-class WorkerConnection:
-    """One PushTasks stream to one worker process, shared by the leases on it."""
-
-    def __init__(self, submitter: "TaskSubmitter", address: str, worker_id: bytes) -> None:
-        self.submitter = submitter
-        self.address = address
-        self.worker_id = worker_id
-        cw = submitter.cw
-        self.stub = core_worker_pb2_grpc.CoreWorkerStub(cw.channel(address))
-        self.inflight: Dict[bytes, PendingTask] = {}
-        self.functions_sent: set = set()
-        self.out: List[common_pb2.TaskSpec] = []
-        self._wake = asyncio.Event()
-        self._job_sent = False
-        self.dead = False
-        self.call = self.stub.PushTasks(self._requests())
-        self.reader = asyncio.ensure_future(self._read())
-
-    def send(self, spec: common_pb2.TaskSpec) -> None:
-        self.out.append(spec)
-        self._wake.set()
-
-    async def _requests(self):
-        cw = self.submitter.cw
-        while not self.dead:
-            await self._wake.wait()
-            self._wake.clear()
-            if self.dead:
-                return
-            batch = core_worker_pb2.TaskBatch(tasks=self.out)
-            self.out = []
-            if not self._job_sent:
-                self._job_sent = True
-                batch.job_config.CopyFrom(cw.job_config)
-            yield batch
-
-    async def _read(self) -> None:
-        error = "the worker's task stream ended"
-        try:
-            async for batch in self.call:
-                for result in batch.results:
-                    self.submitter.on_result(self, result)
-        except asyncio.CancelledError:
-            return
-        except grpc.RpcError as exc:
-            error = f"{exc.code().name}: {exc.details()}"
-        except Exception as exc:  # pragma: no cover - defensive
-            log.exception("error reading results from %s", self.address)
-            error = repr(exc)
-        self.submitter.on_connection_lost(self, error)
-
-    def close(self) -> None:
-        self.dead = True
-        self._wake.set()
-        self.reader.cancel()
-        self.call.cancel()
-
-
 class TaskSubmitter:
     def __init__(self, cw: "CoreWorker") -> None:
         self.cw = cw
@@ -186,7 +129,7 @@ class TaskSubmitter:
             if loc.is_error:
                 # A failed dependency fails this task with the same error, without running it.
                 err = Value.from_proto(loc)
-                self._finish(task, [err] * len(task.return_ids))
+                self.finish_task(task, [err] * len(task.return_ids))
                 return
         task.slot_refs = None
         self._enqueue(task)
@@ -260,7 +203,7 @@ class TaskSubmitter:
                         is_error=True)
             while ks.queue:
                 t = ks.queue.popleft()
-                self._finish(t, [err] * len(t.return_ids))
+                self.finish_task(t, [err] * len(t.return_ids))
             return
         if grant.retry_at:
             # Multi-node spillback: ask that node's raylet (cluster issue); meanwhile retry here.
@@ -271,7 +214,7 @@ class TaskSubmitter:
         conn = self.connections.get(grant.worker.worker_id)
         if conn is None or conn.dead:
             conn = self.connections[grant.worker.worker_id] = WorkerConnection(
-                self, addr, grant.worker.worker_id)
+                self, self.cw.channel(addr), addr, grant.worker.worker_id, self.cw.job_config)
         lease = LeaseState(grant.lease_id, ks, conn, list(grant.gpu_ids))
         ks.leases.append(lease)
         self._pump(ks)
@@ -338,7 +281,7 @@ class TaskSubmitter:
                     self.cw.refs.add_contained(loc.object_id, [
                         (c.object_id, (c.owner.ip, c.owner.port, c.owner.worker_id))
                         for c in loc.contained])
-            self._finish(task, values, result.returns)
+            self.finish_task(task, values, result.returns)
         if lease is not None and not lease.dead:
             self._pump(lease.key)
 
@@ -365,7 +308,7 @@ class TaskSubmitter:
         ks.queue.appendleft(task)
         self._pump(ks)
 
-    def _finish(self, task: PendingTask, values: List[Value], locs=None) -> None:
+    def finish_task(self, task: PendingTask, values: List[Value], locs=None) -> None:
         cw = self.cw
         task.state = "FINISHED"
         self.tasks.pop(task.task_id, None)
@@ -398,7 +341,7 @@ class TaskSubmitter:
             if task.cancelled:
                 err = Value(serialize_error(TaskCancelledError(task.task_id.hex())).to_bytes(),
                             is_error=True)
-                self._finish(task, [err] * len(task.return_ids))
+                self.finish_task(task, [err] * len(task.return_ids))
             elif task.retries_left != 0:
                 task.retries_left -= 1 if task.retries_left > 0 else 0
                 task.attempt += 1
@@ -410,7 +353,7 @@ class TaskSubmitter:
                        f"the task has no retries left (max_retries). Check the worker's log in "
                        f"{self.cw.session_dir}/logs for the reason (e.g. a segfault or os._exit).")
                 err = Value(serialize_error(WorkerCrashedError(msg)).to_bytes(), is_error=True)
-                self._finish(task, [err] * len(task.return_ids))
+                self.finish_task(task, [err] * len(task.return_ids))
         for ks in self.keys.values():
             if id(ks) in touched:
                 self._pump(ks)
@@ -426,7 +369,7 @@ class TaskSubmitter:
             ks = self.keys.get(task.key)
             if ks is not None and task in ks.queue:
                 ks.queue.remove(task)
-            self._finish(task, [err] * len(task.return_ids))
+            self.finish_task(task, [err] * len(task.return_ids))
             return True
         if force:
             self.cw.raylet.return_lease(task.lease.lease_id, kill_worker=True)

@@ -10,17 +10,20 @@ import argparse
 import asyncio
 import logging
 import time
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 from runtime import component, config, rpc
+from runtime.gcs.actor_manager import ActorManager
 from runtime.protocol import common_pb2, gcs_pb2, gcs_pb2_grpc
 
 log = logging.getLogger("runtime.gcs")
 
 
 class Gcs(gcs_pb2_grpc.GcsServicer):
-    def __init__(self, cluster_id: str) -> None:
+    def __init__(self, cluster_id: str, token: str = "") -> None:
         self.cluster_id = cluster_id
+        self.token = token
+        self.actor_manager: Optional[ActorManager] = None
         self.nodes: Dict[bytes, gcs_pb2.NodeInfo] = {}
         self.pending: Dict[bytes, list] = {}
         self.jobs: Dict[bytes, gcs_pb2.JobInfo] = {}
@@ -125,9 +128,25 @@ class Gcs(gcs_pb2_grpc.GcsServicer):
     async def KvDel(self, request, context):
         return gcs_pb2.KvReply(found=self.kv.pop((request.ns, request.key), None) is not None)
 
+    # -- actors --------------------------------------------------------------------------------
+    async def RegisterActor(self, request, context):
+        return await self.actor_manager.register(request)
+
+    async def GetActor(self, request, context):
+        return await self.actor_manager.get(request)
+
+    async def KillActor(self, request, context):
+        await self.actor_manager.kill(request)
+        return common_pb2.Empty()
+
+    async def ListActors(self, request, context):
+        return self.actor_manager.list()
+
     # -- lifecycle ------------------------------------------------------------------------------
     async def run(self, host: str, port: int, token: str, ready_file: str) -> None:
         self._stopping = asyncio.Event()
+        self.token = token
+        self.actor_manager = ActorManager(self)
         server = rpc.make_server(token)
         gcs_pb2_grpc.add_GcsServicer_to_server(self, server)
         bound = rpc.bind(server, host, port)
@@ -153,7 +172,7 @@ def main(argv=None) -> None:
     token = component.token_from_env()
     component.setup_logging("gcs", args.cluster_id or "head")
     component.die_with_parent()
-    asyncio.run(Gcs(args.cluster_id).run(args.host, args.port, token, args.ready_file))
+    asyncio.run(Gcs(args.cluster_id, token).run(args.host, args.port, token, args.ready_file))
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ class PendingRequest:
     soft: bool = False
     grant_or_reject: bool = False
     name: str = ""
+    hold: Optional[Resources] = None  # held while leased, when it differs from `resources`
     since: float = field(default_factory=time.monotonic)
     warned: bool = False
 
@@ -210,6 +211,9 @@ class Scheduler:
     def schedule(self) -> list:
         actions: list = []
         need_workers = 0
+        # Resources that requests waiting for a starting worker will take: without
+        # this, every queued request would ask for a worker of its own.
+        spoken_for: Resources = {}
         for key, req in list(self.pending.items()):
             target = self._placement(req)
             if isinstance(target, Reject):
@@ -228,15 +232,20 @@ class Scheduler:
             if not fits(self.available, req.resources):
                 continue
             if not self.idle:
-                need_workers += 1
+                free = dict(self.available)
+                subtract(free, spoken_for)
+                if fits(free, req.resources):
+                    add(spoken_for, req.resources)
+                    need_workers += 1
                 continue
-            gpu_ids = self.gpus.allocate(req.resources.get("GPU", 0.0))
+            held = req.resources if req.hold is None else req.hold
+            gpu_ids = self.gpus.allocate(held.get("GPU", 0.0))
             if gpu_ids is None:
                 continue
             worker = self.workers[self.idle.pop()]
             lease = Lease(next(self._lease_ids), req.client, req.request_id, worker.worker_id,
-                          dict(req.resources), gpu_ids)
-            subtract(self.available, req.resources)
+                          dict(held), gpu_ids)
+            subtract(self.available, held)
             self.leases[lease.lease_id] = lease
             worker.lease_id = lease.lease_id
             del self.pending[key]

@@ -95,7 +95,7 @@ class Raylet(raylet_pb2_grpc.RayletServicer):
             s = r.strategy
             self.sched.request_lease(PendingRequest(
                 client.cid, r.request_id, dict(r.resources), s.kind or "DEFAULT", s.node_id, s.soft,
-                r.grant_or_reject, r.function_name))
+                r.grant_or_reject, r.function_name, dict(r.hold) if r.hold_differs else None))
         elif kind == "return_lease":
             lease = self.sched.leases.get(msg.return_lease.lease_id)
             if msg.return_lease.kill_worker and lease is not None:

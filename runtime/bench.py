@@ -1,0 +1,133 @@
+"""``python -m runtime.bench``: the runtime's own benchmark, one line per figure.
+
+Measures what the runtime-core issue names: init time, first-task time, sync
+task latency, async task throughput, small put/get rates, 100 MB put/get
+throughput, idle cluster RSS and RSS after N (default 100k) tasks. Cluster
+RSS is the sum over the driver's descendant processes (the private cluster),
+driver excluded, as ../shared/bench/microbench.py counts it.
+
+For the side-by-side comparison with Ray use ../shared/bench/microbench.py
+(see docs/benchmarks.md); this module is the quick local check.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import psutil
+
+MiB = 1024 * 1024
+
+
+def cluster_rss_mb() -> float:
+    total = 0
+    for p in psutil.Process().children(recursive=True):
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total / MiB
+
+
+def settle(seconds: float = 2.0, limit: float = 20.0) -> None:
+    """Wait until the set of cluster processes stops changing."""
+    last, since, start = None, time.monotonic(), time.monotonic()
+    while time.monotonic() - start < limit:
+        pids = frozenset(p.pid for p in psutil.Process().children(recursive=True))
+        if pids != last:
+            last, since = pids, time.monotonic()
+        elif time.monotonic() - since >= seconds:
+            return
+        time.sleep(0.2)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m runtime.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--num-cpus", type=int, default=2)
+    p.add_argument("--tasks", type=int, default=100_000, help="tasks before the second RSS sample")
+    p.add_argument("--json", default="", help="also write the figures to this file")
+    args = p.parse_args(argv)
+
+    import numpy as np
+
+    out = {}
+
+    def emit(name, value, unit):
+        out[name] = value
+        print(f"{name:28s} {value:12.4g} {unit}", flush=True)
+
+    t0 = time.perf_counter()
+    import runtime as ray
+
+    ray.init(num_cpus=args.num_cpus)
+    emit("init_s", time.perf_counter() - t0, "s")
+
+    @ray.remote
+    def noop():
+        return None
+
+    t0 = time.perf_counter()
+    ray.get(noop.remote())
+    emit("first_task_s", time.perf_counter() - t0, "s")
+
+    settle()
+    emit("idle_cluster_rss_mb", cluster_rss_mb(), "MB")
+
+    lat = []
+    for _ in range(1000):
+        t0 = time.perf_counter()
+        ray.get(noop.remote())
+        lat.append(time.perf_counter() - t0)
+    emit("task_latency_ms", 1e3 * statistics.median(lat), "ms")
+
+    rates = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        ray.get([noop.remote() for _ in range(5000)])
+        rates.append(5000 / (time.perf_counter() - t0))
+    emit("tasks_per_s", statistics.median(rates), "tasks/s")
+
+    t0 = time.perf_counter()
+    refs = [ray.put(i) for i in range(5000)]
+    emit("put_small_per_s", 5000 / (time.perf_counter() - t0), "puts/s")
+    t0 = time.perf_counter()
+    for r in refs:
+        ray.get(r)
+    emit("get_small_per_s", 5000 / (time.perf_counter() - t0), "gets/s")
+    del refs
+
+    arr = np.ones(100 * MiB // 8)
+    puts, gets = [], []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        ref = ray.put(arr)
+        t1 = time.perf_counter()
+        view = ray.get(ref)
+        gets.append(time.perf_counter() - t1)
+        puts.append(t1 - t0)
+        del ref, view
+    emit("put_100mb_gbps", 0.1048576 / statistics.median(puts), "GB/s")
+    emit("get_100mb_gbps", 0.1048576 / statistics.median(gets), "GB/s")
+
+    done = 0
+    t0 = time.perf_counter()
+    while done < args.tasks:
+        k = min(1000, args.tasks - done)
+        ray.get([noop.remote() for _ in range(k)])
+        done += k
+    emit("tasks_per_s_long_run", args.tasks / (time.perf_counter() - t0), "tasks/s")
+    settle()
+    emit("rss_after_tasks_mb", cluster_rss_mb(), "MB")
+    out["tasks_in_long_run"] = args.tasks
+    ray.shutdown()
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(out, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,321 @@
+"""The caller's side of actors: creating them (through the GCS) and calling them.
+
+Each (caller, actor) pair has one ordered queue and, while the actor is alive,
+one PushTasks stream to the actor's worker: calls go out in submission order,
+several per message. When the stream breaks the caller asks the GCS what
+became of the actor (restarting, or dead and why) and either resends calls
+that still have retries (max_task_retries) or fails them with the reason.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional
+
+import grpc
+
+from runtime import ids
+from runtime.actor import ActorClass, ActorHandle
+from runtime.core_worker.memory_store import Value
+from runtime.core_worker.submitter import PendingTask
+from runtime.core_worker.task_args import prepare_args
+from runtime.core_worker.worker_connection import WorkerConnection
+from runtime.exceptions import ActorDiedError, RayActorError
+from runtime.object_ref import ObjectRef
+from runtime.options import strategy_proto, task_resources
+from runtime.protocol import common_pb2, gcs_pb2, gcs_pb2_grpc
+from runtime.serialization import NONE_BYTES, parse, serialize_error
+
+if TYPE_CHECKING:
+    from runtime.core_worker.core_worker import CoreWorker
+
+log = logging.getLogger("runtime.core_worker")
+HANDLE_INDEX = b"\xff\xff\xff\xff"
+
+
+def handle_object_id(actor_id: bytes) -> bytes:
+    return actor_id + bytes(ids.TASK_ID_SIZE - len(actor_id)) + HANDLE_INDEX
+
+
+class _Actor:
+    __slots__ = ("actor_id", "state", "version", "conn", "queue", "limbo", "death", "watching",
+                 "address")
+
+    def __init__(self, actor_id: bytes) -> None:
+        self.actor_id = actor_id
+        self.state = "PENDING_CREATION"
+        self.version = 0
+        self.conn: Optional[WorkerConnection] = None
+        self.queue: Deque[PendingTask] = deque()
+        self.limbo: List[PendingTask] = []   # in flight when the stream broke
+        self.death: Optional[Value] = None
+        self.watching = False
+        self.address = ""
+
+
+class ActorSubmitter:
+    def __init__(self, cw: "CoreWorker") -> None:
+        self.cw = cw
+        self.actors: Dict[bytes, _Actor] = {}
+        self.handle_objects: Dict[bytes, tuple] = {}  # handle oid -> (actor_id, detached, pinned)
+
+    def gcs(self) -> gcs_pb2_grpc.GcsStub:
+        return gcs_pb2_grpc.GcsStub(self.cw.channel(self.cw.gcs_address))
+
+    # -- creation (user thread) ------------------------------------------------------------------
+    def create(self, ac: ActorClass, args: tuple, kwargs: dict, opts: Dict[str, Any]) -> ActorHandle:
+        cw = self.cw
+        actor_id = ids.random_id(ids.ACTOR_ID_SIZE)
+        others = task_resources({k: v for k, v in opts.items() if k != "num_cpus"})
+        others.pop("CPU", None)
+        if opts.get("num_cpus") is not None:
+            place = dict(others)
+            if opts["num_cpus"]:
+                place["CPU"] = float(opts["num_cpus"])
+            hold = dict(place)
+        else:  # Ray's default: 1 CPU to place the actor, none held while it lives
+            place = dict(others, CPU=1.0)
+            hold = dict(others)
+        blob, slots, held = prepare_args(cw, getattr(ac._cls, "__init__", ac._cls), ac._name,
+                                         args, kwargs)
+        arg_values = []
+        if slots:
+            cw._block_until(slots, len(slots), None)
+            arg_values = [cw.memory.get(r._id).to_proto(r._id) for r in slots]
+        namespace = opts.get("namespace") or cw.namespace
+        detached = opts.get("lifetime") == "detached"
+        max_task_retries = opts.get("max_task_retries") or 0
+        spec = gcs_pb2.ActorSpec(
+            actor_id=actor_id, job_id=cw.job_id, class_name=ac._name, class_blob=ac._blob,
+            class_id=ac._class_id, args=blob, arg_values=arg_values, owner=cw.address_proto,
+            name=opts.get("name") or "", namespace=namespace, detached=detached,
+            get_if_exists=bool(opts.get("get_if_exists")),
+            max_restarts=opts.get("max_restarts") or 0,
+            max_concurrency=opts.get("max_concurrency") or (1000 if ac._is_async else 1),
+            placement_resources=place, hold_resources=hold,
+            strategy=strategy_proto(opts.get("scheduling_strategy")), job_config=cw.job_config,
+            is_async=ac._is_async, method_names=ac._methods, max_task_retries=max_task_retries)
+        reply = cw.call(lambda: self.gcs().RegisterActor(spec, timeout=30))
+        if not reply.ok:
+            if reply.HasField("existing"):
+                return self.handle_from_info(reply.existing, ac)
+            raise ValueError(reply.error)
+        hoid = handle_object_id(actor_id)
+        pinned = (list(slots), held)
+        if held:
+            cw.refs.add_submitted(held)
+        handle_ref = ObjectRef(hoid, cw.address, cw)
+        cw.memory._values[hoid] = Value(NONE_BYTES, size=len(NONE_BYTES))
+        self.handle_objects[hoid] = (actor_id, detached, pinned)
+        return ActorHandle(actor_id, ac._name, ac._methods, ac._method_options, max_task_retries,
+                           ac._is_async, handle_ref)
+
+    def handle_from_info(self, info: gcs_pb2.ActorInfo, ac: Optional[ActorClass] = None) -> ActorHandle:
+        methods = list(info.method_names)
+        method_options = ac._method_options if ac is not None else {}
+        return ActorHandle(info.actor_id, info.class_name, methods, method_options,
+                           info.max_task_retries, info.is_async, None)
+
+    def on_handle_freed(self, hoid: bytes) -> None:
+        """Loop thread: no handle to the actor is left anywhere; destroy it unless detached."""
+        actor_id, detached, (slots, held) = self.handle_objects.pop(hoid)
+        if held:
+            self.cw.refs.remove_submitted(held)
+        if not detached:
+            asyncio.ensure_future(self._kill(actor_id, True, "all handles to the actor went out "
+                                                            "of scope"))
+
+    async def _kill(self, actor_id: bytes, no_restart: bool, reason: str) -> None:
+        try:
+            await self.gcs().KillActor(gcs_pb2.KillActorRequest(
+                actor_id=actor_id, no_restart=no_restart, reason=reason), timeout=10)
+        except grpc.RpcError as exc:
+            log.debug("KillActor failed: %s", exc)
+
+    # -- calls (user thread) ------------------------------------------------------------------------
+    def call(self, handle: ActorHandle, method: str, args: tuple, kwargs: dict,
+             opts: Dict[str, Any]):
+        cw = self.cw
+        num_returns = opts.get("num_returns")
+        num_returns = 1 if num_returns is None else num_returns
+        name = f"{handle._class_name}.{method}"
+        blob, slots, held = prepare_args(cw, None, name, args, kwargs)
+        task = PendingTask()
+        task.task_id = tid = ids.new_task_id()
+        task.actor_id = handle._actor_id
+        task.method_name = method
+        task.function_id = b""
+        task.function_blob = b""
+        task.name = name
+        task.args = blob
+        task.slot_refs = slots or None
+        task.arg_ids = held
+        task.return_ids = [ids.object_id_for_return(tid, i + 1) for i in range(num_returns)]
+        task.key = None
+        mtr = opts.get("max_task_retries")
+        task.retries_left = handle._max_task_retries if mtr is None else mtr
+        task.retry_exceptions = opts.get("retry_exceptions") or False
+        refs = [ObjectRef(oid, cw.address, cw) for oid in task.return_ids]
+        if held:
+            cw.refs.add_submitted(held)
+        cw.post(self._submit, task)
+        if num_returns == 1:
+            return refs[0]
+        return None if num_returns == 0 else refs
+
+    # -- loop thread ----------------------------------------------------------------------------------
+    def _actor(self, actor_id: bytes) -> _Actor:
+        a = self.actors.get(actor_id)
+        if a is None:
+            a = self.actors[actor_id] = _Actor(actor_id)
+        return a
+
+    def _submit(self, task: PendingTask) -> None:
+        a = self._actor(task.actor_id)
+        self.cw.submitter.tasks[task.task_id] = task
+        if a.death is not None:
+            self.cw.submitter.finish_task(task, [a.death] * len(task.return_ids))
+            return
+        if task.slot_refs:
+            task.waiting = len(task.slot_refs)
+            task.arg_values = [None] * len(task.slot_refs)  # type: ignore[list-item]
+
+            def make_cb(i: int):
+                def cb(oid: bytes, value: Value) -> None:
+                    task.arg_values[i] = value.to_proto(oid)
+                    task.waiting -= 1
+                    if task.waiting == 0:
+                        self._pump(a)
+                return cb
+
+            for i, ref in enumerate(task.slot_refs):
+                self.cw.wait_for_value(ref, make_cb(i))
+        a.queue.append(task)
+        self._pump(a)
+
+    def _pump(self, a: _Actor) -> None:
+        if a.conn is None or a.conn.dead:
+            self._watch(a)
+            return
+        while a.queue:
+            task = a.queue[0]
+            if task.cancelled:
+                a.queue.popleft()
+                continue
+            if task.waiting:
+                break  # keep submission order: later calls wait for this one's arguments
+            a.queue.popleft()
+            for loc in task.arg_values:
+                if loc.is_error:
+                    self.cw.submitter.finish_task(task, [Value.from_proto(loc)] * len(task.return_ids))
+                    break
+            else:
+                self._send(a, task)
+
+    def _send(self, a: _Actor, task: PendingTask) -> None:
+        conn = a.conn
+        spec = common_pb2.TaskSpec(
+            task_id=task.task_id, job_id=self.cw.job_id, name=task.name, args=task.args,
+            return_ids=task.return_ids, owner=self.cw.address_proto, attempt=task.attempt,
+            actor_id=task.actor_id, method_name=task.method_name,
+            parent_task_id=self.cw.current_task_id or b"")
+        if task.arg_values:
+            spec.arg_values.extend(task.arg_values)
+        task.conn = conn
+        task.state = "SUBMITTED_TO_WORKER"
+        conn.inflight[task.task_id] = task
+        conn.send(spec)
+
+    def _watch(self, a: _Actor) -> None:
+        if not a.watching and a.death is None:
+            a.watching = True
+            asyncio.ensure_future(self._watch_loop(a))
+
+    async def _watch_loop(self, a: _Actor) -> None:
+        try:
+            while True:
+                try:
+                    reply = await self.gcs().GetActor(gcs_pb2.GetActorRequest(
+                        actor_id=a.actor_id, newer_than=a.version, timeout_s=30.0), timeout=60)
+                except grpc.RpcError as exc:
+                    if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                        continue
+                    self._dead(a, f"the GCS is unreachable ({exc.code().name})", b"")
+                    return
+                if not reply.found:
+                    self._dead(a, "the actor is unknown to the GCS", b"")
+                    return
+                info = reply.actor
+                a.version = info.version
+                a.state = info.state
+                if info.state == "DEAD":
+                    self._dead(a, info.death_cause, info.death_error)
+                    return
+                if info.state == "ALIVE":
+                    addr = f"{info.address.ip}:{info.address.port}"
+                    a.address = addr
+                    a.conn = WorkerConnection(self, self.cw.channel(addr), addr,
+                                              info.address.worker_id, self.cw.job_config)
+                    self._resend_limbo(a)
+                    self._pump(a)
+                    return
+        finally:
+            a.watching = False
+
+    def _resend_limbo(self, a: _Actor) -> None:
+        limbo, a.limbo = a.limbo, []
+        failed = []
+        for task in reversed(limbo):
+            if task.retries_left != 0:
+                task.retries_left -= 1 if task.retries_left > 0 else 0
+                task.attempt += 1
+                a.queue.appendleft(task)
+            else:
+                failed.append(task)
+        for task in reversed(failed):
+            err = RayActorError(
+                f"The actor {a.actor_id.hex()} died unexpectedly before finishing this call "
+                f"({task.name}); it was restarted, but the call has no retries left "
+                f"(max_task_retries).", actor_id=a.actor_id.hex())
+            v = Value(serialize_error(err).to_bytes(), is_error=True)
+            self.cw.submitter.finish_task(task, [v] * len(task.return_ids))
+
+    def _dead(self, a: _Actor, cause: str, error: bytes) -> None:
+        original = None
+        if error:
+            try:
+                _k, original = parse(error)
+                original = getattr(original, "cause", None) or original
+            except Exception:
+                original = None
+        err = ActorDiedError(f"The actor {a.actor_id.hex()} is dead: {cause}",
+                             actor_id=a.actor_id.hex(), cause=original)
+        a.death = Value(serialize_error(err).to_bytes(), is_error=True)
+        a.state = "DEAD"
+        pending = a.limbo + list(a.queue)
+        a.limbo, a.queue = [], deque()
+        for task in pending:
+            self.cw.submitter.finish_task(task, [a.death] * len(task.return_ids))
+
+    # -- WorkerConnection handler -----------------------------------------------------------------------
+    def on_result(self, conn: WorkerConnection, result: common_pb2.TaskResult) -> None:
+        task = conn.inflight.pop(result.task_id, None)
+        if task is None:
+            return
+        values = [Value.from_proto(loc) for loc in result.returns]
+        for loc in result.returns:
+            if loc.contained:
+                self.cw.refs.add_contained(loc.object_id, [
+                    (c.object_id, (c.owner.ip, c.owner.port, c.owner.worker_id))
+                    for c in loc.contained])
+        self.cw.submitter.finish_task(task, values)
+
+    def on_connection_lost(self, conn: WorkerConnection, error: str) -> None:
+        conn.dead = True
+        for a in self.actors.values():
+            if a.conn is conn:
+                a.conn = None
+                a.limbo.extend(conn.inflight.values())
+                conn.inflight.clear()
+                self._watch(a)

@@ -1,0 +1,77 @@
+"""One PushTasks stream to one worker process.
+
+Tasks are appended to an outbox and written as batches (everything queued
+since the last write goes in one message); results are read and handed to the
+handler. Used by task submission (leased workers), actor calls (the actor's
+worker) and the GCS (actor creation).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Dict, List
+
+import grpc
+
+from runtime.protocol import common_pb2, core_worker_pb2, core_worker_pb2_grpc
+
+log = logging.getLogger("runtime.core_worker")
+
+
+class WorkerConnection:
+    """One PushTasks stream to one worker process, shared by the leases on it."""
+
+    def __init__(self, handler, channel, address: str, worker_id: bytes,
+                 job_config: common_pb2.JobConfig) -> None:
+        """handler.on_result(conn, result) / handler.on_connection_lost(conn, error)."""
+        self.handler = handler
+        self.address = address
+        self.worker_id = worker_id
+        self.job_config = job_config
+        self.stub = core_worker_pb2_grpc.CoreWorkerStub(channel)
+        self.inflight: Dict[bytes, object] = {}
+        self.functions_sent: set = set()
+        self.out: List[common_pb2.TaskSpec] = []
+        self._wake = asyncio.Event()
+        self._job_sent = False
+        self.dead = False
+        self.call = self.stub.PushTasks(self._requests())
+        self.reader = asyncio.ensure_future(self._read())
+
+    def send(self, spec: common_pb2.TaskSpec) -> None:
+        self.out.append(spec)
+        self._wake.set()
+
+    async def _requests(self):
+        while not self.dead:
+            await self._wake.wait()
+            self._wake.clear()
+            if self.dead:
+                return
+            batch = core_worker_pb2.TaskBatch(tasks=self.out)
+            self.out = []
+            if not self._job_sent:
+                self._job_sent = True
+                batch.job_config.CopyFrom(self.job_config)
+            yield batch
+
+    async def _read(self) -> None:
+        error = "the worker's task stream ended"
+        try:
+            async for batch in self.call:
+                for result in batch.results:
+                    self.handler.on_result(self, result)
+        except asyncio.CancelledError:
+            return
+        except grpc.RpcError as exc:
+            error = f"{exc.code().name}: {exc.details()}"
+        except Exception as exc:  # pragma: no cover - defensive
+            log.exception("error reading results from %s", self.address)
+            error = repr(exc)
+        self.handler.on_connection_lost(self, error)
+
+    def close(self) -> None:
+        self.dead = True
+        self._wake.set()
+        self.reader.cancel()
+        self.call.cancel()

@@ -1,0 +1,357 @@
+"""Actor lifecycle in the GCS: register, place, create, watch, restart, kill.
+
+The GCS leases a worker for each actor from a raylet (it is a lease client
+like any driver, on the raylet's Connect stream), pushes the creation task on
+a PushTasks stream and keeps that stream open for the actor's life: when it
+breaks, the actor's process is gone, and the actor is restarted (max_restarts)
+or marked DEAD with the reason. Owners are watched with a WaitForExit call
+that fails when the owner exits, which ends its non-detached actors.
+
+States (Ray's): PENDING_CREATION -> ALIVE <-> RESTARTING -> DEAD.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+from typing import Dict, Optional, Tuple
+
+import grpc
+
+from runtime import ids, rpc
+from runtime.core_worker.raylet_client import RayletClient
+from runtime.core_worker.worker_connection import WorkerConnection
+from runtime.protocol import (common_pb2, core_worker_pb2_grpc, gcs_pb2, raylet_pb2)
+from runtime.raylet.resources import describe, missing
+
+log = logging.getLogger("runtime.gcs.actors")
+
+
+class _RayletLink:
+    """The GCS's lease-client connection to one raylet."""
+
+    def __init__(self, manager: "ActorManager", node: gcs_pb2.NodeInfo) -> None:
+        self.node_id = node.node_id
+        self.address = f"{node.node_ip}:{node.raylet_port}"
+        self.pending: Dict[int, asyncio.Future] = {}
+        self.warnings: Dict[int, str] = {}
+        self.client = RayletClient(manager.channel(self.address), self._on_grant, self._on_lost)
+        self.ready: Optional[asyncio.Task] = None
+        self.manager = manager
+
+    async def connect(self) -> None:
+        await self.client.connect(raylet_pb2.RegisterClient(
+            worker_id=self.manager.gcs_worker_id, is_driver=True, pid=os.getpid(), port=0))
+
+    def _on_grant(self, grant: raylet_pb2.LeaseGrant) -> None:
+        if grant.message and not grant.lease_id and not grant.rejected and not grant.retry_at:
+            self.warnings[grant.request_id] = grant.message
+            self.manager.on_pending_reason(grant.request_id, grant.message)
+            return
+        fut = self.pending.pop(grant.request_id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(grant)
+        elif grant.lease_id:
+            self.client.return_lease(grant.lease_id)
+
+    def _on_lost(self, reason: str) -> None:
+        for fut in self.pending.values():
+            if not fut.done():
+                fut.set_exception(ConnectionError(reason))
+        self.pending.clear()
+        self.manager.links.pop(self.node_id, None)
+
+
+class _Actor:
+    def __init__(self, spec: gcs_pb2.ActorSpec) -> None:
+        self.spec = spec
+        self.info = gcs_pb2.ActorInfo(
+            actor_id=spec.actor_id, state="PENDING_CREATION", class_name=spec.class_name,
+            name=spec.name, namespace=spec.namespace, job_id=spec.job_id,
+            max_restarts=spec.max_restarts, detached=spec.detached, owner=spec.owner,
+            method_names=spec.method_names, is_async=spec.is_async,
+            max_task_retries=spec.max_task_retries, start_time=time.time(),
+            resources=spec.hold_resources)
+        self.changed = asyncio.Event()
+        self.conn: Optional[WorkerConnection] = None
+        self.lease: Optional[Tuple[_RayletLink, int]] = None
+        self.request: Optional[Tuple[_RayletLink, int]] = None
+        self.kill: Optional[Tuple[bool, str]] = None
+        self.creating: Optional[asyncio.Task] = None
+
+
+class ActorManager:
+    def __init__(self, gcs) -> None:
+        self.gcs = gcs
+        self.token = gcs.token
+        self.gcs_worker_id = ids.random_id(ids.WORKER_ID_SIZE)
+        self.actors: Dict[bytes, _Actor] = {}
+        self.names: Dict[Tuple[str, str], bytes] = {}
+        self.links: Dict[bytes, _RayletLink] = {}
+        self.by_conn: Dict[int, _Actor] = {}
+        self.by_request: Dict[int, _Actor] = {}
+        self.owner_watch: Dict[bytes, asyncio.Task] = {}
+        self._channels: Dict[str, grpc.aio.Channel] = {}
+        self._request_ids = itertools.count(1)
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        ch = self._channels.get(address)
+        if ch is None:
+            ch = self._channels[address] = rpc.aio_channel(address, self.token)
+        return ch
+
+    # -- RPCs ----------------------------------------------------------------------------------------
+    async def register(self, spec: gcs_pb2.ActorSpec) -> gcs_pb2.RegisterActorReply:
+        if spec.name:
+            key = (spec.namespace, spec.name)
+            holder = self.actors.get(self.names.get(key, b""))
+            if holder is not None and holder.info.state != "DEAD":
+                if spec.get_if_exists:
+                    return gcs_pb2.RegisterActorReply(ok=False, existing=holder.info)
+                return gcs_pb2.RegisterActorReply(ok=False, error=(
+                    f"The name {spec.name} (namespace={spec.namespace}) is already taken by actor "
+                    f"{holder.info.actor_id.hex()} (class {holder.info.class_name}, job "
+                    f"{holder.info.job_id.hex()}, state {holder.info.state}). Pick another name, "
+                    f"use get_if_exists=True, or kill that actor first."))
+            self.names[key] = spec.actor_id
+        actor = _Actor(spec)
+        self.actors[spec.actor_id] = actor
+        if not spec.detached and spec.owner.port:
+            self._watch_owner(spec.owner)
+        actor.creating = asyncio.ensure_future(self._create(actor))
+        log.info("actor %s (%s%s) registered", spec.actor_id.hex()[:8], spec.class_name,
+                 f", name {spec.name!r}" if spec.name else "")
+        return gcs_pb2.RegisterActorReply(ok=True)
+
+    async def get(self, req: gcs_pb2.GetActorRequest) -> gcs_pb2.GetActorReply:
+        actor = self.actors.get(req.actor_id) if req.actor_id else \
+            self.actors.get(self.names.get((req.namespace, req.name), b""))
+        if actor is None or (req.name and actor.info.state == "DEAD" and not req.actor_id):
+            return gcs_pb2.GetActorReply(found=False)
+        if req.newer_than and actor.info.version <= req.newer_than:
+            try:
+                await asyncio.wait_for(actor.changed.wait(), req.timeout_s or 30.0)
+            except asyncio.TimeoutError:
+                pass
+        return gcs_pb2.GetActorReply(found=True, actor=actor.info)
+
+    async def kill(self, req: gcs_pb2.KillActorRequest) -> None:
+        actor = self.actors.get(req.actor_id)
+        if actor is None or actor.info.state == "DEAD":
+            return
+        reason = req.reason or "it was killed by kill()"
+        actor.kill = (req.no_restart, reason)
+        if req.no_restart:
+            self._set_dead(actor, reason)
+        if actor.lease is not None:
+            link, lease_id = actor.lease
+            link.client.return_lease(lease_id, kill_worker=True)
+        elif req.no_restart and actor.request is not None:
+            link, rid = actor.request
+            link.client.cancel_request(rid)
+            fut = link.pending.pop(rid, None)
+            if fut is not None and not fut.done():
+                fut.cancel()
+
+    def list(self) -> gcs_pb2.ActorList:
+        return gcs_pb2.ActorList(actors=[a.info for a in self.actors.values()])
+
+    # -- state changes ---------------------------------------------------------------------------------
+    def _changed(self, actor: _Actor) -> None:
+        actor.info.version += 1
+        ev, actor.changed = actor.changed, asyncio.Event()
+        ev.set()
+
+    def _set_dead(self, actor: _Actor, cause: str, error: bytes = b"") -> None:
+        if actor.info.state == "DEAD":
+            return
+        actor.info.state = "DEAD"
+        actor.info.death_cause = cause
+        if error:
+            actor.info.death_error = error
+        actor.info.end_time = time.time()
+        if actor.spec.name and self.names.get((actor.spec.namespace, actor.spec.name)) == actor.spec.actor_id:
+            del self.names[(actor.spec.namespace, actor.spec.name)]
+        log.info("actor %s (%s) is dead: %s", actor.spec.actor_id.hex()[:8], actor.spec.class_name,
+                 cause)
+        self._changed(actor)
+
+    def on_pending_reason(self, request_id: int, message: str) -> None:
+        actor = self.by_request.get(request_id)
+        if actor is not None:
+            actor.info.pending_reason = message
+            self._changed(actor)
+
+    # -- placement and creation ---------------------------------------------------------------------------
+    def _pick_node(self, actor: _Actor) -> Optional[gcs_pb2.NodeInfo]:
+        nodes = [n for n in self.gcs.nodes.values() if n.alive]
+        if not nodes:
+            return None
+        s = actor.spec.strategy
+        if s.kind == "NODE_AFFINITY" and s.node_id:
+            for n in nodes:
+                if n.node_id == s.node_id:
+                    return n
+            if not s.soft:
+                return None
+        place = dict(actor.spec.placement_resources)
+        owner_node = actor.spec.owner.node_id
+        ranked = sorted(nodes, key=lambda n: (n.node_id != owner_node,
+                                              -n.resources_available.get("CPU", 0.0)))
+        for n in ranked:
+            if not missing(dict(n.resources_total), place):
+                return n
+        return ranked[0]  # infeasible everywhere: wait there (the raylet explains why)
+
+    async def _link(self, node: gcs_pb2.NodeInfo) -> _RayletLink:
+        link = self.links.get(node.node_id)
+        if link is None:
+            link = self.links[node.node_id] = _RayletLink(self, node)
+            link.ready = asyncio.ensure_future(link.connect())
+        await link.ready
+        return link
+
+    async def _create(self, actor: _Actor) -> None:
+        spec = actor.spec
+        try:
+            while actor.info.state != "DEAD":
+                node = self._pick_node(actor)
+                if node is None:
+                    s = spec.strategy
+                    self._set_dead(actor, f"cannot be scheduled: NodeAffinitySchedulingStrategy "
+                                          f"names node {s.node_id.hex()} which is not alive "
+                                          f"(soft=False)")
+                    return
+                link = await self._link(node)
+                rid = next(self._request_ids)
+                fut = asyncio.get_running_loop().create_future()
+                link.pending[rid] = fut
+                actor.request = (link, rid)
+                self.by_request[rid] = actor
+                link.client.request_lease(raylet_pb2.LeaseRequest(
+                    request_id=rid, resources=spec.placement_resources, strategy=spec.strategy,
+                    function_name=f"actor {spec.class_name}", is_actor=True, hold_differs=True,
+                    hold=spec.hold_resources, job_id=spec.job_id))
+                try:
+                    grant = await fut
+                except asyncio.CancelledError:
+                    return
+                except ConnectionError as exc:
+                    log.warning("raylet %s lost while placing actor %s: %s", link.address,
+                                spec.actor_id.hex()[:8], exc)
+                    continue
+                finally:
+                    actor.request = None
+                    self.by_request.pop(rid, None)
+                if grant.rejected:
+                    self._set_dead(actor, f"cannot be scheduled: {grant.message}")
+                    return
+                if grant.retry_at:
+                    continue
+                if actor.info.state == "DEAD":
+                    link.client.return_lease(grant.lease_id, kill_worker=True)
+                    return
+                self._start_creation(actor, link, node, grant)
+                return
+        except Exception:
+            log.exception("creating actor %s failed", spec.actor_id.hex()[:8])
+            self._set_dead(actor, "internal error while creating it (see gcs.log)")
+
+    def _start_creation(self, actor: _Actor, link: _RayletLink, node: gcs_pb2.NodeInfo,
+                        grant: raylet_pb2.LeaseGrant) -> None:
+        spec = actor.spec
+        addr = f"{grant.worker.ip}:{grant.worker.port}"
+        conn = WorkerConnection(self, self.channel(addr), addr, grant.worker.worker_id,
+                                spec.job_config)
+        actor.conn = conn
+        actor.lease = (link, grant.lease_id)
+        self.by_conn[id(conn)] = actor
+        info = actor.info
+        info.address.CopyFrom(grant.worker)
+        info.pid = grant.worker_pid
+        info.node_id = node.node_id
+        info.pending_reason = ""
+        task_id = ids.new_task_id()
+        conn.inflight[task_id] = actor
+        conn.send(common_pb2.TaskSpec(
+            task_id=task_id, job_id=spec.job_id, function_id=spec.class_id,
+            function_blob=spec.class_blob, name=f"{spec.class_name}.__init__", args=spec.args,
+            arg_values=spec.arg_values, return_ids=[ids.object_id_for_return(task_id, 1)],
+            owner=spec.owner, actor_id=spec.actor_id, actor_creation=True,
+            max_concurrency=spec.max_concurrency, gpu_ids=grant.gpu_ids))
+
+    # -- WorkerConnection handler ----------------------------------------------------------------------
+    def on_result(self, conn: WorkerConnection, result: common_pb2.TaskResult) -> None:
+        actor = self.by_conn.get(id(conn))
+        conn.inflight.pop(result.task_id, None)
+        if actor is None:
+            return
+        if result.actor_exit:
+            actor.kill = (True, result.exit_reason or "it exited")
+            self._set_dead(actor, result.exit_reason or "it exited")
+            return
+        if result.app_error:
+            data = result.returns[0].inline_data if result.returns else b""
+            self._set_dead(actor, f"its constructor ({actor.spec.class_name}.__init__) raised an "
+                                  f"exception", data)
+            if actor.lease is not None:
+                link, lease_id = actor.lease
+                link.client.return_lease(lease_id, kill_worker=True)
+            return
+        if actor.info.state != "DEAD":
+            actor.info.state = "ALIVE"
+            log.info("actor %s (%s) is alive in pid %s at %s", actor.spec.actor_id.hex()[:8],
+                     actor.spec.class_name, actor.info.pid, conn.address)
+            self._changed(actor)
+
+    def on_connection_lost(self, conn: WorkerConnection, error: str) -> None:
+        actor = self.by_conn.pop(id(conn), None)
+        conn.dead = True
+        if actor is None:
+            return
+        actor.conn = None
+        actor.lease = None
+        if actor.info.state == "DEAD":
+            return
+        if actor.kill is not None and actor.kill[0]:
+            self._set_dead(actor, actor.kill[1])
+            return
+        info = actor.info
+        cause = (f"its worker process (pid {info.pid}) died ({error})" if actor.kill is None
+                 else f"it was killed ({actor.kill[1]})")
+        actor.kill = None
+        if info.max_restarts == -1 or info.num_restarts < info.max_restarts:
+            info.num_restarts += 1
+            info.state = "RESTARTING"
+            log.warning("actor %s (%s): %s; restarting (%d/%s)", info.actor_id.hex()[:8],
+                        info.class_name, cause, info.num_restarts,
+                        "inf" if info.max_restarts == -1 else info.max_restarts)
+            self._changed(actor)
+            actor.creating = asyncio.ensure_future(self._create(actor))
+        else:
+            self._set_dead(actor, f"{cause}; no restarts left (max_restarts={info.max_restarts})")
+
+    # -- owners -------------------------------------------------------------------------------------------
+    def _watch_owner(self, owner: common_pb2.Address) -> None:
+        if owner.worker_id in self.owner_watch:
+            return
+        self.owner_watch[owner.worker_id] = asyncio.ensure_future(self._owner_loop(owner))
+
+    async def _owner_loop(self, owner: common_pb2.Address) -> None:
+        stub = core_worker_pb2_grpc.CoreWorkerStub(self.channel(f"{owner.ip}:{owner.port}"))
+        try:
+            await stub.WaitForExit(common_pb2.Empty())
+            why = "exited"
+        except grpc.RpcError as exc:
+            why = f"exited ({exc.code().name})"
+        finally:
+            self.owner_watch.pop(owner.worker_id, None)
+        for actor in list(self.actors.values()):
+            if (actor.spec.owner.worker_id == owner.worker_id and not actor.spec.detached
+                    and actor.info.state != "DEAD"):
+                await self.kill(gcs_pb2.KillActorRequest(
+                    actor_id=actor.spec.actor_id, no_restart=True,
+                    reason=f"its owner (the process at {owner.ip}:{owner.port} that created it) "
+                           f"{why}"))
