@@ -29,8 +29,10 @@ PIPELINE_DEPTH: int = _env("PIPELINE_DEPTH", 16)
 # An idle lease is returned to the raylet after this long without work
 # (it is returned at once if the raylet asks for it).
 LEASE_IDLE_RETURN_S: float = _env("LEASE_IDLE_RETURN_S", 0.2)
+# Workers started with the node (one per CPU up to this many); more start on demand.
+PRESTART_MAX_WORKERS: int = _env("PRESTART_MAX_WORKERS", 8)
 # Idle task workers above the node's CPU count are stopped after this long.
-IDLE_WORKER_KILL_S: float = _env("IDLE_WORKER_KILL_S", 10.0)
+IDLE_WORKER_KILL_S: float = _env("IDLE_WORKER_KILL_S", 1.0)
 # How often a raylet reports its resources to the GCS, and when the GCS calls
 # a silent node dead.
 RESOURCE_REPORT_INTERVAL_S: float = _env("RESOURCE_REPORT_INTERVAL_S", 0.5)

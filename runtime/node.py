@@ -35,7 +35,7 @@ class NodeConfig:
     object_store_memory: Optional[int] = None
     session_dir: str = ""
     token: str = ""
-    prestart_workers: int = 1
+    prestart_workers: Optional[int] = None  # default: one per CPU, up to PRESTART_MAX_WORKERS
     labels: Dict[str, str] = field(default_factory=dict)
 
 
@@ -134,10 +134,15 @@ class Node:
              "--store-address", self.store_address, "--resources", json.dumps(self.resources),
              "--gpu-ids", ",".join(str(i) for i in self.gpu_ids),
              "--object-store-memory", str(int(self.resources["object_store_memory"])),
-             "--prestart", str(cfg.prestart_workers)] + (["--is-head"] if cfg.head else [])))
+             "--prestart", str(self._prestart())] + (["--is-head"] if cfg.head else [])))
         info = raylet.wait_ready(timeout)
         self.raylet_address = f"{cfg.node_ip}:{info['port']}"
         self.pids["raylet"] = raylet.pid
+
+    def _prestart(self) -> int:
+        if self.cfg.prestart_workers is not None:
+            return self.cfg.prestart_workers
+        return max(1, min(int(self.resources.get("CPU", 1)), config.PRESTART_MAX_WORKERS))
 
     def address_info(self) -> dict:
         return {"node_ip_address": self.cfg.node_ip, "gcs_address": self.gcs_address,

@@ -118,84 +118,58 @@ def bind(server: grpc.aio.Server, host: str, port: int) -> int:
     return bound
 
 
-class _AuthMetadata:
-    """Adds the token to every call of a channel (all four call shapes)."""
+class _AuthCallable:
+    """A multi-callable that adds the token to the call's metadata."""
 
-    def __init__(self, token: str) -> None:
+    __slots__ = ("_inner", "_md")
+
+    def __init__(self, inner: Any, md: tuple) -> None:
+        self._inner = inner
+        self._md = md
+
+    def __call__(self, *args, metadata=None, **kwargs):
+        return self._inner(*args, metadata=tuple(metadata or ()) + self._md, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+class AuthChannel:
+    """Wraps a grpc (or grpc.aio) channel so every call carries the cluster token.
+
+    Metadata is added directly rather than by client interceptors: interceptors
+    wrap streaming calls in extra tasks and generators that misbehave when a
+    stream is cancelled, and they cost time on every unary call.
+    """
+
+    def __init__(self, channel: Any, token: str) -> None:
+        self._channel = channel
         self._md = ((_HEADER, f"Bearer {token}"),)
 
+    def unary_unary(self, *args, **kwargs):
+        return _AuthCallable(self._channel.unary_unary(*args, **kwargs), self._md)
 
-def _with_md(details, md):
-    return grpc.aio.ClientCallDetails(details.method, details.timeout, md, details.credentials,
-                                      details.wait_for_ready)
+    def unary_stream(self, *args, **kwargs):
+        return _AuthCallable(self._channel.unary_stream(*args, **kwargs), self._md)
 
+    def stream_unary(self, *args, **kwargs):
+        return _AuthCallable(self._channel.stream_unary(*args, **kwargs), self._md)
 
-class _AioUU(_AuthMetadata, grpc.aio.UnaryUnaryClientInterceptor):
-    async def intercept_unary_unary(self, continuation, details, request):
-        return await continuation(_with_md(details, tuple(details.metadata or ()) + self._md), request)
+    def stream_stream(self, *args, **kwargs):
+        return _AuthCallable(self._channel.stream_stream(*args, **kwargs), self._md)
 
-
-class _AioUS(_AuthMetadata, grpc.aio.UnaryStreamClientInterceptor):
-    async def intercept_unary_stream(self, continuation, details, request):
-        return await continuation(_with_md(details, tuple(details.metadata or ()) + self._md), request)
-
-
-class _AioSU(_AuthMetadata, grpc.aio.StreamUnaryClientInterceptor):
-    async def intercept_stream_unary(self, continuation, details, request_iterator):
-        return await continuation(_with_md(details, tuple(details.metadata or ()) + self._md),
-                                  request_iterator)
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._channel, name)
 
 
-class _AioSS(_AuthMetadata, grpc.aio.StreamStreamClientInterceptor):
-    async def intercept_stream_stream(self, continuation, details, request_iterator):
-        return await continuation(_with_md(details, tuple(details.metadata or ()) + self._md),
-                                  request_iterator)
+def aio_channel(address: str, token: str) -> AuthChannel:
+    """An asyncio channel whose every call carries the cluster token (create it on its loop)."""
+    return AuthChannel(grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS), token)
 
 
-def aio_channel(address: str, token: str) -> grpc.aio.Channel:
-    """An asyncio channel whose every call carries the cluster token."""
-    interceptors = [_AioUU(token), _AioUS(token), _AioSU(token), _AioSS(token)]
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=interceptors)
-
-
-class _SyncAuth(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-                grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
-    def __init__(self, token: str) -> None:
-        self._md = ((_HEADER, f"Bearer {token}"),)
-
-    def _d(self, details):
-        return _SyncDetails(details.method, details.timeout,
-                            tuple(details.metadata or ()) + self._md, details.credentials,
-                            getattr(details, "wait_for_ready", None),
-                            getattr(details, "compression", None))
-
-    def intercept_unary_unary(self, continuation, details, request):
-        return continuation(self._d(details), request)
-
-    def intercept_unary_stream(self, continuation, details, request):
-        return continuation(self._d(details), request)
-
-    def intercept_stream_unary(self, continuation, details, request_iterator):
-        return continuation(self._d(details), request_iterator)
-
-    def intercept_stream_stream(self, continuation, details, request_iterator):
-        return continuation(self._d(details), request_iterator)
-
-
-class _SyncDetails(grpc.ClientCallDetails):
-    def __init__(self, method, timeout, metadata, credentials, wait_for_ready, compression):
-        self.method = method
-        self.timeout = timeout
-        self.metadata = metadata
-        self.credentials = credentials
-        self.wait_for_ready = wait_for_ready
-        self.compression = compression
-
-
-def sync_channel(address: str, token: str) -> grpc.Channel:
+def sync_channel(address: str, token: str) -> AuthChannel:
     """A blocking channel whose every call carries the cluster token (CLIs, tests)."""
-    return grpc.intercept_channel(grpc.insecure_channel(address, options=CHANNEL_OPTIONS),
-                                  _SyncAuth(token))
+    return AuthChannel(grpc.insecure_channel(address, options=CHANNEL_OPTIONS), token)
 
 
 def is_auth_error(exc: BaseException) -> bool:

@@ -298,6 +298,12 @@ class ActorSubmitter:
         for task in pending:
             self.cw.submitter.finish_task(task, [a.death] * len(task.return_ids))
 
+    def close(self) -> None:
+        for a in self.actors.values():
+            if a.conn is not None:
+                a.conn.close()
+                a.conn = None
+
     # -- WorkerConnection handler -----------------------------------------------------------------------
     def on_result(self, conn: WorkerConnection, result: common_pb2.TaskResult) -> None:
         task = conn.inflight.pop(result.task_id, None)

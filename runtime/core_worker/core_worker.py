@@ -141,8 +141,11 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         if self._exit_event is not None:
             self._exit_event.set()
         self.submitter.close()
+        self.actors.close()
         if self.raylet is not None:
             await self.raylet.close()
+        for _ in range(3):  # let request generators observe the close before channels go
+            await asyncio.sleep(0)
         if self.server is not None:
             await self.server.stop(0.2)
         for store in self._stores.values():

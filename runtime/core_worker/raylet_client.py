@@ -23,11 +23,13 @@ class RayletClient:
         self._on_lost = on_lost
         self._call = None
         self._reader: Optional[asyncio.Task] = None
+        self._writer: Optional[asyncio.Task] = None
         self.registered: Optional[raylet_pb2.RegisterAck] = None
         self.closed = False
 
     async def connect(self, register: raylet_pb2.RegisterClient, timeout: float = 30.0) -> raylet_pb2.RegisterAck:
-        self._call = self._stub.Connect(self._requests())
+        self._call = self._stub.Connect()
+        self._writer = asyncio.ensure_future(self._write())
         self.send(raylet_pb2.ClientMessage(register=register))
         first = await asyncio.wait_for(self._call.read(), timeout)
         if first is grpc.aio.EOF or first.WhichOneof("msg") != "registered":
@@ -36,12 +38,16 @@ class RayletClient:
         self._reader = asyncio.ensure_future(self._read())
         return first.registered
 
-    async def _requests(self):
-        while True:
-            msg = await self._outbox.get()
-            if msg is None:
-                return
-            yield msg
+    async def _write(self) -> None:
+        try:
+            while True:
+                msg = await self._outbox.get()
+                if msg is None:
+                    await self._call.done_writing()
+                    return
+                await self._call.write(msg)
+        except (asyncio.CancelledError, grpc.RpcError, grpc.aio.UsageError):
+            pass
 
     async def _read(self) -> None:
         reason = "the raylet closed the connection"

@@ -35,25 +35,30 @@ class WorkerConnection:
         self._wake = asyncio.Event()
         self._job_sent = False
         self.dead = False
-        self.call = self.stub.PushTasks(self._requests())
+        self.call = self.stub.PushTasks()
+        self.writer = asyncio.ensure_future(self._write())
         self.reader = asyncio.ensure_future(self._read())
 
     def send(self, spec: common_pb2.TaskSpec) -> None:
         self.out.append(spec)
         self._wake.set()
 
-    async def _requests(self):
-        while not self.dead:
-            await self._wake.wait()
-            self._wake.clear()
-            if self.dead:
-                return
-            batch = core_worker_pb2.TaskBatch(tasks=self.out)
-            self.out = []
-            if not self._job_sent:
-                self._job_sent = True
-                batch.job_config.CopyFrom(self.job_config)
-            yield batch
+    async def _write(self) -> None:
+        """Write everything queued since the last write as one TaskBatch."""
+        try:
+            while not self.dead:
+                await self._wake.wait()
+                self._wake.clear()
+                if self.dead or not self.out:
+                    continue
+                batch = core_worker_pb2.TaskBatch(tasks=self.out)
+                self.out = []
+                if not self._job_sent:
+                    self._job_sent = True
+                    batch.job_config.CopyFrom(self.job_config)
+                await self.call.write(batch)
+        except (asyncio.CancelledError, grpc.RpcError, grpc.aio.UsageError):
+            pass  # the reader reports the failure
 
     async def _read(self) -> None:
         error = "the worker's task stream ended"
@@ -68,10 +73,14 @@ class WorkerConnection:
         except Exception as exc:  # pragma: no cover - defensive
             log.exception("error reading results from %s", self.address)
             error = repr(exc)
+        self.dead = True
+        self.writer.cancel()
+        self.call.cancel()
         self.handler.on_connection_lost(self, error)
 
     def close(self) -> None:
         self.dead = True
         self._wake.set()
+        self.writer.cancel()
         self.reader.cancel()
         self.call.cancel()
