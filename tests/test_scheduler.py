@@ -1,0 +1,150 @@
+"""The raylet's lease scheduler, tested without sockets or processes (sans-I/O)."""
+from runtime.raylet.scheduler import (Grant, KillWorker, PendingRequest, Reject, RemoteNode,
+                                      Scheduler, Spillback, StartWorkers, Warn, Worker)
+
+NODE = b"n" * 28
+
+
+def make(cpus=2, gpus=(), workers=2, **extra):
+    total = {"CPU": float(cpus), **extra}
+    if gpus:
+        total["GPU"] = float(len(gpus))
+    s = Scheduler(NODE, total, list(gpus))
+    for i in range(workers):
+        s.worker_registered(Worker(bytes([i]) * 28, 100 + i, 2000 + i, client=50 + i))
+    return s
+
+
+def req(client, rid, **res):
+    return PendingRequest(client, rid, {k: float(v) for k, v in res.items()})
+
+
+def grants(actions):
+    return [a for a in actions if isinstance(a, Grant)]
+
+
+def test_grants_up_to_available_cpus_then_waits():
+    s = make(cpus=2, workers=3)
+    for i in range(3):
+        s.request_lease(req(1, i, CPU=1))
+    g = grants(s.schedule())
+    assert [a.request_id for a in g] == [0, 1]
+    assert s.available["CPU"] == 0
+    assert (1, 2) in s.pending
+    s.return_lease(g[0].lease_id)
+    g2 = grants(s.schedule())
+    assert [a.request_id for a in g2] == [2]
+
+
+def test_infeasible_request_warns_once_and_does_not_block_others():
+    s = make(cpus=2)
+    s.request_lease(req(1, 1, CPU=8))
+    s.request_lease(req(1, 2, CPU=1))
+    actions = s.schedule()
+    warns = [a for a in actions if isinstance(a, Warn)]
+    assert len(warns) == 1 and "CPU" in warns[0].message and "needs 8" in warns[0].message
+    assert [a.request_id for a in grants(actions)] == [2]
+    assert not [a for a in s.schedule() if isinstance(a, Warn)]  # only once
+    assert (1, 1) in s.pending
+
+
+def test_custom_resource_missing_is_named():
+    s = make(cpus=2)
+    s.request_lease(req(1, 1, CPU=1, tpu=1))
+    (warn,) = [a for a in s.schedule() if isinstance(a, Warn)]
+    assert "tpu" in warn.message
+
+
+def test_starts_only_the_workers_the_free_resources_can_use():
+    s = make(cpus=2, workers=0)
+    for i in range(10):
+        s.request_lease(req(1, i, CPU=1))
+    starts = [a for a in s.schedule() if isinstance(a, StartWorkers)]
+    assert sum(a.count for a in starts) == 2
+    assert not [a for a in s.schedule() if isinstance(a, StartWorkers)]  # already starting
+
+
+def test_blocked_worker_lends_its_cpu():
+    s = make(cpus=1, workers=2)
+    s.request_lease(req(1, 1, CPU=1))
+    (g,) = grants(s.schedule())
+    s.request_lease(req(2, 1, CPU=1))
+    assert not grants(s.schedule())
+    s.set_blocked(g.worker.worker_id, True)
+    (g2,) = grants(s.schedule())
+    assert g2.client == 2
+    s.set_blocked(g.worker.worker_id, False)
+    assert s.available["CPU"] == -1  # oversubscribed until someone returns
+    s.return_lease(g2.lease_id)
+    s.return_lease(g.lease_id)
+    assert s.available["CPU"] == 1
+
+
+def test_gpu_ids_whole_and_fractional():
+    s = make(cpus=4, gpus=[0, 1], workers=4)
+    s.request_lease(req(1, 1, CPU=1, GPU=1))
+    s.request_lease(req(1, 2, CPU=1, GPU=1))
+    s.request_lease(req(1, 3, CPU=1, GPU=1))
+    g = grants(s.schedule())
+    assert sorted(a.gpu_ids[0] for a in g) == [0, 1]
+    assert (1, 3) in s.pending
+    s.return_lease(g[0].lease_id)
+    s.request_lease(req(2, 1, CPU=1, GPU=0.5))
+    s.request_lease(req(2, 2, CPU=1, GPU=0.5))
+    got = grants(s.schedule())
+    assert got[0].gpu_ids and len(got[0].gpu_ids) == 1
+
+
+def test_actor_lease_holds_less_than_it_needs_to_place():
+    s = make(cpus=1, workers=2)
+    s.request_lease(PendingRequest(1, 1, {"CPU": 1.0}, hold={}))
+    (g,) = grants(s.schedule())
+    assert s.available["CPU"] == 1.0
+    s.request_lease(req(2, 1, CPU=1))
+    assert grants(s.schedule())
+
+
+def test_disconnected_client_loses_requests_and_its_workers_are_killed():
+    s = make(cpus=2)
+    s.request_lease(req(7, 1, CPU=1))
+    (g,) = grants(s.schedule())
+    s.request_lease(req(7, 2, CPU=8))
+    kills = s.client_disconnected(7)
+    assert kills == [KillWorker(g.worker.worker_id, "its lease holder disconnected")]
+    assert not s.pending
+
+
+def test_worker_death_releases_its_lease():
+    s = make(cpus=1)
+    s.request_lease(req(1, 1, CPU=1))
+    (g,) = grants(s.schedule())
+    lease = s.worker_died(g.worker.worker_id)
+    assert lease is not None and s.available["CPU"] == 1.0
+
+
+def test_node_affinity_to_unknown_node_rejects_unless_soft():
+    s = make()
+    hard = PendingRequest(1, 1, {"CPU": 1.0}, strategy="NODE_AFFINITY", affinity_node=b"x" * 28)
+    soft = PendingRequest(1, 2, {"CPU": 1.0}, strategy="NODE_AFFINITY", affinity_node=b"x" * 28,
+                          soft=True)
+    s.request_lease(hard)
+    s.request_lease(soft)
+    actions = s.schedule()
+    assert [type(a) for a in actions if not isinstance(a, StartWorkers)] == [Reject, Grant]
+
+
+def test_spillback_to_a_node_that_has_the_resource():
+    s = make()
+    other = b"o" * 28
+    s.remote_nodes[other] = RemoteNode(other, "127.0.0.2:7000", {"CPU": 2.0, "tpu": 4.0},
+                                       {"CPU": 2.0, "tpu": 4.0})
+    s.request_lease(req(1, 1, tpu=1))
+    (a,) = s.schedule()
+    assert isinstance(a, Spillback) and a.raylet_address == "127.0.0.2:7000"
+
+
+def test_idle_workers_above_the_cpu_count_are_stopped():
+    s = make(cpus=1, workers=3)
+    import time
+
+    assert len(s.idle_workers_to_stop(time.monotonic() + 100, 1.0)) == 2
