@@ -43,5 +43,10 @@ COMPONENT_START_TIMEOUT_S: float = _env("COMPONENT_START_TIMEOUT_S", 30.0)
 INFEASIBLE_WARNING_S: float = _env("INFEASIBLE_WARNING_S", 1.0)
 # Largest gRPC message (inline values are small; this bounds malformed peers).
 GRPC_MAX_MESSAGE_BYTES: int = _env("GRPC_MAX_MESSAGE_BYTES", 512 * 1024 * 1024)
+# Task events: on by default (RUNTIME_TASK_EVENTS=0 turns them off), flushed to the
+# GCS this often; the GCS keeps the most recent TASK_EVENTS_MAX_TASKS tasks.
+TASK_EVENTS_ENABLED: bool = _env("TASK_EVENTS", 1, int) != 0
+TASK_EVENTS_FLUSH_S: float = _env("TASK_EVENTS_FLUSH_S", 1.0)
+TASK_EVENTS_MAX_TASKS: int = _env("TASK_EVENTS_MAX_TASKS", 10_000)
 # Root of session directories (one per cluster started on this machine).
 SESSION_ROOT: str = _env("SESSION_ROOT", "/tmp/runtime-cluster")

@@ -85,9 +85,31 @@ def strategy_proto(strategy: Any) -> common_pb2.SchedulingStrategy:
         return common_pb2.SchedulingStrategy(kind="NODE_AFFINITY", node_id=node_id,
                                              soft=bool(strategy.soft))
     if isinstance(strategy, PlacementGroupSchedulingStrategy):
-        raise ValueError("placement groups are not available yet (actors/placement-group issue)")
+        pg = strategy.placement_group
+        if pg is None or not hasattr(pg, "id"):
+            raise ValueError("PlacementGroupSchedulingStrategy needs a placement group "
+                             "(runtime.util.placement_group(...))")
+        idx = strategy.placement_group_bundle_index
+        if not isinstance(idx, int) or idx < -1:
+            raise ValueError(f"placement_group_bundle_index must be -1 or a bundle index, got {idx!r}")
+        if pg.bundle_cache is not None and idx >= len(pg.bundle_cache):
+            raise ValueError(f"placement_group_bundle_index {idx} is out of range: the group has "
+                             f"{len(pg.bundle_cache)} bundles")
+        return common_pb2.SchedulingStrategy(kind="PLACEMENT_GROUP",
+                                             placement_group_id=pg.id.binary(), bundle_index=idx,
+                                             soft=bool(strategy.placement_group_capture_child_tasks))
     raise ValueError(f"Invalid scheduling_strategy {strategy!r}: use 'DEFAULT', 'SPREAD', "
                      f"NodeAffinitySchedulingStrategy or PlacementGroupSchedulingStrategy")
+
+
+def placed_resources(resources: Dict[str, float], strategy: common_pb2.SchedulingStrategy
+                     ) -> Dict[str, float]:
+    """The shape to request from the raylet: inside a placement group, its bundle's resources."""
+    if strategy.kind != "PLACEMENT_GROUP":
+        return resources
+    from runtime.util.placement_group import group_resources
+
+    return group_resources(resources, strategy.placement_group_id, strategy.bundle_index)
 
 
 def task_resources(opts: Dict[str, Any]) -> Dict[str, float]:

@@ -8,8 +8,9 @@ from runtime import ids
 from runtime.core_worker.submitter import PendingTask
 from runtime.core_worker.task_args import prepare_args
 from runtime.object_ref import ObjectRef
-from runtime.options import (default_max_retries, strategy_proto, task_resources,
-                             validate_task_options)
+from runtime.options import (default_max_retries, placed_resources, strategy_proto,
+                             task_resources, validate_task_options)
+from runtime.protocol import common_pb2
 from runtime.serialization import dumps_function
 
 
@@ -59,14 +60,22 @@ class RemoteFunction:
 
         cw = _ensure_initialized()
         self._export()
-        shape = self._cache.get(id(opts))
+        inherited = None
+        if opts.get("scheduling_strategy") is None and cw.current_placement_group is not None:
+            inherited = cw.current_placement_group  # capture_child_tasks
+        shape = self._cache.get(id(opts)) if inherited is None else None
         if shape is None or shape[0] is not opts:
-            resources = task_resources(opts)
             strategy = strategy_proto(opts.get("scheduling_strategy"))
+            if inherited is not None:
+                strategy = common_pb2.SchedulingStrategy(
+                    kind="PLACEMENT_GROUP", placement_group_id=inherited[0], bundle_index=-1,
+                    soft=True)
+            resources = placed_resources(task_resources(opts), strategy)
             key = (self._function_id, tuple(sorted(resources.items())),
                    strategy.SerializeToString())
             shape = (opts, resources, strategy, key)
-            self._cache[id(opts)] = shape
+            if inherited is None:
+                self._cache[id(opts)] = shape
         _opts, resources, strategy, key = shape
         num_returns = opts.get("num_returns")
         num_returns = 1 if num_returns is None else num_returns

@@ -17,13 +17,14 @@ import grpc
 
 from runtime import ids
 from runtime.actor import ActorClass, ActorHandle
+from runtime.core_worker import task_events as te
 from runtime.core_worker.memory_store import Value
-from runtime.core_worker.submitter import PendingTask
+from runtime.core_worker.submitter import PendingTask, record_result
 from runtime.core_worker.task_args import prepare_args
 from runtime.core_worker.worker_connection import WorkerConnection
 from runtime.exceptions import ActorDiedError, RayActorError
 from runtime.object_ref import ObjectRef
-from runtime.options import strategy_proto, task_resources
+from runtime.options import placed_resources, strategy_proto, task_resources
 from runtime.protocol import common_pb2, gcs_pb2, gcs_pb2_grpc
 from runtime.serialization import NONE_BYTES, parse, serialize_error
 
@@ -77,6 +78,10 @@ class ActorSubmitter:
         else:  # Ray's default: 1 CPU to place the actor, none held while it lives
             place = dict(others, CPU=1.0)
             hold = dict(others)
+        strategy = strategy_proto(opts.get("scheduling_strategy"))
+        if strategy.kind == "PLACEMENT_GROUP":
+            place = placed_resources(place, strategy)
+            hold = placed_resources(hold, strategy) if hold else {}
         blob, slots, held = prepare_args(cw, getattr(ac._cls, "__init__", ac._cls), ac._name,
                                          args, kwargs)
         arg_values = []
@@ -94,7 +99,7 @@ class ActorSubmitter:
             max_restarts=opts.get("max_restarts") or 0,
             max_concurrency=opts.get("max_concurrency") or (1000 if ac._is_async else 1),
             placement_resources=place, hold_resources=hold,
-            strategy=strategy_proto(opts.get("scheduling_strategy")), job_config=cw.job_config,
+            strategy=strategy, job_config=cw.job_config,
             is_async=ac._is_async, method_names=ac._methods, max_task_retries=max_task_retries)
         reply = cw.call(lambda: self.gcs().RegisterActor(spec, timeout=30))
         if not reply.ok:
@@ -153,6 +158,7 @@ class ActorSubmitter:
         task.arg_ids = held
         task.return_ids = [ids.object_id_for_return(tid, i + 1) for i in range(num_returns)]
         task.key = None
+        task.resources = {}
         mtr = opts.get("max_task_retries")
         task.retries_left = handle._max_task_retries if mtr is None else mtr
         task.retry_exceptions = opts.get("retry_exceptions") or False
@@ -174,6 +180,7 @@ class ActorSubmitter:
     def _submit(self, task: PendingTask) -> None:
         a = self._actor(task.actor_id)
         self.cw.submitter.tasks[task.task_id] = task
+        self.cw.task_events.new_task(task, "ACTOR_TASK", te.PENDING_ARGS_AVAIL)
         if a.death is not None:
             self.cw.submitter.finish_task(task, [a.death] * len(task.return_ids))
             return
@@ -224,6 +231,7 @@ class ActorSubmitter:
             spec.arg_values.extend(task.arg_values)
         task.conn = conn
         task.state = "SUBMITTED_TO_WORKER"
+        self.cw.task_events.event(task.task_id, te.SUBMITTED_TO_WORKER)
         conn.inflight[task.task_id] = task
         conn.send(spec)
 
@@ -309,6 +317,7 @@ class ActorSubmitter:
         task = conn.inflight.pop(result.task_id, None)
         if task is None:
             return
+        record_result(self.cw, conn, task, result)
         values = [Value.from_proto(loc) for loc in result.returns]
         for loc in result.returns:
             if loc.contained:

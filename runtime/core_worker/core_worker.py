@@ -81,7 +81,11 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         from runtime.core_worker.actor_submitter import ActorSubmitter
 
         self.actors = ActorSubmitter(self)
+        from runtime.core_worker.task_events import TaskEventBuffer
+
+        self.task_events = TaskEventBuffer(self, config.TASK_EVENTS_ENABLED)
         self.current_actor_id: Optional[bytes] = None
+        self.current_placement_group: Optional[Tuple[bytes, bool]] = None
         self._exit_event: Optional[asyncio.Event] = None
         self.borrowers = BorrowerNotifier(self._owner_stub)
         self.raylet: RayletClient = None  # type: ignore[assignment]
@@ -117,6 +121,7 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         await self.raylet.connect(raylet_pb2.RegisterClient(
             worker_id=self.worker_id, is_driver=self.mode == DRIVER, pid=os.getpid(), port=self.port,
             job_id=self.job_id, startup_token=self.startup_token))
+        self.task_events.start()
         self.connected = True
 
     def _raylet_lost(self, reason: str) -> None:
@@ -140,6 +145,8 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         self.connected = False
         if self._exit_event is not None:
             self._exit_event.set()
+        await self.task_events.flush()
+        self.task_events.close()
         self.submitter.close()
         self.actors.close()
         if self.raylet is not None:
@@ -446,6 +453,38 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
     def cancel(self, ref: ObjectRef, force: bool) -> None:
         self.post(self.submitter.cancel, ref.task_id(), force)
 
+    # -- placement groups ----------------------------------------------------------------------------
+    def placement_group_ready_ref(self, pg) -> ObjectRef:
+        """An owned ref that gets `pg` as its value once the GCS reports it CREATED."""
+        oid = ids.new_put_id()
+        ref = ObjectRef(oid, self.address, self)
+        self.post(lambda: asyncio.ensure_future(self._await_pg(oid, pg)))
+        return ref
+
+    async def _await_pg(self, oid: bytes, pg) -> None:
+        from runtime.exceptions import PlacementGroupSchedulingError
+        from runtime.protocol import gcs_pb2, gcs_pb2_grpc
+
+        stub = gcs_pb2_grpc.GcsStub(self.channel(self.gcs_address))
+        version = 0
+        while oid in self.refs:
+            try:
+                reply = await stub.GetPlacementGroup(gcs_pb2.PlacementGroupRequest(
+                    placement_group_id=pg.id.binary(), newer_than=version, timeout_s=30), timeout=60)
+            except grpc.RpcError:
+                await asyncio.sleep(1.0)
+                continue
+            info = reply.info
+            if not reply.found or info.state == "REMOVED":
+                err = PlacementGroupSchedulingError(
+                    f"placement group {pg.id.hex()} was removed before it was created")
+                self.memory.put(oid, Value(serialize_error(err).to_bytes(), is_error=True))
+                return
+            if info.state == "CREATED":
+                self.memory.put(oid, Value(serialize(pg).to_bytes()))
+                return
+            version = info.version
+
     # -- CoreWorker service ---------------------------------------------------------------------------------
     async def GetObjectStatus(self, request, context):
         reply = core_worker_pb2.ObjectStatusReply()
@@ -500,6 +539,21 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
     async def WaitForExit(self, request, context):
         await self._exit_event.wait()
         return common_pb2.Empty()
+
+    async def ListObjects(self, request, context):
+        reply = core_worker_pb2.OwnedObjects(pid=os.getpid(), ip=self.node_ip,
+                                             worker_id=self.worker_id,
+                                             is_driver=self.mode == DRIVER)
+        for oid, counts in self.refs.snapshot().items():
+            if not counts["owned"] or oid in self.actors.handle_objects:
+                continue
+            v = self.memory.get(oid)
+            reply.objects.add(object_id=oid, size=v.size if v else 0,
+                              in_store=bool(v and v.in_store), local_refs=counts["local"],
+                              submitted_refs=counts["submitted"], borrowers=counts["borrowers"],
+                              contained_refs=counts["contained"],
+                              task_status="FINISHED" if v is not None else "PENDING")
+        return reply
 
     async def Exit(self, request, context):
         if self.executor is not None:

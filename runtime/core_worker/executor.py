@@ -64,6 +64,7 @@ class Executor:
         self.queued_cancels: set = set()
         self._exit = False
         self._base_cuda = os.environ.get("CUDA_VISIBLE_DEVICES")
+        self.pid = os.getpid()
         self.actor: Any = None
         self.actor_loop: Optional[asyncio.AbstractEventLoop] = None
         self.actor_pool = None
@@ -157,6 +158,7 @@ class Executor:
             self.queued_cancels.discard(spec.task_id)
             return self._cancelled_result(spec)
         start = time.perf_counter()
+        wall_start = time.time()
         self.running = spec.task_id
         cw.current_task_id = spec.task_id
         try:
@@ -183,7 +185,8 @@ class Executor:
             cw.current_task_id = None
         return common_pb2.TaskResult(task_id=spec.task_id, returns=returns, app_error=app_error,
                                      exec_seconds=time.perf_counter() - start,
-                                     attempt=spec.attempt)
+                                     attempt=spec.attempt, start_time=wall_start,
+                                     end_time=time.time(), worker_pid=self.pid)
 
     def _prepare(self, spec: common_pb2.TaskSpec, stream: _Stream):
         """(callable, args, kwargs) for a task, an actor creation or an actor call."""
@@ -195,6 +198,9 @@ class Executor:
             if job.job_id not in self.jobs_applied:
                 self._apply_job(job)
         self._set_gpus(spec)
+        cw.current_placement_group = ((spec.placement_group_id, True)
+                                      if spec.placement_group_id and spec.capture_child_tasks
+                                      else None)
         if spec.actor_id and not spec.actor_creation:
             if self.actor is None or spec.actor_id != cw.current_actor_id:
                 raise RuntimeError(f"this worker does not host actor {spec.actor_id.hex()}")
@@ -247,6 +253,7 @@ class Executor:
             self.actor_semaphore = asyncio.Semaphore(self.actor_limit)
         async with self.actor_semaphore:
             start = time.perf_counter()
+            wall_start = time.time()
             self.cw.current_task_id = spec.task_id
             try:
                 fn, args, kwargs = self._prepare(spec, stream)
@@ -264,7 +271,8 @@ class Executor:
             result = common_pb2.TaskResult(task_id=spec.task_id, returns=returns,
                                            app_error=app_error,
                                            exec_seconds=time.perf_counter() - start,
-                                           attempt=spec.attempt)
+                                           attempt=spec.attempt, start_time=wall_start,
+                                           end_time=time.time(), worker_pid=self.pid)
             self.cw.post(self._post_result, stream, result)
 
     def _actor_exit(self, spec: common_pb2.TaskSpec) -> common_pb2.TaskResult:

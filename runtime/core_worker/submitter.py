@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Deque, Dict, List, Optional, Tuple
 import grpc
 
 from runtime import config
+from runtime.core_worker import task_events as te
 from runtime.core_worker.memory_store import Value
 from runtime.exceptions import TaskCancelledError, TaskUnschedulableError, WorkerCrashedError
 from runtime.core_worker.worker_connection import WorkerConnection
@@ -101,6 +102,7 @@ class TaskSubmitter:
     # -- submission -------------------------------------------------------------------------
     def submit(self, task: PendingTask) -> None:
         self.tasks[task.task_id] = task
+        self.cw.task_events.new_task(task, "NORMAL_TASK", te.PENDING_ARGS_AVAIL)
         if task.slot_refs:
             self._resolve_args(task)
         else:
@@ -140,6 +142,7 @@ class TaskSubmitter:
             ks = self.keys[task.key] = KeyState(task.resources, task.strategy, task.function_id,
                                                 task.name)
         task.state = "PENDING_NODE_ASSIGNMENT"
+        self.cw.task_events.event(task.task_id, te.PENDING_NODE_ASSIGNMENT)
         ks.queue.append(task)
         self._pump(ks)
 
@@ -229,6 +232,9 @@ class TaskSubmitter:
             name=task.name, args=task.args, return_ids=task.return_ids,
             owner=self.cw.address_proto, attempt=task.attempt, gpu_ids=lease.gpu_ids,
             parent_task_id=self.cw.current_task_id or b"")
+        if task.strategy.kind == "PLACEMENT_GROUP":
+            spec.placement_group_id = task.strategy.placement_group_id
+            spec.capture_child_tasks = task.strategy.soft
         if task.arg_values:
             spec.arg_values.extend(task.arg_values)
         if task.function_id not in conn.functions_sent:
@@ -238,6 +244,7 @@ class TaskSubmitter:
         task.conn = conn
         task.lease = lease
         task.state = "SUBMITTED_TO_WORKER"
+        self.cw.task_events.event(task.task_id, te.SUBMITTED_TO_WORKER)
         conn.inflight[task.task_id] = task
         conn.send(spec)
 
@@ -265,6 +272,7 @@ class TaskSubmitter:
         lease = task.lease
         if lease is not None:
             lease.inflight -= 1
+        record_result(self.cw, conn, task, result)
         prev = self.fn_time.get(task.function_id)
         self.fn_time[task.function_id] = (result.exec_seconds if prev is None
                                           else 0.8 * prev + 0.2 * result.exec_seconds)
@@ -310,6 +318,8 @@ class TaskSubmitter:
 
     def finish_task(self, task: PendingTask, values: List[Value], locs=None) -> None:
         cw = self.cw
+        if task.state != "FINISHED_AT_WORKER" and values and values[0].is_error:
+            _failed_without_result(cw, task, values[0])
         task.state = "FINISHED"
         self.tasks.pop(task.task_id, None)
         for i, oid in enumerate(task.return_ids):
@@ -390,3 +400,41 @@ class TaskSubmitter:
         for conn in list(self.connections.values()):
             conn.close()
         self.connections.clear()
+
+
+def record_result(cw, conn, task: PendingTask, result: common_pb2.TaskResult) -> None:
+    """Task events for a result from a worker: when it ran and how it ended."""
+    ev = cw.task_events
+    task.state = "FINISHED_AT_WORKER"
+    if not ev.enabled:
+        return
+    ev.event(task.task_id, te.RUNNING, result.start_time or None)
+    failed = result.app_error
+    ev.event(task.task_id, te.FAILED if failed else te.FINISHED, result.end_time or None)
+    etype = emsg = ""
+    if failed and result.returns:
+        etype, emsg = _describe_error(result.returns[0].inline_data)
+    ev.outcome(task.task_id, conn.worker_id, result.worker_pid, cw.node_id, task.attempt,
+               etype, emsg)
+
+
+def _failed_without_result(cw, task: PendingTask, value: Value) -> None:
+    ev = cw.task_events
+    if not ev.enabled:
+        return
+    etype, emsg = _describe_error(value.data) if value.data else ("", "")
+    ev.event(task.task_id, te.FAILED)
+    ev.outcome(task.task_id, task.conn.worker_id if task.conn else b"", 0, cw.node_id,
+               task.attempt, etype, emsg)
+
+
+def _describe_error(data: bytes) -> tuple:
+    try:
+        _kind, err = parse(data)
+    except Exception:
+        return "UNKNOWN", ""
+    name = type(err).__name__
+    if name.startswith("RayTaskError") or name == "RayTaskError":
+        cause = getattr(err, "cause", None)
+        name = "TASK_EXECUTION_EXCEPTION" if cause is not None else name
+    return name, str(err).strip()

@@ -333,6 +333,13 @@ class ActorManager:
         else:
             self._set_dead(actor, f"{cause}; no restarts left (max_restarts={info.max_restarts})")
 
+    async def kill_in_placement_group(self, pg_id: bytes) -> None:
+        for actor in list(self.actors.values()):
+            if actor.spec.strategy.placement_group_id == pg_id and actor.info.state != "DEAD":
+                await self.kill(gcs_pb2.KillActorRequest(
+                    actor_id=actor.spec.actor_id, no_restart=True,
+                    reason=f"its placement group {pg_id.hex()} was removed"))
+
     # -- owners -------------------------------------------------------------------------------------------
     def _watch_owner(self, owner: common_pb2.Address) -> None:
         if owner.worker_id in self.owner_watch:

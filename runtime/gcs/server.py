@@ -14,6 +14,8 @@ from typing import Dict, Optional, Tuple
 
 from runtime import component, config, rpc
 from runtime.gcs.actor_manager import ActorManager
+from runtime.gcs.placement_groups import PlacementGroupManager
+from runtime.gcs.task_events import TaskEventStore
 from runtime.protocol import common_pb2, gcs_pb2, gcs_pb2_grpc
 
 log = logging.getLogger("runtime.gcs")
@@ -24,6 +26,8 @@ class Gcs(gcs_pb2_grpc.GcsServicer):
         self.cluster_id = cluster_id
         self.token = token
         self.actor_manager: Optional[ActorManager] = None
+        self.pg_manager: Optional[PlacementGroupManager] = None
+        self.task_events = TaskEventStore(config.TASK_EVENTS_MAX_TASKS)
         self.nodes: Dict[bytes, gcs_pb2.NodeInfo] = {}
         self.pending: Dict[bytes, list] = {}
         self.jobs: Dict[bytes, gcs_pb2.JobInfo] = {}
@@ -64,6 +68,9 @@ class Gcs(gcs_pb2_grpc.GcsServicer):
             node.resources_total.update(request.resources_total)
         node.last_heartbeat = time.monotonic()
         self.pending[request.node_id] = list(request.pending)
+        if self.pg_manager is not None:
+            ev, self.pg_manager.resources_changed = self.pg_manager.resources_changed, asyncio.Event()
+            ev.set()
         return gcs_pb2.ResourceReportReply()
 
     async def GetClusterStatus(self, request, context):
@@ -142,11 +149,34 @@ class Gcs(gcs_pb2_grpc.GcsServicer):
     async def ListActors(self, request, context):
         return self.actor_manager.list()
 
+    # -- placement groups ------------------------------------------------------------------------
+    async def CreatePlacementGroup(self, request, context):
+        return await self.pg_manager.create(request)
+
+    async def GetPlacementGroup(self, request, context):
+        return await self.pg_manager.get(request)
+
+    async def RemovePlacementGroup(self, request, context):
+        await self.pg_manager.remove(request)
+        return common_pb2.Empty()
+
+    async def ListPlacementGroups(self, request, context):
+        return self.pg_manager.list()
+
+    # -- task events -----------------------------------------------------------------------------
+    async def AddTaskEvents(self, request, context):
+        self.task_events.add(request)
+        return common_pb2.Empty()
+
+    async def ListTasks(self, request, context):
+        return self.task_events.list(request.limit, request.job_id)
+
     # -- lifecycle ------------------------------------------------------------------------------
     async def run(self, host: str, port: int, token: str, ready_file: str) -> None:
         self._stopping = asyncio.Event()
         self.token = token
         self.actor_manager = ActorManager(self)
+        self.pg_manager = PlacementGroupManager(self)
         server = rpc.make_server(token)
         gcs_pb2_grpc.add_GcsServicer_to_server(self, server)
         bound = rpc.bind(server, host, port)

@@ -133,6 +133,8 @@ class Scheduler:
         self.max_starting = max_starting
         self.soft_worker_limit = soft_worker_limit or max(1, int(total.get("CPU", 1)))
         self.remote_nodes: Dict[bytes, RemoteNode] = {}
+        self.prepared: Dict[Tuple[str, int], Resources] = {}
+        self.committed: Dict[Tuple[str, int], Resources] = {}
         self._lease_ids = itertools.count(1)
 
     # -- stimuli ---------------------------------------------------------------------------
@@ -225,6 +227,8 @@ class Scheduler:
                 actions.append(target)
                 continue
             if target == "infeasible":
+                if req.strategy == "PLACEMENT_GROUP":
+                    continue  # waits for its group to be created; not an error
                 if not req.warned:
                     req.warned = True
                     actions.append(Warn(req.client, req.request_id, self._infeasible_message(req)))
@@ -255,6 +259,61 @@ class Scheduler:
             self.starting += to_start
             actions.append(StartWorkers(to_start))
         return actions
+
+    # -- placement-group bundles (two-phase: prepare, then commit or cancel) ----------------------
+    def prepare_bundles(self, pg_hex: str, bundles: List[Tuple[int, Resources]]) -> Optional[str]:
+        """Reserve all bundles or none; None on success, else what is short."""
+        need: Resources = {}
+        for _idx, res in bundles:
+            add(need, res)
+        if not fits(self.available, need):
+            return f"not enough free resources on this node for {describe(need)}"
+        subtract(self.available, need)
+        for idx, res in bundles:
+            self.prepared[(pg_hex, idx)] = dict(res)
+        return None
+
+    def commit_bundles(self, pg_hex: str, indexes: List[int]) -> None:
+        """Turn prepared bundles into the group resources tasks and actors ask for."""
+        for idx in indexes:
+            res = self.prepared.pop((pg_hex, idx), None)
+            if res is None:
+                continue
+            group: Resources = {}
+            for k, v in res.items():
+                group[f"{k}_group_{idx}_{pg_hex}"] = v
+                group[f"{k}_group_{pg_hex}"] = v
+            group[f"bundle_group_{idx}_{pg_hex}"] = 1000.0
+            group[f"bundle_group_{pg_hex}"] = 1000.0
+            for k, v in group.items():
+                if k == f"bundle_group_{pg_hex}" and k in self.total:
+                    self.total[k] += v
+                    self.available[k] += v
+                else:
+                    add(self.total, {k: v})
+                    add(self.available, {k: v})
+            self.committed[(pg_hex, idx)] = res
+
+    def cancel_bundles(self, pg_hex: str, indexes: List[int]) -> List[KillWorker]:
+        """Undo a prepare, or remove committed bundles: give their resources back and
+        kill the workers that run inside them."""
+        kills = []
+        suffix = f"_{pg_hex}"
+        for idx in indexes:
+            res = self.prepared.pop((pg_hex, idx), None)
+            if res is not None:
+                add(self.available, res)
+            res = self.committed.pop((pg_hex, idx), None)
+            if res is not None:
+                add(self.available, res)
+        if not any(k[0] == pg_hex for k in self.committed):
+            for name in [k for k in self.total if k.endswith(suffix) and "_group_" in k]:
+                del self.total[name]
+                self.available.pop(name, None)
+            for lease in self.leases.values():
+                if any(k.endswith(suffix) for k in lease.resources):
+                    kills.append(KillWorker(lease.worker_id, f"placement group {pg_hex} was removed"))
+        return kills
 
     def idle_workers_to_stop(self, now: float, idle_timeout: float) -> List[bytes]:
         """Idle workers beyond the soft limit that have idled longer than idle_timeout."""
@@ -304,7 +363,7 @@ class Scheduler:
                 f"joins; other work is not blocked.")
 
     def _release(self, lease: Lease) -> None:
-        held = dict(lease.resources)
+        held = {k: v for k, v in lease.resources.items() if k in self.total}  # removed groups stay gone
         if lease.lent:
             subtract(held, lease.lent)
         add(self.available, held)

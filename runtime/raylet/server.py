@@ -156,6 +156,23 @@ class Raylet(raylet_pb2_grpc.RayletServicer):
                 stats.infeasible.append(json.dumps(shape, sort_keys=True))
         return stats
 
+    async def PrepareBundles(self, request, context):
+        bundles = [(i, dict(b.resources)) for i, b in zip(request.indexes, request.bundles)]
+        problem = self.sched.prepare_bundles(request.placement_group_id.hex(), bundles)
+        self._dirty.set()
+        return raylet_pb2.BundleReply(ok=problem is None, message=problem or "")
+
+    async def CommitBundles(self, request, context):
+        self.sched.commit_bundles(request.placement_group_id.hex(), list(request.indexes))
+        self._run_scheduler()
+        return raylet_pb2.BundleReply(ok=True)
+
+    async def CancelBundles(self, request, context):
+        for kill in self.sched.cancel_bundles(request.placement_group_id.hex(), list(request.indexes)):
+            self._kill_worker(kill.worker_id, kill.reason)
+        self._run_scheduler()
+        return raylet_pb2.BundleReply(ok=True)
+
     async def Shutdown(self, request, context):
         self._stopping.set()
         return common_pb2.Empty()
