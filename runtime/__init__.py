@@ -2,6 +2,12 @@
 
 This module only re-exports; the implementation lives in the submodules.
 """
+import os as _os
+
+# Processes are forked from threads that use gRPC (the supervisor, the raylet's
+# worker pool); gRPC's fork handlers would restart its pollers in the child between
+# fork and exec and abort it. The child execs at once, so it needs none of them.
+_os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 from runtime._version import __version__
 from runtime import actor, exceptions, util
 from runtime.actor import ActorClass, ActorHandle

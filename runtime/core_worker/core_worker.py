@@ -352,7 +352,8 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
             values = [memory.get(r._id) for r in refs]
         return [self._materialize(r._id, v) for r, v in zip(refs, values)]
 
-    def _block_until(self, refs: Sequence[ObjectRef], num: int, timeout: Optional[float]) -> bool:
+    def _block_until(self, refs: Sequence[ObjectRef], num: int, timeout: Optional[float],
+                     for_get: bool = True) -> bool:
         fut: concurrent.futures.Future = concurrent.futures.Future()
         registered: list = []
         self.post(self._wait_ready, refs, num, fut, registered)
@@ -364,7 +365,7 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
             return True
         except concurrent.futures.TimeoutError:
             self.post(self._unregister, registered)
-            if num == len(refs) and timeout is not None:
+            if for_get and timeout is not None:
                 pending = [r for r in refs if r._id not in self.memory]
                 if pending:
                     raise GetTimeoutError(
@@ -415,7 +416,7 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         ready_n = sum(1 for r in refs if r._id in memory)
         if ready_n < num_returns and timeout != 0:
             pending = [r for r in refs if r._id not in memory]
-            self._block_until(pending, num_returns - ready_n, timeout)
+            self._block_until(pending, num_returns - ready_n, timeout, for_get=False)
         ready, not_ready = [], []
         for r in refs:
             if len(ready) < num_returns and r._id in memory:

@@ -75,7 +75,7 @@ class LeaseState:
 
 class KeyState:
     __slots__ = ("queue", "leases", "requests", "resources", "strategy", "function_id", "name",
-                 "warned")
+                 "warned", "queued_requests")
 
     def __init__(self, resources: Dict[str, float], strategy: common_pb2.SchedulingStrategy,
                  function_id: bytes, name: str) -> None:
@@ -87,6 +87,9 @@ class KeyState:
         self.function_id = function_id
         self.name = name
         self.warned = False
+        # Requests the raylet said wait for busy resources: while there are any, more
+        # workers are not coming soon, so short tasks may be pipelined.
+        self.queued_requests: set = set()
 
 
 class TaskSubmitter:
@@ -148,6 +151,10 @@ class TaskSubmitter:
 
     # -- leases and dispatch ------------------------------------------------------------------
     def _depth(self, ks: KeyState) -> int:
+        """Tasks in flight per leased worker: one, unless the node is saturated (no more
+        workers can be leased now) and this function's tasks are known to be short."""
+        if not ks.queued_requests:
+            return 1
         t = self.fn_time.get(ks.function_id)
         if t is not None and t < config.PIPELINE_MAX_TASK_SECONDS:
             return config.PIPELINE_DEPTH
@@ -176,6 +183,7 @@ class TaskSubmitter:
                 self.cw.raylet.cancel_request(rid)
                 self.requests.pop(rid, None)
             ks.requests.clear()
+            ks.queued_requests.clear()
         for lease in ks.leases:
             if lease.inflight == 0 and not queue and lease.idle_timer is None:
                 lease.idle_timer = self.cw.loop.call_later(config.LEASE_IDLE_RETURN_S,
@@ -190,6 +198,11 @@ class TaskSubmitter:
 
     def on_grant(self, grant: raylet_pb2.LeaseGrant) -> None:
         ks = self.requests.get(grant.request_id)
+        if grant.queued:
+            if ks is not None:
+                ks.queued_requests.add(grant.request_id)
+                self._pump(ks)
+            return
         if grant.message and not grant.rejected and not grant.lease_id and not grant.retry_at:
             if ks is not None and not ks.warned:
                 ks.warned = True
@@ -201,6 +214,7 @@ class TaskSubmitter:
             return
         del self.requests[grant.request_id]
         ks.requests.discard(grant.request_id)
+        ks.queued_requests.discard(grant.request_id)
         if grant.rejected:
             err = Value(serialize_error(TaskUnschedulableError(grant.message)).to_bytes(),
                         is_error=True)

@@ -43,6 +43,7 @@ class PendingRequest:
     hold: Optional[Resources] = None  # held while leased, when it differs from `resources`
     since: float = field(default_factory=time.monotonic)
     warned: bool = False
+    told_queued: bool = False
 
 
 @dataclass
@@ -96,6 +97,13 @@ class Warn:
     client: int
     request_id: int
     message: str
+
+
+@dataclass
+class Queued:
+    """The request waits for busy resources (the client may pipeline meanwhile)."""
+    client: int
+    request_id: int
 
 
 @dataclass
@@ -234,6 +242,9 @@ class Scheduler:
                     actions.append(Warn(req.client, req.request_id, self._infeasible_message(req)))
                 continue
             if not fits(self.available, req.resources):
+                if not req.told_queued:
+                    req.told_queued = True
+                    actions.append(Queued(req.client, req.request_id))
                 continue
             if not self.idle:
                 free = dict(self.available)

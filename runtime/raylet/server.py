@@ -23,8 +23,8 @@ import grpc
 
 from runtime import component, config, rpc
 from runtime.protocol import common_pb2, gcs_pb2, gcs_pb2_grpc, raylet_pb2, raylet_pb2_grpc
-from runtime.raylet.scheduler import (Grant, KillWorker, PendingRequest, Reject, RemoteNode,
-                                      Scheduler, Spillback, StartWorkers, Warn, Worker)
+from runtime.raylet.scheduler import (Grant, KillWorker, PendingRequest, Queued, Reject,
+                                      RemoteNode, Scheduler, Spillback, StartWorkers, Warn, Worker)
 from runtime.supervisor import ManagedProcess, ProcessSpec, Supervisor
 
 log = logging.getLogger("runtime.raylet")
@@ -195,6 +195,9 @@ class Raylet(raylet_pb2_grpc.RayletServicer):
             elif isinstance(action, Spillback):
                 self._send(action.client, raylet_pb2.LeaseGrant(
                     request_id=action.request_id, retry_at=action.raylet_address))
+            elif isinstance(action, Queued):
+                self._send(action.client, raylet_pb2.LeaseGrant(request_id=action.request_id,
+                                                                queued=True))
             elif isinstance(action, Warn):
                 log.warning("%s", action.message)
                 self._send(action.client, raylet_pb2.LeaseGrant(request_id=action.request_id,

@@ -53,13 +53,16 @@ def main() -> int:
                      "error": str(exc), "traceback": traceback.format_exc(),
                      "elapsed": time.monotonic() - started, "driver_pid": os.getpid()})
         return 3
+    children = psutil.Process().children(recursive=True)
     _write(out, {
         "driver_pid": os.getpid(),
         "session_dir": ctx.address_info["session_dir"],
         "gcs_address": ctx.address_info["gcs_address"],
         "node_id": ctx.address_info["node_id"],
         "task": result,
-        "pids": [p.pid for p in psutil.Process().children(recursive=True)],
+        "job_id": ray.get_runtime_context().get_job_id(),
+        "pids": [p.pid for p in children],
+        "cmdlines": [p.cmdline() for p in children],
     })
     if mode == "sleep":
         while True:  # until the test kills us
