@@ -354,7 +354,8 @@ def test_wait_with_timeout_returns_not_ready(cluster, tmp_path):
         assert time.monotonic() - t0 >= 0.45
         assert (ready, not_ready) == ([], [ref])
         done = add.remote(1, 1)
-        ready, not_ready = ray.wait([ref, done], num_returns=2, timeout=3)
+        assert ray.get(done, timeout=30) == 2
+        ready, not_ready = ray.wait([ref, done], num_returns=2, timeout=0.5)
         assert (ready, not_ready) == ([done], [ref])
     finally:
         gate.touch()
