@@ -449,11 +449,13 @@ def test_owner_exit_kills_non_detached_but_not_detached(cluster, tmp_path):
         wait_for(lambda: pid_gone(report["owned"]["pid"]), 15,
                  message="the owned actor's process to exit")
 
-        # the detached one dies on kill()
+        # the detached one dies on kill() (test_kill_then_calls_raise covers calls made
+        # immediately after kill(); here only that it dies)
         ray.kill(detached)
-        expect_error(detached.ping.remote(), ActorDiedError)
         wait_for(lambda: pid_gone(report["detached"]["pid"]), 15,
                  message="the detached actor's process to exit after kill()")
+        err = expect_error(detached.ping.remote(), ActorDiedError)
+        assert "kill" in str(err).lower(), str(err)
         with pytest.raises(ValueError):
             ray.get_actor(detached_name, namespace="lifetimes")
     finally:
@@ -472,6 +474,9 @@ def test_owner_exit_kills_non_detached_but_not_detached(cluster, tmp_path):
 
 # -- failures -----------------------------------------------------------------------------------
 def test_kill_then_calls_raise(actors):
+    """Ray: ray.kill() makes "any current, pending, and future tasks fail with a
+    RayActorError". A call made right after kill() returns must fail, never run: checked
+    on several actors because a race between the kill and the call shows only sometimes."""
     c = Counter.remote()
     actors.append(c)
     pid = ray.get(c.pid.remote(), timeout=30)
@@ -483,6 +488,20 @@ def test_kill_then_calls_raise(actors):
     wait_for(lambda: pid_gone(pid), 15, message="the killed actor's process to exit")
     with pytest.raises(ValueError):
         ray.kill("not an actor")
+
+    ran = []
+    for i in range(15):
+        h = Counter.remote()
+        actors.append(h)
+        assert ray.get(h.incr.remote(), timeout=30) == 1
+        ray.kill(h)
+        ref = h.incr.remote()
+        try:
+            value = ray.get(ref, timeout=30)
+            ran.append((i, value))
+        except ActorDiedError:
+            pass
+    assert not ran, f"calls made after kill() returned ran on the killed actor: {ran}"
 
 
 def test_constructor_exception(actors):

@@ -31,6 +31,7 @@ from runtime.exceptions import (GetTimeoutError, ObjectLostError, OwnerDiedError
                                 RaySystemError)
 from runtime.object_ref import ObjectRef
 from runtime.object_store.client import StoreClient, map_object, write_object
+from runtime.object_store.store import object_file_name
 from runtime.protocol import (common_pb2, core_worker_pb2, core_worker_pb2_grpc, raylet_pb2)
 from runtime.serialization import KIND_ERROR, Serialized, parse, serialize, serialize_error
 
@@ -96,6 +97,7 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         self.connected = False
         self.on_raylet_lost: Optional[Callable[[str], None]] = None
         self._blocked_depth = 0
+        self._shm_dir = ""
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def _run_loop(self) -> None:
@@ -122,6 +124,10 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
             worker_id=self.worker_id, is_driver=self.mode == DRIVER, pid=os.getpid(), port=self.port,
             job_id=self.job_id, startup_token=self.startup_token))
         self.task_events.start()
+        try:
+            self._shm_dir = (await self.store_client(self.store_address).stats()).shm_dir
+        except Exception:  # the store answers later; reads then go through it
+            log.debug("object store stats unavailable", exc_info=True)
         self.connected = True
 
     def _raylet_lost(self, reason: str) -> None:
@@ -338,9 +344,17 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         size = ser.total_size
         path = self.run(store.create(oid, size))
         write_object(path, ser.chunks())
-        self.run(store.seal([oid]))
+        # Readers learn the location only after this returns and map the file directly,
+        # so the seal (which matters to the store's waiters and spilling) need not be waited for.
+        self.post(lambda: asyncio.ensure_future(self._seal(store, oid)))
         return Value(None, True, self.node_id, self.store_address, size,
                      is_error=ser.kind == KIND_ERROR)
+
+    async def _seal(self, store: StoreClient, oid: bytes) -> None:
+        try:
+            await store.seal([oid])
+        except Exception as exc:
+            log.warning("could not seal object %s: %s", oid.hex(), exc)
 
     # -- API: get / wait -----------------------------------------------------------------------------------
     def get(self, refs: Sequence[ObjectRef], timeout: Optional[float]) -> List[Any]:
@@ -397,6 +411,14 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         return value
 
     def map_from_store(self, oid: bytes, v: Value) -> memoryview:
+        if self._shm_dir and (not v.node_id or v.node_id == self.node_id):
+            # Fast path: sealed objects live at a known path; map it without asking the
+            # store. A spilled object is not there: then the store restores it.
+            try:
+                return map_object(os.path.join(self._shm_dir, object_file_name(
+                    self.node_id.hex(), oid)), v.size)
+            except (FileNotFoundError, ValueError):
+                pass
         if v.node_id and v.node_id != self.node_id:
             raise ObjectLostError(oid.hex(), (
                 f"Object {oid.hex()} lives in the object store of node {v.node_id.hex()[:8]} "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import grpc
 
@@ -32,33 +32,39 @@ class WorkerConnection:
         self.inflight: Dict[bytes, object] = {}
         self.functions_sent: set = set()
         self.out: List[common_pb2.TaskSpec] = []
-        self._wake = asyncio.Event()
         self._job_sent = False
         self.dead = False
         self.call = self.stub.PushTasks()
-        self.writer = asyncio.ensure_future(self._write())
+        self._writing = False
+        self.writer: Optional[asyncio.Future] = None
         self.reader = asyncio.ensure_future(self._read())
 
     def send(self, spec: common_pb2.TaskSpec) -> None:
         self.out.append(spec)
-        self._wake.set()
+        if not self._writing:
+            self._writing = True
+            asyncio.get_running_loop().call_soon(self._start_write)
 
-    async def _write(self) -> None:
-        """Write everything queued since the last write as one TaskBatch."""
+    def _start_write(self) -> None:
+        """Write everything queued since the last write as one TaskBatch (called once per
+        loop iteration, so a burst of sends becomes one message)."""
+        if self.dead or not self.out:
+            self._writing = False
+            return
+        batch = core_worker_pb2.TaskBatch(tasks=self.out)
+        self.out = []
+        if not self._job_sent:
+            self._job_sent = True
+            batch.job_config.CopyFrom(self.job_config)
+        self.writer = asyncio.ensure_future(self._write(batch))
+
+    async def _write(self, batch) -> None:
         try:
-            while not self.dead:
-                await self._wake.wait()
-                self._wake.clear()
-                if self.dead or not self.out:
-                    continue
-                batch = core_worker_pb2.TaskBatch(tasks=self.out)
-                self.out = []
-                if not self._job_sent:
-                    self._job_sent = True
-                    batch.job_config.CopyFrom(self.job_config)
-                await self.call.write(batch)
+            await self.call.write(batch)
         except (asyncio.CancelledError, grpc.RpcError, grpc.aio.UsageError):
-            pass  # the reader reports the failure
+            self._writing = False
+            return  # the reader reports the failure
+        self._start_write()
 
     async def _read(self) -> None:
         error = "the worker's task stream ended"
@@ -74,13 +80,14 @@ class WorkerConnection:
             log.exception("error reading results from %s", self.address)
             error = repr(exc)
         self.dead = True
-        self.writer.cancel()
+        if self.writer is not None:
+            self.writer.cancel()
         self.call.cancel()
         self.handler.on_connection_lost(self, error)
 
     def close(self) -> None:
         self.dead = True
-        self._wake.set()
-        self.writer.cancel()
+        if self.writer is not None:
+            self.writer.cancel()
         self.reader.cancel()
         self.call.cancel()

@@ -1,0 +1,312 @@
+"""Placement groups: atomic bundle reservation, strategies, pending groups, scheduling
+tasks and actors into bundles, child-task capture, removal, names and validation —
+checked against Ray's documented behaviour.
+
+All tests share the module's private single-node 2-CPU ``cluster``. Every group a test
+creates is removed when it ends (the ``groups`` fixture) and every actor killed, so
+each test starts with both CPUs free (tests that count CPUs wait for that first).
+"""
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+import runtime as ray
+from runtime.exceptions import ActorDiedError, GetTimeoutError, RayError
+from runtime.util import (get_current_placement_group, get_placement_group, placement_group,
+                          placement_group_table, remove_placement_group)
+from runtime.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from conftest import wait_for
+
+
+# -- remote functions and classes ---------------------------------------------------------------
+@ray.remote
+def whoami():
+    return os.getpid()
+
+
+@ray.remote
+def current_group():
+    pg = get_current_placement_group()
+    return pg.id.hex() if pg is not None else None
+
+
+@ray.remote
+def parent_submits_child():
+    """Runs in a group with capture_child_tasks=True; the child must land in it too."""
+    child = ray.get(current_group.remote(), timeout=60)
+    mine = get_current_placement_group()
+    return {"parent": mine.id.hex() if mine is not None else None, "child": child}
+
+
+@ray.remote
+def block_on(path, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} never appeared")
+        time.sleep(0.02)
+    return os.getpid()
+
+
+@ray.remote
+def meet(directory, parties, timeout=20.0):
+    """Arrive, then wait until `parties` tasks arrived: they must run at the same time."""
+    Path(directory, uuid.uuid4().hex).touch()
+    deadline = time.monotonic() + timeout
+    while len(os.listdir(directory)) < parties:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(os.listdir(directory))} of {parties} tasks ran at once")
+        time.sleep(0.02)
+    return True
+
+
+@ray.remote
+class Member:
+    def pid(self):
+        return os.getpid()
+
+    def group(self):
+        pg = get_current_placement_group()
+        return pg.id.hex() if pg is not None else None
+
+
+# -- helpers ------------------------------------------------------------------------------------
+@pytest.fixture
+def groups(cluster):
+    """Collects placement groups and actor handles; all removed/killed after the test."""
+    made = {"groups": [], "actors": []}
+    wait_for(lambda: cpu_available() == 2.0, 20, message="both CPUs free before the test")
+    yield made
+    for h in made["actors"]:
+        try:
+            ray.kill(h)
+        except Exception:
+            pass
+    for pg in made["groups"]:
+        try:
+            remove_placement_group(pg)
+        except Exception:
+            pass
+    wait_for(lambda: cpu_available() == 2.0, 20, message="both CPUs free after the test")
+
+
+def cpu_available() -> float:
+    return ray.available_resources().get("CPU", 0.0)
+
+
+def stays(predicate, seconds: float, interval: float = 0.1) -> None:
+    """Assert predicate() holds at every check for `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = predicate()
+        assert value, f"condition stopped holding (value {value!r})"
+        time.sleep(interval)
+
+
+def in_group(pg, index=-1, capture=None):
+    return PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index,
+                                            placement_group_capture_child_tasks=capture)
+
+
+def pid_gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+# -- creation -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("strategy", ["PACK", "SPREAD", "STRICT_PACK"])
+def test_group_created_and_reserves(groups, strategy):
+    pg = placement_group([{"CPU": 1}, {"CPU": 1}], strategy=strategy)
+    groups["groups"].append(pg)
+    assert ray.get(pg.ready(), timeout=30) == pg
+    assert pg.wait(10) is True
+    entry = placement_group_table(pg)
+    assert entry["state"] == "CREATED"
+    assert entry["strategy"] == strategy
+    assert entry["placement_group_id"] == pg.id.hex()
+    assert entry["bundles"] == {0: {"CPU": 1.0}, 1: {"CPU": 1.0}}
+    node = ray.get_runtime_context().get_node_id()
+    assert set(entry["bundles_to_node_id"].values()) == {node}
+    assert pg.bundle_count == 2 and pg.bundle_specs == [{"CPU": 1}, {"CPU": 1}]
+    # the reservation is taken from the node's CPUs and shows as group resources
+    wait_for(lambda: cpu_available() == 0.0, 15, message="the group's 2 CPUs to be reserved")
+    total = ray.cluster_resources()
+    assert total["CPU"] == 2.0
+    assert total.get(f"CPU_group_{pg.id.hex()}") == 2.0, sorted(total)
+    remove_placement_group(pg)
+    wait_for(lambda: cpu_available() == 2.0, 15, message="the CPUs back after removal")
+    assert placement_group_table(pg)["state"] == "REMOVED"
+    assert pg.wait(1) is False
+
+
+def test_strict_spread_on_one_node_stays_pending(groups):
+    pg = placement_group([{"CPU": 1}, {"CPU": 1}], strategy="STRICT_SPREAD")
+    groups["groups"].append(pg)
+    assert pg.wait(2) is False
+    entry = wait_for(lambda: (lambda e: e if e["stats"]["pending_reason"] else None)(
+        placement_group_table(pg)), 10, message="a pending reason")
+    assert entry["state"] == "PENDING"
+    assert cpu_available() == 2.0  # a pending group holds nothing
+    ready, _ = ray.wait([pg.ready()], timeout=0.5)
+    assert ready == []
+
+
+def test_infeasible_group_does_not_block_other_work(groups, tmp_path):
+    pg = placement_group([{"CPU": 100}])
+    groups["groups"].append(pg)
+    assert pg.wait(1) is False
+    entry = placement_group_table(pg)
+    assert entry["state"] == "PENDING"
+    # both CPUs are still usable at the same time, by tasks and by an actor
+    assert ray.get([meet.remote(str(tmp_path), 2) for _ in range(2)], timeout=60) == [True, True]
+    a = Member.options(num_cpus=1).remote()
+    groups["actors"].append(a)
+    assert isinstance(ray.get(a.pid.remote(), timeout=30), int)
+    assert ray.get(whoami.remote(), timeout=30) > 0
+    assert placement_group_table(pg)["state"] == "PENDING"
+    assert placement_group_table(pg)["stats"]["pending_reason"]
+
+
+def test_group_is_reserved_atomically(groups, tmp_path):
+    """3 x 1 CPU on a 2-CPU node can never be placed: none of it may be held."""
+    pg = placement_group([{"CPU": 1}, {"CPU": 1}, {"CPU": 1}], strategy="PACK")
+    groups["groups"].append(pg)
+    assert pg.wait(1) is False
+    stays(lambda: cpu_available() == 2.0, 2.0)
+    assert ray.get([meet.remote(str(tmp_path), 2) for _ in range(2)], timeout=60) == [True, True]
+    assert placement_group_table(pg)["state"] == "PENDING"
+    stays(lambda: cpu_available() == 2.0, 0.5)
+
+
+# -- scheduling into groups ---------------------------------------------------------------------
+def test_tasks_and_actors_in_bundles(groups, tmp_path):
+    pg = placement_group([{"CPU": 1}, {"CPU": 1}])
+    groups["groups"].append(pg)
+    ray.get(pg.ready(), timeout=30)
+    wait_for(lambda: cpu_available() == 0.0, 15, message="the group to hold both CPUs")
+    # every CPU outside the group is reserved, so anything that runs now runs in the group
+    for index in (0, 1, -1):
+        assert ray.get(whoami.options(scheduling_strategy=in_group(pg, index)).remote(),
+                       timeout=30) > 0
+    a = Member.options(num_cpus=1, scheduling_strategy=in_group(pg, 0)).remote()
+    groups["actors"].append(a)
+    assert isinstance(ray.get(a.pid.remote(), timeout=30), int)
+    # bundle 0 is the actor's now; bundle 1 and "any bundle" still take tasks
+    assert ray.get(whoami.options(scheduling_strategy=in_group(pg, 1)).remote(), timeout=30) > 0
+    assert ray.get(whoami.options(scheduling_strategy=in_group(pg, -1)).remote(), timeout=30) > 0
+    # two tasks in the group's two bundles run side by side once the actor is gone
+    ray.kill(a)
+    refs = [meet.options(scheduling_strategy=in_group(pg, i)).remote(str(tmp_path), 2)
+            for i in (0, 1)]
+    assert ray.get(refs, timeout=60) == [True, True]
+    # a bundle index beyond the group is rejected
+    with pytest.raises(ValueError):
+        whoami.options(scheduling_strategy=in_group(pg, 2)).remote()
+
+
+def test_normal_task_waits_while_group_holds_all_cpus(groups):
+    pg = placement_group([{"CPU": 2}], strategy="STRICT_PACK")
+    groups["groups"].append(pg)
+    ray.get(pg.ready(), timeout=30)
+    ref = whoami.remote()
+    ready, _ = ray.wait([ref], timeout=1.5)
+    assert ready == [], "a task outside the group ran although the group holds every CPU"
+    remove_placement_group(pg)
+    assert ray.get(ref, timeout=30) > 0
+
+
+def test_capture_child_tasks(groups):
+    pg = placement_group([{"CPU": 1}, {"CPU": 1}])
+    groups["groups"].append(pg)
+    ray.get(pg.ready(), timeout=30)
+    wait_for(lambda: cpu_available() == 0.0, 15, message="the group to hold both CPUs")
+    got = ray.get(parent_submits_child.options(
+        scheduling_strategy=in_group(pg, -1, capture=True)).remote(), timeout=60)
+    assert got == {"parent": pg.id.hex(), "child": pg.id.hex()}
+    # without capture the task sees no current group
+    assert ray.get(current_group.options(scheduling_strategy=in_group(pg, 0)).remote(),
+                   timeout=30) is None
+    assert get_current_placement_group() is None  # the driver is in no group
+
+
+# -- removal ------------------------------------------------------------------------------------
+def test_remove_kills_actor_and_returns_resources(groups):
+    pg = placement_group([{"CPU": 1}, {"CPU": 1}])
+    groups["groups"].append(pg)
+    ray.get(pg.ready(), timeout=30)
+    a = Member.options(num_cpus=1, scheduling_strategy=in_group(pg, 0)).remote()
+    groups["actors"].append(a)
+    pid = ray.get(a.pid.remote(), timeout=30)
+    wait_for(lambda: cpu_available() == 0.0, 15, message="the group to hold both CPUs")
+    remove_placement_group(pg)
+    wait_for(lambda: pid_gone(pid), 15, message="the group's actor process to exit")
+    with pytest.raises(ActorDiedError):
+        ray.get(a.pid.remote(), timeout=30)
+    wait_for(lambda: cpu_available() == 2.0, 15, message="the group's CPUs to come back")
+    with pytest.raises(ValueError):
+        get_placement_group("never-named")
+
+
+def test_task_pending_on_removed_group_fails(groups, tmp_path):
+    """Ray fails tasks whose placement group was removed (TaskPlacementGroupRemoved)
+    instead of leaving them pending forever."""
+    pg = placement_group([{"CPU": 1}])
+    groups["groups"].append(pg)
+    ray.get(pg.ready(), timeout=30)
+    gate = str(tmp_path / "gate")
+    running = block_on.options(scheduling_strategy=in_group(pg, 0), max_retries=0).remote(gate)
+    queued = whoami.options(scheduling_strategy=in_group(pg, 0)).remote()
+    ready, _ = ray.wait([running, queued], timeout=1.0)
+    assert ready == []
+    remove_placement_group(pg)
+    try:
+        with pytest.raises(RayError) as info:
+            ray.get(running, timeout=15)
+        assert not isinstance(info.value, GetTimeoutError), "the running task hangs"
+        with pytest.raises(RayError) as info:
+            ray.get(queued, timeout=15)
+        assert not isinstance(info.value, GetTimeoutError), \
+            "a task pending on a removed placement group hangs"
+    finally:
+        Path(gate).touch()
+        for ref in (running, queued):
+            try:
+                ray.cancel(ref, force=True)
+            except Exception:
+                pass
+
+
+# -- names and validation -----------------------------------------------------------------------
+def test_named_group_lookup(groups):
+    name = f"pg-{uuid.uuid4().hex[:8]}"
+    pg = placement_group([{"CPU": 1}], name=name)
+    groups["groups"].append(pg)
+    found = get_placement_group(name)
+    assert found == pg and found.id.hex() == pg.id.hex()
+    assert found.bundle_specs == [{"CPU": 1.0}]
+    assert found.wait(10) is True
+    assert placement_group_table(found)["name"] == name
+    remove_placement_group(pg)
+    with pytest.raises(ValueError):
+        get_placement_group(name)
+
+
+@pytest.mark.parametrize("bundles, strategy", [
+    ([], "PACK"),
+    ([{}], "PACK"),
+    ([{"CPU": 1}, {}], "PACK"),
+    ([{"CPU": 1}], "BEST_EFFORT"),
+    ([{"CPU": 1}], "pack"),
+])
+def test_invalid_groups_raise_value_error(cluster, bundles, strategy):
+    with pytest.raises(ValueError):
+        placement_group(bundles, strategy=strategy)
