@@ -386,6 +386,8 @@ def kill(actor: Any, *, no_restart: bool = True) -> None:
                               reason="it was killed by kill()" + ("" if no_restart else
                                                                   " (restart allowed)"))
     cw.call(lambda: cw.actors.gcs().KillActor(req, timeout=30))
+    if no_restart:
+        cw.post(cw.actors.mark_killed, actor._actor_id, req.reason)
 
 
 def get_actor(name: str, namespace: Optional[str] = None) -> Any:

@@ -306,6 +306,17 @@ class ActorSubmitter:
         for task in pending:
             self.cw.submitter.finish_task(task, [a.death] * len(task.return_ids))
 
+    def mark_killed(self, actor_id: bytes, reason: str) -> None:
+        """Loop thread: kill() returned; current, pending and future calls fail at once
+        (the worker may take a moment to die, and must not run calls meanwhile)."""
+        a = self._actor(actor_id)
+        if a.conn is not None:
+            a.limbo.extend(a.conn.inflight.values())
+            a.conn.inflight.clear()
+            a.conn.close()
+            a.conn = None
+        self._dead(a, reason, b"")
+
     def close(self) -> None:
         for a in self.actors.values():
             if a.conn is not None:

@@ -72,6 +72,7 @@ class Executor:
         self.actor_limit = 1
         self.creation_stream: Optional[_Stream] = None
         self.creation_task_id = b""
+        self.actor_exiting = False
 
     # -- loop thread ------------------------------------------------------------------------------
     async def serve_stream(self, request_iterator):
@@ -191,6 +192,8 @@ class Executor:
     def _prepare(self, spec: common_pb2.TaskSpec, stream: _Stream):
         """(callable, args, kwargs) for a task, an actor creation or an actor call."""
         cw = self.cw
+        if self.actor_exiting and spec.actor_id:
+            raise ActorExitRequested()  # calls that arrive after exit_actor() fail the same way
         job = stream.job
         if job is not None:
             cw.job_id = job.job_id
@@ -278,17 +281,20 @@ class Executor:
     def _actor_exit(self, spec: common_pb2.TaskSpec) -> common_pb2.TaskResult:
         """exit_actor(): fail this call, tell the GCS not to restart, then exit the process."""
         reason = "the actor exited intentionally (exit_actor())"
+        first = not self.actor_exiting
+        self.actor_exiting = True
         err = ActorDiedError(f"The actor {spec.actor_id.hex()} is dead: {reason}",
                              actor_id=spec.actor_id.hex())
         data = serialize_error(err).to_bytes()
         result = common_pb2.TaskResult(task_id=spec.task_id, app_error=True, returns=[
             common_pb2.ObjectLocation(object_id=oid, inline_data=data, is_error=True, size=len(data))
             for oid in spec.return_ids])
-        notice = common_pb2.TaskResult(task_id=self.creation_task_id or b"", actor_exit=True,
-                                       exit_reason=reason)
-        if self.creation_stream is not None:
-            self.cw.post(self._post_result, self.creation_stream, notice)
-        self.cw.post(self.cw.loop.call_later, 0.2, os._exit, 0)
+        if first:
+            notice = common_pb2.TaskResult(task_id=self.creation_task_id or b"", actor_exit=True,
+                                           exit_reason=reason)
+            if self.creation_stream is not None:
+                self.cw.post(self._post_result, self.creation_stream, notice)
+            self.cw.post(self.cw.loop.call_later, 0.2, os._exit, 0)
         return result
 
     def _apply_job(self, job: common_pb2.JobConfig) -> None:

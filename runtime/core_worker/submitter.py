@@ -358,7 +358,9 @@ class TaskSubmitter:
                         lease.idle_timer.cancel()
                     ks.leases.remove(lease)
                     touched.add(id(ks))
-                    self.cw.raylet.return_lease(lease.lease_id)
+                    # The worker is gone (or unreachable): make sure the raylet never
+                    # grants it again, even before it notices the process exit itself.
+                    self.cw.raylet.return_lease(lease.lease_id, kill_worker=True)
         tasks = list(conn.inflight.values())
         conn.inflight.clear()
         for task in tasks:

@@ -46,6 +46,9 @@ class _RayletLink:
             worker_id=self.manager.gcs_worker_id, is_driver=True, pid=os.getpid(), port=0))
 
     def _on_grant(self, grant: raylet_pb2.LeaseGrant) -> None:
+        if grant.queued:
+            self.manager.on_pending_reason(grant.request_id, "waiting for free resources")
+            return
         if grant.message and not grant.lease_id and not grant.rejected and not grant.retry_at:
             self.warnings[grant.request_id] = grant.message
             self.manager.on_pending_reason(grant.request_id, grant.message)

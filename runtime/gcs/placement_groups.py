@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Tuple
 import grpc
 
 from runtime.protocol import gcs_pb2, raylet_pb2, raylet_pb2_grpc
-from runtime.raylet.resources import add, describe, fits, missing, subtract
+from runtime.raylet.resources import add, bundle_resources, describe, fits, missing, subtract
 
 log = logging.getLogger("runtime.gcs.placement_groups")
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -109,9 +109,9 @@ class PlacementGroupManager:
             self.groups.get(self.names.get((req.namespace, req.name), b""))
         if g is None:
             return gcs_pb2.PlacementGroupReply(found=False)
-        if req.newer_than and g.info.version <= req.newer_than:
+        if req.newer_than and g.info.version <= req.newer_than and req.timeout_s > 0:
             try:
-                await asyncio.wait_for(g.changed.wait(), req.timeout_s or 30.0)
+                await asyncio.wait_for(g.changed.wait(), req.timeout_s)
             except asyncio.TimeoutError:
                 pass
         return gcs_pb2.PlacementGroupReply(found=True, info=g.info)
@@ -128,11 +128,13 @@ class PlacementGroupManager:
         if spec.name and self.names.get((spec.namespace, spec.name)) == spec.placement_group_id:
             del self.names[(spec.namespace, spec.name)]
         await self.gcs.actor_manager.kill_in_placement_group(spec.placement_group_id)
+        # Every node hears of the removal: the ones holding bundles free them, and all of
+        # them fail work still waiting for the group instead of letting it hang.
+        by_node: Dict[bytes, List[int]] = {n.node_id: [] for n in self.gcs.nodes.values() if n.alive}
         if was_created:
-            by_node: Dict[bytes, List[int]] = {}
             for i, nid in enumerate(g.info.bundle_nodes):
                 by_node.setdefault(nid, []).append(i)
-            await self._cancel(spec, by_node)
+        await self._cancel(spec, by_node, remove=True)
         log.info("placement group %s removed", spec.placement_group_id.hex()[:8])
         self._changed(g)
 
@@ -189,19 +191,30 @@ class PlacementGroupManager:
         if len(prepared) != len(by_node):
             await self._cancel(spec, prepared)
             return False, why
+        pg_hex = spec.placement_group_id.hex()
         for nid, idxs in prepared.items():
             req = raylet_pb2.BundleRequest(placement_group_id=spec.placement_group_id, indexes=idxs)
-            await self._stub(self.gcs.nodes[nid]).CommitBundles(req, timeout=10)
+            node = self.gcs.nodes[nid]
+            await self._stub(node).CommitBundles(req, timeout=10)
+            # Mirror the commit in the GCS's view at once (the raylet's next report agrees),
+            # so cluster_resources() shows the group as soon as ready() resolves.
+            for i in idxs:
+                for k, v in bundle_resources(pg_hex, i, bundles[i]).items():
+                    node.resources_total[k] = node.resources_total[k] + v
+                    node.resources_available[k] = node.resources_available[k] + v
+                for k, v in bundles[i].items():
+                    node.resources_available[k] = node.resources_available[k] - v
         return True, ""
 
-    async def _cancel(self, spec, by_node: Dict[bytes, List[int]]) -> None:
+    async def _cancel(self, spec, by_node: Dict[bytes, List[int]], remove: bool = False) -> None:
         for nid, idxs in by_node.items():
             node = self.gcs.nodes.get(nid)
             if node is None or not node.alive:
                 continue
             try:
                 await self._stub(node).CancelBundles(raylet_pb2.BundleRequest(
-                    placement_group_id=spec.placement_group_id, indexes=idxs), timeout=10)
+                    placement_group_id=spec.placement_group_id, indexes=idxs, remove=remove),
+                    timeout=10)
             except grpc.RpcError as exc:
                 log.warning("could not release bundles of %s on %s: %s",
                             spec.placement_group_id.hex()[:8], node.node_ip, exc.code().name)

@@ -31,6 +31,19 @@ def add(into: Resources, request: Resources) -> None:
             into[k] = into.get(k, 0.0) + v
 
 
+def bundle_resources(pg_hex: str, index: int, res: Resources) -> Resources:
+    """The resources a committed bundle adds to its node (Ray's names):
+    ``CPU_group_<i>_<pg>``, ``CPU_group_<pg>``, ``bundle_group_<i>_<pg>``, ``bundle_group_<pg>``.
+    The unindexed (wildcard) names accumulate over the group's bundles on a node."""
+    out: Resources = {}
+    for k, v in res.items():
+        out[f"{k}_group_{index}_{pg_hex}"] = v
+        out[f"{k}_group_{pg_hex}"] = v
+    out[f"bundle_group_{index}_{pg_hex}"] = 1000.0
+    out[f"bundle_group_{pg_hex}"] = 1000.0
+    return out
+
+
 def describe(res: Resources) -> str:
     return "{" + ", ".join(f"{k!r}: {v:g}" for k, v in sorted(res.items())) + "}"
 

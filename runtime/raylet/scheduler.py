@@ -25,7 +25,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-from runtime.raylet.resources import GpuInstances, Resources, add, describe, fits, missing, subtract
+from runtime.raylet.resources import (GpuInstances, Resources, add, bundle_resources, describe,
+                                      fits, missing, subtract)
 
 RequestKey = Tuple[int, int]  # (client id, request id)
 
@@ -143,6 +144,7 @@ class Scheduler:
         self.remote_nodes: Dict[bytes, RemoteNode] = {}
         self.prepared: Dict[Tuple[str, int], Resources] = {}
         self.committed: Dict[Tuple[str, int], Resources] = {}
+        self.removed_groups: set = set()
         self._lease_ids = itertools.count(1)
 
     # -- stimuli ---------------------------------------------------------------------------
@@ -236,7 +238,13 @@ class Scheduler:
                 continue
             if target == "infeasible":
                 if req.strategy == "PLACEMENT_GROUP":
-                    continue  # waits for its group to be created; not an error
+                    gone = next((g for g in self.removed_groups
+                                 if any(k.endswith(g) for k in req.resources)), None)
+                    if gone is not None:
+                        del self.pending[key]
+                        actions.append(Reject(req.client, req.request_id,
+                                              f"its placement group {gone} was removed"))
+                    continue  # otherwise it waits for its group to be created
                 if not req.warned:
                     req.warned = True
                     actions.append(Warn(req.client, req.request_id, self._infeasible_message(req)))
@@ -290,26 +298,19 @@ class Scheduler:
             res = self.prepared.pop((pg_hex, idx), None)
             if res is None:
                 continue
-            group: Resources = {}
-            for k, v in res.items():
-                group[f"{k}_group_{idx}_{pg_hex}"] = v
-                group[f"{k}_group_{pg_hex}"] = v
-            group[f"bundle_group_{idx}_{pg_hex}"] = 1000.0
-            group[f"bundle_group_{pg_hex}"] = 1000.0
-            for k, v in group.items():
-                if k == f"bundle_group_{pg_hex}" and k in self.total:
-                    self.total[k] += v
-                    self.available[k] += v
-                else:
-                    add(self.total, {k: v})
-                    add(self.available, {k: v})
+            group = bundle_resources(pg_hex, idx, res)
+            add(self.total, group)
+            add(self.available, group)
             self.committed[(pg_hex, idx)] = res
 
-    def cancel_bundles(self, pg_hex: str, indexes: List[int]) -> List[KillWorker]:
+    def cancel_bundles(self, pg_hex: str, indexes: List[int], remove: bool = False) -> List[KillWorker]:
         """Undo a prepare, or remove committed bundles: give their resources back and
-        kill the workers that run inside them."""
+        kill the workers that run inside them. With remove, requests still waiting for
+        the group are rejected by the next schedule(), now and later."""
         kills = []
         suffix = f"_{pg_hex}"
+        if remove:
+            self.removed_groups.add(pg_hex)
         for idx in indexes:
             res = self.prepared.pop((pg_hex, idx), None)
             if res is not None:

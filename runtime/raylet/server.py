@@ -168,7 +168,8 @@ class Raylet(raylet_pb2_grpc.RayletServicer):
         return raylet_pb2.BundleReply(ok=True)
 
     async def CancelBundles(self, request, context):
-        for kill in self.sched.cancel_bundles(request.placement_group_id.hex(), list(request.indexes)):
+        for kill in self.sched.cancel_bundles(request.placement_group_id.hex(), list(request.indexes),
+                                              request.remove):
             self._kill_worker(kill.worker_id, kill.reason)
         self._run_scheduler()
         return raylet_pb2.BundleReply(ok=True)

@@ -63,7 +63,9 @@ class PlacementGroup:
         version = 0
         while True:
             left = deadline - time.monotonic()
-            info = _get(self.id.binary(), newer_than=version, timeout_s=max(0.0, min(left, 30)))
+            wait_s = min(left, 30.0) if version else 0.0
+            info = _get(self.id.binary(), newer_than=version if left > 0.01 else 0,
+                        timeout_s=max(0.01, wait_s))
             if info is None:
                 return False
             if info.state == "CREATED":
