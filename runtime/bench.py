@@ -1,8 +1,10 @@
 """``python -m runtime.bench``: the runtime's own benchmark, one line per figure.
 
-Measures what the runtime-core issue names: init time, first-task time, sync
-task latency, async task throughput, small put/get rates, 100 MB put/get
-throughput, idle cluster RSS and RSS after N (default 100k) tasks. Cluster
+Measures what the runtime-core and actor issues name: init time, first-task
+time, sync task latency, async task throughput, small put/get rates, 100 MB
+put/get throughput, actor creation, sync actor call latency, async calls/s to
+1 and 4 actors and to an async actor, idle cluster RSS and RSS after N
+(default 100k) tasks. ``--task-events off`` measures the cost of task events. Cluster
 RSS is the sum over the driver's descendant processes (the private cluster),
 driver excluded, as ../shared/bench/microbench.py counts it.
 
@@ -49,7 +51,12 @@ def main(argv=None) -> int:
     p.add_argument("--num-cpus", type=int, default=2)
     p.add_argument("--tasks", type=int, default=100_000, help="tasks before the second RSS sample")
     p.add_argument("--json", default="", help="also write the figures to this file")
+    p.add_argument("--task-events", choices=("on", "off"), default="on",
+                   help="record task events (the default) or not, to measure their cost")
     args = p.parse_args(argv)
+    import os
+
+    os.environ["RUNTIME_TASK_EVENTS"] = "1" if args.task_events == "on" else "0"
 
     import numpy as np
 
@@ -111,6 +118,52 @@ def main(argv=None) -> int:
         del ref, view
     emit("put_100mb_gbps", 0.1048576 / statistics.median(puts), "GB/s")
     emit("get_100mb_gbps", 0.1048576 / statistics.median(gets), "GB/s")
+
+    @ray.remote(num_cpus=0)
+    class Pinger:
+        def ping(self):
+            return None
+
+    @ray.remote(num_cpus=0)
+    class AsyncPinger:
+        async def ping(self):
+            return None
+
+    t0 = time.perf_counter()
+    actors = [Pinger.remote() for _ in range(10)]
+    ray.get([a.ping.remote() for a in actors])
+    emit("actor_create_s", (time.perf_counter() - t0) / 10, "s/actor")
+    a0 = actors[0]
+    lat = []
+    for _ in range(1000):
+        t0 = time.perf_counter()
+        ray.get(a0.ping.remote())
+        lat.append(time.perf_counter() - t0)
+    emit("actor_call_latency_ms", 1e3 * statistics.median(lat), "ms")
+    rates = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        ray.get([a0.ping.remote() for _ in range(5000)])
+        rates.append(5000 / (time.perf_counter() - t0))
+    emit("actor_calls_per_s", statistics.median(rates), "calls/s")
+    four = actors[:4]
+    rates = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        ray.get([four[i % 4].ping.remote() for i in range(5000)])
+        rates.append(5000 / (time.perf_counter() - t0))
+    emit("actor_calls_4_actors_per_s", statistics.median(rates), "calls/s")
+    aa = AsyncPinger.remote()
+    ray.get(aa.ping.remote())
+    rates = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        ray.get([aa.ping.remote() for _ in range(5000)])
+        rates.append(5000 / (time.perf_counter() - t0))
+    emit("async_actor_calls_per_s", statistics.median(rates), "calls/s")
+    for a in actors + [aa]:
+        ray.kill(a)
+    del actors, a0, four, aa
 
     done = 0
     t0 = time.perf_counter()
