@@ -3,24 +3,48 @@ and stopped through the supervisor.
 
 ``runtime.init()`` uses it to start a private cluster; ``node-agent`` uses the
 same class for head and worker nodes, so both run exactly the same processes.
+
+The two users differ in two settings only:
+
+* ports: a private cluster binds free ports and learns them from the ready
+  files; the agent gives every component a fixed port (GCS 6379, raylet and
+  object store from its config), so a component restarted after a crash comes
+  back at the address the others already use;
+* restarts: a private cluster never restarts anything (a dead component is an
+  error the driver sees); under the agent, ``NodeConfig.restart`` makes the
+  supervisor restart a dead component with backoff until it crash-loops.
+
+What a restart means for each component (see :meth:`Node.on_component_exit`):
+
+* GCS: its tables are in memory, so a new GCS knows no node. Each raylet's next
+  ReportResources is answered ``node_dead`` and the raylet exits; the supervisor
+  restarts it and it registers again.
+* raylet: a new raylet is a new node (Ray's semantics): its workers died with it,
+  so it gets a fresh node id, and the old id is reported dead to the GCS.
+* object store: its objects are gone; the files the dead store left in
+  ``/dev/shm`` are deleted before it restarts.
 """
 from __future__ import annotations
 
+import glob
+import json
 import logging
 import os
 import secrets
 import shutil
 import sys
-import json
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from runtime import config, ids
 from runtime.gpu import resolve_gpu_ids
 from runtime.rpc import TOKEN_ENV
-from runtime.supervisor import ProcessSpec, Supervisor
+from runtime.supervisor import ComponentStartError, ManagedProcess, ProcessSpec, RestartPolicy, Supervisor
 
 log = logging.getLogger("runtime.node")
+
+#: Start order; stop order is the reverse (workers go with their raylet).
+COMPONENTS = ("gcs", "object_store", "raylet")
 
 
 @dataclass
@@ -37,6 +61,16 @@ class NodeConfig:
     token: str = ""
     prestart_workers: Optional[int] = None  # default: one per CPU, up to PRESTART_MAX_WORKERS
     labels: Dict[str, str] = field(default_factory=dict)
+    raylet_port: int = 0             # 0 = any free port; node-agent: a fixed port
+    object_store_port: int = 0       # 0 = any free port; node-agent: a fixed port
+    memory: Optional[float] = None   # the "memory" resource; default 70% of available RAM
+    restart: Optional[RestartPolicy] = None
+    """None: a component that dies stays dead (private clusters). node-agent sets a
+    policy so the supervisor restarts it with backoff and detects crash loops."""
+    component_env: Dict[str, Dict[str, str]] = field(default_factory=dict)
+    """Extra environment per component ("gcs", "object_store", "raylet", or "all"
+    for every one), e.g. RUNTIME_* tunables from the agent's config."""
+    stop_grace_s: float = 3.0
 
 
 def default_object_store_memory() -> int:
@@ -68,7 +102,10 @@ def node_resources(cfg: NodeConfig) -> tuple[Dict[str, float], List[int]]:
     if gpu_ids:
         total["GPU"] = float(len(gpu_ids))
     store = cfg.object_store_memory or default_object_store_memory()
-    total["memory"] = float(int(psutil.virtual_memory().available * 0.7))
+    if cfg.memory is not None:
+        total["memory"] = float(cfg.memory)
+    else:
+        total["memory"] = float(int(psutil.virtual_memory().available * 0.7))
     total["object_store_memory"] = float(store)
     total[f"node:{cfg.node_ip}"] = 1.0
     if cfg.head:
@@ -78,9 +115,16 @@ def node_resources(cfg: NodeConfig) -> tuple[Dict[str, float], List[int]]:
 
 
 class Node:
+    """The processes of one node. ``start()`` raises ComponentStartError naming the
+    component that failed; with a restart policy, a component that is still being
+    restarted by the supervisor is not an error (see ``start_errors``)."""
+
     def __init__(self, cfg: NodeConfig, supervisor: Optional[Supervisor] = None) -> None:
         self.cfg = cfg
         self.node_id = ids.random_id(ids.NODE_ID_SIZE)
+        # The store names its /dev/shm files after the node id it was started with;
+        # that name stays when a restarted raylet becomes a new node.
+        self.store_node_hex = self.node_id.hex()
         self.supervisor = supervisor or Supervisor()
         self._own_supervisor = supervisor is None
         self.token = cfg.token or secrets.token_urlsafe(32)
@@ -90,6 +134,7 @@ class Node:
         self.resources: Dict[str, float] = {}
         self.gpu_ids: List[int] = []
         self.pids: Dict[str, int] = {}
+        self.start_errors: Dict[str, ComponentStartError] = {}
 
     @property
     def session_dir(self) -> str:
@@ -101,9 +146,33 @@ class Node:
         ready_file = os.path.join(run_dir, f"{name}-{self.node_id.hex()[:8]}.ready")
         argv = [sys.executable, "-m", module, "--session-dir", self.session_dir,
                 "--ready-file", ready_file] + args
-        return ProcessSpec(name=name, argv=argv,
+        env = {TOKEN_ENV: self.token}
+        env.update(self.cfg.component_env.get("all", {}))
+        env.update(self.cfg.component_env.get(name, {}))
+        spec = ProcessSpec(name=name, argv=argv,
                            log_path=os.path.join(self.session_dir, "logs", f"{name}.log"),
-                           env={TOKEN_ENV: self.token}, ready_file=ready_file, stop_grace_s=3.0)
+                           env=env, ready_file=ready_file, stop_grace_s=self.cfg.stop_grace_s)
+        if self.cfg.restart is not None:
+            spec.restart = self.cfg.restart
+        return spec
+
+    def _wait(self, proc: ManagedProcess, port: int, timeout: float) -> int:
+        """Wait for proc's ready file; the port it serves on.
+
+        With a restart policy and a fixed port, a component that died before it was
+        ready is being restarted by the supervisor: remember the error for the
+        caller's status and carry on with the known port."""
+        try:
+            info = proc.wait_ready(timeout)
+        except ComponentStartError as exc:
+            if self.cfg.restart is None or not self.cfg.restart.restart or not port:
+                raise
+            log.error("%s is not ready yet; the supervisor keeps restarting it: %s",
+                      proc.name, str(exc).splitlines()[0])
+            self.start_errors[proc.name] = exc
+            return port
+        self.pids[proc.name] = proc.pid or 0
+        return int(info["port"])
 
     def start(self) -> None:
         """Start the node's processes; raise ComponentStartError naming what failed."""
@@ -111,6 +180,7 @@ class Node:
         self.resources, self.gpu_ids = node_resources(cfg)
         node_hex = self.node_id.hex()
         timeout = config.COMPONENT_START_TIMEOUT_S
+        self.start_errors = {}
         gcs = None
         if cfg.head:
             gcs = self.supervisor.spawn(self._spec(
@@ -118,31 +188,62 @@ class Node:
                                        "--cluster-id", node_hex[:12]]))
         store = self.supervisor.spawn(self._spec(
             "object_store", "runtime.object_store",
-            ["--node-id", node_hex, "--host", cfg.node_ip, "--port", "0",
+            ["--node-id", node_hex, "--host", cfg.node_ip, "--port", str(cfg.object_store_port),
              "--capacity", str(int(self.resources["object_store_memory"]))]))
         # GCS and store start in parallel; the raylet needs both addresses.
         if gcs is not None:
-            info = gcs.wait_ready(timeout)
-            self.gcs_address = f"{cfg.node_ip}:{info['port']}"
-            self.pids["gcs"] = gcs.pid
-        info = store.wait_ready(timeout)
-        self.store_address = f"{cfg.node_ip}:{info['port']}"
-        self.pids["object_store"] = store.pid
+            self.gcs_address = f"{cfg.node_ip}:{self._wait(gcs, cfg.gcs_port, timeout)}"
+        self.store_address = f"{cfg.node_ip}:{self._wait(store, cfg.object_store_port, timeout)}"
         raylet = self.supervisor.spawn(self._spec(
             "raylet", "runtime.raylet",
-            ["--node-id", node_hex, "--node-ip", cfg.node_ip, "--gcs-address", self.gcs_address,
+            ["--node-id", node_hex, "--node-ip", cfg.node_ip, "--port", str(cfg.raylet_port),
+             "--gcs-address", self.gcs_address,
              "--store-address", self.store_address, "--resources", json.dumps(self.resources),
              "--gpu-ids", ",".join(str(i) for i in self.gpu_ids),
              "--object-store-memory", str(int(self.resources["object_store_memory"])),
              "--prestart", str(self._prestart())] + (["--is-head"] if cfg.head else [])))
-        info = raylet.wait_ready(timeout)
-        self.raylet_address = f"{cfg.node_ip}:{info['port']}"
-        self.pids["raylet"] = raylet.pid
+        self.raylet_address = f"{cfg.node_ip}:{self._wait(raylet, cfg.raylet_port, timeout)}"
 
     def _prestart(self) -> int:
         if self.cfg.prestart_workers is not None:
             return self.cfg.prestart_workers
         return max(1, min(int(self.resources.get("CPU", 1)), config.PRESTART_MAX_WORKERS))
+
+    def processes(self) -> List[ManagedProcess]:
+        """This node's supervised components, in start order."""
+        return [p for p in (self.supervisor.get(n) for n in COMPONENTS) if p is not None]
+
+    def on_component_exit(self, proc: ManagedProcess, returncode: int) -> Optional[bytes]:
+        """Prepare the restart of a component that exited unexpectedly.
+
+        Called from the supervisor's monitor thread (its on_exit callback), which
+        runs the restart only on a later iteration, so changes made here apply to
+        it. Returns the node id that stopped existing when the raylet died (the
+        caller reports it dead to the GCS), else None.
+        """
+        if proc.name == "raylet":
+            old = self.node_id
+            self.node_id = ids.random_id(ids.NODE_ID_SIZE)
+            argv = list(proc.spec.argv)
+            argv[argv.index("--node-id") + 1] = self.node_id.hex()
+            proc.spec.argv = argv
+            log.warning("raylet of node %s exited; it restarts as node %s",
+                        old.hex()[:8], self.node_id.hex()[:8])
+            return old
+        if proc.name == "object_store":
+            self.remove_store_files()
+        return None
+
+    def remove_store_files(self) -> None:
+        """Delete the /dev/shm files of this node's object store (it is dead)."""
+        from runtime.object_store.store import FILE_PREFIX
+
+        pattern = os.path.join("/dev/shm", f"{FILE_PREFIX}{self.store_node_hex[:12]}-*")
+        for path in glob.glob(pattern):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
     def address_info(self) -> dict:
         return {"node_ip_address": self.cfg.node_ip, "gcs_address": self.gcs_address,
@@ -150,9 +251,14 @@ class Node:
                 "object_store_address": self.store_address, "session_dir": self.session_dir,
                 "node_id": self.node_id.hex(), "webui_url": None}
 
-    def stop(self, grace: float = 3.0) -> None:
-        """Stop raylet (and its workers) first, then the store, then the GCS."""
-        for name in ("raylet", "object_store", "gcs"):
+    def stop(self, grace: Optional[float] = None) -> None:
+        """Stop raylet (and its workers) first, then the store, then the GCS.
+
+        Each is stopped (SIGTERM, grace, SIGKILL, reaped) before the next, so the
+        raylet can still unregister from the GCS and the store can still delete
+        its files. Pending restarts are cancelled."""
+        grace = self.cfg.stop_grace_s if grace is None else grace
+        for name in reversed(COMPONENTS):
             proc = self.supervisor.get(name)
             if proc is not None:
                 proc.stop(grace)

@@ -17,4 +17,4 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e ".[test,tui]"
-.venv/bin/python -m runtime._protocol_build
+.venv/bin/python runtime/_protocol_build.py

@@ -114,8 +114,8 @@ class Sleeper:
 
 @ray.remote
 class Meeting:
-    def __init__(self, parties):
-        self.barrier = threading.Barrier(parties, timeout=10)
+    def __init__(self, parties, timeout=10.0):
+        self.barrier = threading.Barrier(parties, timeout=timeout)
 
     def meet(self):
         return self.barrier.wait()
@@ -327,7 +327,7 @@ def test_threaded_actor_max_concurrency(actors):
 
 
 def test_default_actor_runs_one_call_at_a_time(actors):
-    m = Meeting.remote(2)  # max_concurrency=1: two calls can never meet at the barrier
+    m = Meeting.remote(2, 1.0)  # max_concurrency=1: two calls can never meet at the barrier
     actors.append(m)
     refs = [m.meet.remote() for _ in range(2)]
     with pytest.raises(threading.BrokenBarrierError):

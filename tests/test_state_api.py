@@ -215,6 +215,10 @@ def test_actor_tasks_and_summary(cluster):
     try:
         ray.get([probe.pid.remote() for _ in range(2)], timeout=30)
         ray.get([noop.options(name="summed").remote(i) for i in range(4)], timeout=30)
+        for _ in range(2):
+            with pytest.raises(ValueError):
+                ray.get(fail_loudly.options(name="summed_fail", max_retries=0).remote(),
+                        timeout=30)
         actor_id = probe._actor_id.hex()
 
         def actor_tasks():
@@ -226,14 +230,17 @@ def test_actor_tasks_and_summary(cluster):
 
         def summary_ready():
             s = summarize_tasks()["cluster"]["summary"]
-            entry = s.get("summed")
-            return s if entry and entry["state_counts"].get("FINISHED") == 4 else None
-        summary = wait_for(summary_ready, 15, message="4 FINISHED 'summed' in the summary")
-        assert summary["my_task"]["state_counts"].get("FINISHED") == 3
-        assert summary["failing_task"]["state_counts"].get("FAILED") == 1
+            done = s.get("summed", {}).get("state_counts", {}).get("FINISHED")
+            failed = s.get("summed_fail", {}).get("state_counts", {}).get("FAILED")
+            return s if done == 4 and failed == 2 else None
+        summary = wait_for(summary_ready, 15, message="4 FINISHED 'summed', 2 FAILED "
+                                                      "'summed_fail' in the summary")
+        assert summary["summed"]["state_counts"] == {"FINISHED": 4}
+        assert summary["summed_fail"]["state_counts"] == {"FAILED": 2}
+        assert summary["summed"]["type"] == "NORMAL_TASK"
         full = summarize_tasks()["cluster"]
         assert full["total_actor_tasks"] >= 2
-        assert full["total_tasks"] >= 3 + 1 + 1 + 4 + 2
+        assert full["total_tasks"] >= 4 + 2 + 2
     finally:
         ray.kill(probe)
 

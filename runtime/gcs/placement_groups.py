@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Tuple
 import grpc
 
 from runtime.protocol import gcs_pb2, raylet_pb2, raylet_pb2_grpc
-from runtime.raylet.resources import add, bundle_resources, describe, fits, missing, subtract
+from runtime.raylet.resources import add, describe, fits, missing, subtract
 
 log = logging.getLogger("runtime.gcs.placement_groups")
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -191,19 +191,12 @@ class PlacementGroupManager:
         if len(prepared) != len(by_node):
             await self._cancel(spec, prepared)
             return False, why
-        pg_hex = spec.placement_group_id.hex()
         for nid, idxs in prepared.items():
             req = raylet_pb2.BundleRequest(placement_group_id=spec.placement_group_id, indexes=idxs)
             node = self.gcs.nodes[nid]
+            # The raylet reports its new resources to us before it answers, so
+            # cluster_resources() shows the group as soon as ready() resolves.
             await self._stub(node).CommitBundles(req, timeout=10)
-            # Mirror the commit in the GCS's view at once (the raylet's next report agrees),
-            # so cluster_resources() shows the group as soon as ready() resolves.
-            for i in idxs:
-                for k, v in bundle_resources(pg_hex, i, bundles[i]).items():
-                    node.resources_total[k] = node.resources_total[k] + v
-                    node.resources_available[k] = node.resources_available[k] + v
-                for k, v in bundles[i].items():
-                    node.resources_available[k] = node.resources_available[k] - v
         return True, ""
 
     async def _cancel(self, spec, by_node: Dict[bytes, List[int]], remove: bool = False) -> None:

@@ -30,6 +30,7 @@ class Gcs(gcs_pb2_grpc.GcsServicer):
         self.task_events = TaskEventStore(config.TASK_EVENTS_MAX_TASKS)
         self.nodes: Dict[bytes, gcs_pb2.NodeInfo] = {}
         self.pending: Dict[bytes, list] = {}
+        self.report_seq: Dict[bytes, int] = {}
         self.jobs: Dict[bytes, gcs_pb2.JobInfo] = {}
         self.kv: Dict[Tuple[str, bytes], bytes] = {}
         self._next_job = 1
@@ -61,6 +62,9 @@ class Gcs(gcs_pb2_grpc.GcsServicer):
         node = self.nodes.get(request.node_id)
         if node is None or not node.alive:
             return gcs_pb2.ResourceReportReply(node_dead=True)
+        if request.seq and request.seq < self.report_seq.get(request.node_id, 0):
+            return gcs_pb2.ResourceReportReply()  # overtaken by a newer report
+        self.report_seq[request.node_id] = request.seq
         node.resources_available.clear()
         node.resources_available.update(request.resources_available)
         if request.resources_total:

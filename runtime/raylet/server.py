@@ -61,6 +61,8 @@ class Raylet(raylet_pb2_grpc.RayletServicer):
         self._dirty = asyncio.Event()
         self._stopping = asyncio.Event()
         self.port = 0
+        self._report_seq = 0
+        self.gcs = None
 
     # -- gRPC ---------------------------------------------------------------------------------
     async def Connect(self, request_iterator, context):
@@ -165,6 +167,7 @@ class Raylet(raylet_pb2_grpc.RayletServicer):
     async def CommitBundles(self, request, context):
         self.sched.commit_bundles(request.placement_group_id.hex(), list(request.indexes))
         self._run_scheduler()
+        await self._report_now()
         return raylet_pb2.BundleReply(ok=True)
 
     async def CancelBundles(self, request, context):
@@ -172,6 +175,7 @@ class Raylet(raylet_pb2_grpc.RayletServicer):
                                               request.remove):
             self._kill_worker(kill.worker_id, kill.reason)
         self._run_scheduler()
+        await self._report_now()
         return raylet_pb2.BundleReply(ok=True)
 
     async def Shutdown(self, request, context):
@@ -281,17 +285,8 @@ class Raylet(raylet_pb2_grpc.RayletServicer):
             except asyncio.TimeoutError:
                 pass
             self._dirty.clear()
-            report = gcs_pb2.ResourceReport(node_id=self.node_id,
-                                            resources_available=self.sched.available,
-                                            resources_total=self.sched.total)
-            shapes: Dict[str, list] = {}
-            for shape, infeasible in self.sched.pending_demand():
-                key = json.dumps(shape, sort_keys=True)
-                shapes.setdefault(key, [shape, 0, infeasible])[1] += 1
-            for shape, count, infeasible in shapes.values():
-                report.pending.add(shape=shape, count=count, infeasible=infeasible)
             try:
-                reply = await gcs.ReportResources(report, timeout=10)
+                reply = await gcs.ReportResources(self._report(), timeout=10)
                 if reply.node_dead:
                     log.error("the GCS has marked this node dead; exiting")
                     self._stopping.set()
@@ -305,6 +300,26 @@ class Raylet(raylet_pb2_grpc.RayletServicer):
                             exc.details() if hasattr(exc, "details") else exc)
                 await asyncio.sleep(0.5)
             await asyncio.sleep(0.05)  # coalesce bursts of changes
+
+    def _report(self) -> gcs_pb2.ResourceReport:
+        self._report_seq += 1
+        report = gcs_pb2.ResourceReport(node_id=self.node_id, seq=self._report_seq,
+                                        resources_available=self.sched.available,
+                                        resources_total=self.sched.total)
+        shapes: Dict[str, list] = {}
+        for shape, infeasible in self.sched.pending_demand():
+            key = json.dumps(shape, sort_keys=True)
+            shapes.setdefault(key, [shape, 0, infeasible])[1] += 1
+        for shape, count, infeasible in shapes.values():
+            report.pending.add(shape=shape, count=count, infeasible=infeasible)
+        return report
+
+    async def _report_now(self) -> None:
+        """Tell the GCS at once (bundle changes must be visible when the RPC returns)."""
+        try:
+            await self.gcs.ReportResources(self._report(), timeout=10)
+        except grpc.RpcError as exc:
+            log.warning("cannot report resources to the GCS: %s", exc.code().name)
 
     async def _refresh_nodes(self, gcs) -> None:
         nodes = await gcs.GetAllNodes(common_pb2.Empty(), timeout=10)
@@ -326,7 +341,7 @@ class Raylet(raylet_pb2_grpc.RayletServicer):
         self.port = rpc.bind(server, a.node_ip, a.port)
         await server.start()
         channel = rpc.aio_channel(a.gcs_address, self.token)
-        gcs = gcs_pb2_grpc.GcsStub(channel)
+        gcs = self.gcs = gcs_pb2_grpc.GcsStub(channel)
         info = gcs_pb2.NodeInfo(
             node_id=self.node_id, node_ip=a.node_ip, raylet_port=self.port,
             store_port=int(a.store_address.rsplit(":", 1)[1]), resources_total=self.sched.total,
