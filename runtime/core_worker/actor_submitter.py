@@ -19,7 +19,7 @@ from runtime import ids
 from runtime.actor import ActorClass, ActorHandle
 from runtime.core_worker import task_events as te
 from runtime.core_worker.memory_store import Value
-from runtime.core_worker.submitter import PendingTask, record_result
+from runtime.core_worker.submitter import PendingTask, record_result, resolve_slots
 from runtime.core_worker.task_args import prepare_args
 from runtime.core_worker.worker_connection import WorkerConnection
 from runtime.exceptions import ActorDiedError, RayActorError
@@ -185,19 +185,7 @@ class ActorSubmitter:
             self.cw.submitter.finish_task(task, [a.death] * len(task.return_ids))
             return
         if task.slot_refs:
-            task.waiting = len(task.slot_refs)
-            task.arg_values = [None] * len(task.slot_refs)  # type: ignore[list-item]
-
-            def make_cb(i: int):
-                def cb(oid: bytes, value: Value) -> None:
-                    task.arg_values[i] = value.to_proto(oid)
-                    task.waiting -= 1
-                    if task.waiting == 0:
-                        self._pump(a)
-                return cb
-
-            for i, ref in enumerate(task.slot_refs):
-                self.cw.wait_for_value(ref, make_cb(i))
+            resolve_slots(self.cw, task, lambda _t: self._pump(a))
         a.queue.append(task)
         self._pump(a)
 

@@ -92,6 +92,25 @@ class KeyState:
         self.queued_requests: set = set()
 
 
+def resolve_slots(cw, task: PendingTask, done) -> None:
+    """Fill task.arg_values with the values of its slot refs, then call done(task).
+
+    task.waiting counts the slots still missing (actor calls use it to keep order)."""
+    task.waiting = len(task.slot_refs)
+    task.arg_values = [None] * len(task.slot_refs)  # type: ignore[list-item]
+
+    def make_cb(i: int):
+        def cb(oid: bytes, value: Value) -> None:
+            task.arg_values[i] = value.to_proto(oid)
+            task.waiting -= 1
+            if task.waiting == 0:
+                done(task)
+        return cb
+
+    for i, ref in enumerate(task.slot_refs):
+        cw.wait_for_value(ref, make_cb(i))
+
+
 class TaskSubmitter:
     def __init__(self, cw: "CoreWorker") -> None:
         self.cw = cw
@@ -112,20 +131,7 @@ class TaskSubmitter:
             self._enqueue(task)
 
     def _resolve_args(self, task: PendingTask) -> None:
-        cw = self.cw
-        task.waiting = len(task.slot_refs)
-        task.arg_values = [None] * len(task.slot_refs)  # type: ignore[list-item]
-
-        def make_cb(i: int):
-            def cb(oid: bytes, value: Value) -> None:
-                task.arg_values[i] = value.to_proto(oid)
-                task.waiting -= 1
-                if task.waiting == 0:
-                    self._args_ready(task)
-            return cb
-
-        for i, ref in enumerate(task.slot_refs):
-            cw.wait_for_value(ref, make_cb(i))
+        resolve_slots(self.cw, task, self._args_ready)
 
     def _args_ready(self, task: PendingTask) -> None:
         if task.cancelled:
