@@ -212,6 +212,8 @@ def _connect(gcs_address: str, token: str, kwargs: Dict[str, Any], session_dir: 
     cw.job_config.cwd = os.getcwd()
     cw.on_raylet_lost = lambda reason: log.error("lost the local raylet: %s", reason)
     cw.start()
+    if kwargs.get("log_to_driver", True):
+        cw.job_config.driver.CopyFrom(cw.address_proto)  # workers send what tasks print
     set_core_worker(cw)
     _driver.cw = cw
     info = {"node_ip_address": node.node_ip, "gcs_address": gcs_address, "address": gcs_address,

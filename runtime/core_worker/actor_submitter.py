@@ -146,6 +146,9 @@ class ActorSubmitter:
         num_returns = 1 if num_returns is None else num_returns
         name = f"{handle._class_name}.{method}"
         blob, slots, held = prepare_args(cw, None, name, args, kwargs)
+        if handle._handle_ref is not None:
+            # A call in flight keeps its actor in scope: `A.remote().f.remote()` must run f.
+            held = held + [handle._handle_ref._id]
         task = PendingTask()
         task.task_id = tid = ids.new_task_id()
         task.actor_id = handle._actor_id

@@ -93,6 +93,8 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         self.server: Optional[grpc.aio.Server] = None
         self.executor = None  # set on workers (runtime/core_worker/executor.py)
         self.current_task_id: Optional[bytes] = None
+        self.current_task_name = ""
+        self.output = None  # OutputForwarder on workers (runtime/core_worker/task_output.py)
         self.current_gpu_ids: List[int] = []
         self.connected = False
         self.on_raylet_lost: Optional[Callable[[str], None]] = None
@@ -577,6 +579,12 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
                               contained_refs=counts["contained"],
                               task_status="FINISHED" if v is not None else "PENDING")
         return reply
+
+    async def PrintLines(self, request, context):
+        from runtime.core_worker.task_output import print_lines
+
+        print_lines(request)
+        return common_pb2.Empty()
 
     async def Exit(self, request, context):
         if self.executor is not None:

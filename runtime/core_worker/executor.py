@@ -102,7 +102,8 @@ class Executor:
             stream.outbox.put_nowait(None)
 
     def _post_result(self, stream: _Stream, result: common_pb2.TaskResult) -> None:
-        if self.cw.borrowers.has_pending():
+        out = self.cw.output
+        if self.cw.borrowers.has_pending() or (out is not None and out.has_pending()):
             asyncio.ensure_future(self._post_after_flush(stream, result))
             return
         stream.pending.append(result)
@@ -111,7 +112,10 @@ class Executor:
             self.cw.loop.call_soon(self._flush, stream)
 
     async def _post_after_flush(self, stream: _Stream, result) -> None:
+        """Borrower registrations (and what the task printed) go out before its result."""
         await self.cw.borrowers.flush()
+        if self.cw.output is not None:
+            await self.cw.output.flush()
         stream.pending.append(result)
         if not stream.scheduled:
             stream.scheduled = True
@@ -201,6 +205,7 @@ class Executor:
             if job.job_id not in self.jobs_applied:
                 self._apply_job(job)
         self._set_gpus(spec)
+        cw.current_task_name = (spec.name.split(".")[0] if spec.actor_id else spec.name)
         cw.current_placement_group = ((spec.placement_group_id, True)
                                       if spec.placement_group_id and spec.capture_child_tasks
                                       else None)

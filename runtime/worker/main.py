@@ -41,6 +41,9 @@ def main(argv=None) -> None:
 
     cw.on_raylet_lost = raylet_lost
     cw.start()
+    from runtime.core_worker.task_output import OutputForwarder
+
+    OutputForwarder(cw).install()
     try:
         executor.run_forever()
     finally:
