@@ -156,6 +156,7 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         await self.task_events.flush()
         self.task_events.close()
         self.submitter.close()
+        await self.submitter.close_remote_raylets()
         self.actors.close()
         if self.raylet is not None:
             await self.raylet.close()

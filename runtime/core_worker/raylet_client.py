@@ -28,9 +28,11 @@ class RayletClient:
         self.closed = False
 
     async def connect(self, register: raylet_pb2.RegisterClient, timeout: float = 30.0) -> raylet_pb2.RegisterAck:
+        """Register, then send whatever was queued meanwhile (messages may be sent before
+        the connection is up: they wait in the outbox)."""
         self._call = self._stub.Connect()
+        await self._call.write(raylet_pb2.ClientMessage(register=register))
         self._writer = asyncio.ensure_future(self._write())
-        self.send(raylet_pb2.ClientMessage(register=register))
         first = await asyncio.wait_for(self._call.read(), timeout)
         if first is grpc.aio.EOF or first.WhichOneof("msg") != "registered":
             raise ConnectionError("the raylet closed the connection during registration")
@@ -46,7 +48,7 @@ class RayletClient:
                     await self._call.done_writing()
                     return
                 await self._call.write(msg)
-        except (asyncio.CancelledError, grpc.RpcError, grpc.aio.UsageError):
+        except (asyncio.CancelledError, asyncio.InvalidStateError, grpc.RpcError, grpc.aio.UsageError):
             pass
 
     async def _read(self) -> None:
@@ -89,7 +91,12 @@ class RayletClient:
     async def close(self) -> None:
         self.closed = True
         self._outbox.put_nowait(None)
-        if self._reader is not None:
-            self._reader.cancel()
+        for task in (self._reader, self._writer):
+            if task is not None and not task.done():
+                task.cancel()
+                try:
+                    await task
+                except BaseException:  # cancelled or failed: either way it is over
+                    pass
         if self._call is not None:
             self._call.cancel()

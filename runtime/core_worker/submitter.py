@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Deque, Dict, List, Optional, Tuple
@@ -61,9 +62,11 @@ class PendingTask:
 
 
 class LeaseState:
-    __slots__ = ("lease_id", "key", "conn", "inflight", "gpu_ids", "idle_timer", "dead")
+    __slots__ = ("lease_id", "key", "conn", "inflight", "gpu_ids", "idle_timer", "dead", "raylet")
 
-    def __init__(self, lease_id: int, key, conn: "WorkerConnection", gpu_ids: List[int]) -> None:
+    def __init__(self, lease_id: int, key, conn: "WorkerConnection", gpu_ids: List[int],
+                 raylet) -> None:
+        self.raylet = raylet  # the raylet that granted it (another node's after spillback)
         self.lease_id = lease_id
         self.key = key
         self.conn = conn
@@ -119,6 +122,8 @@ class TaskSubmitter:
         self.requests: Dict[int, KeyState] = {}
         self.connections: Dict[bytes, WorkerConnection] = {}
         self.fn_time: Dict[bytes, float] = {}
+        self.request_raylet: Dict[int, object] = {}   # request id -> raylet holding it
+        self.remote_raylets: Dict[str, object] = {}   # other nodes' raylets (spillback)
         self._request_ids = itertools.count(1)
 
     # -- submission -------------------------------------------------------------------------
@@ -186,7 +191,7 @@ class TaskSubmitter:
                 self._request_lease(ks)
         elif ks.requests:
             for rid in list(ks.requests):
-                self.cw.raylet.cancel_request(rid)
+                self.request_raylet.pop(rid, self.cw.raylet).cancel_request(rid)
                 self.requests.pop(rid, None)
             ks.requests.clear()
             ks.queued_requests.clear()
@@ -195,12 +200,30 @@ class TaskSubmitter:
                 lease.idle_timer = self.cw.loop.call_later(config.LEASE_IDLE_RETURN_S,
                                                            self._return_if_idle, lease)
 
-    def _request_lease(self, ks: KeyState) -> None:
+    def _request_lease(self, ks: KeyState, raylet=None) -> None:
+        """Ask the local raylet, or (after a spillback) the raylet it named, which must
+        then grant or reject: a request never bounces between nodes."""
         rid = next(self._request_ids)
         ks.requests.add(rid)
         self.requests[rid] = ks
-        self.cw.raylet.request_lease(raylet_pb2.LeaseRequest(
-            request_id=rid, resources=ks.resources, strategy=ks.strategy, function_name=ks.name))
+        target = raylet or self.cw.raylet
+        self.request_raylet[rid] = target
+        target.request_lease(raylet_pb2.LeaseRequest(
+            request_id=rid, resources=ks.resources, strategy=ks.strategy, function_name=ks.name,
+            grant_or_reject=raylet is not None))
+
+    def _remote_raylet(self, address: str):
+        from runtime.core_worker.raylet_client import RayletClient
+
+        client = self.remote_raylets.get(address)
+        if client is None or client.closed:
+            client = RayletClient(self.cw.channel(address), self.on_grant,
+                                  lambda reason, a=address: self.remote_raylets.pop(a, None))
+            self.remote_raylets[address] = client
+            asyncio.ensure_future(client.connect(raylet_pb2.RegisterClient(
+                worker_id=self.cw.worker_id, is_driver=True, pid=os.getpid(), port=self.cw.port,
+                job_id=self.cw.job_id)))
+        return client
 
     def on_grant(self, grant: raylet_pb2.LeaseGrant) -> None:
         ks = self.requests.get(grant.request_id)
@@ -214,9 +237,10 @@ class TaskSubmitter:
                 ks.warned = True
                 log.warning("%s", grant.message)
             return
+        raylet = self.request_raylet.pop(grant.request_id, self.cw.raylet)
         if ks is None:
             if grant.lease_id:  # cancelled meanwhile: give it back
-                self.cw.raylet.return_lease(grant.lease_id)
+                raylet.return_lease(grant.lease_id)
             return
         del self.requests[grant.request_id]
         ks.requests.discard(grant.request_id)
@@ -229,16 +253,15 @@ class TaskSubmitter:
                 self.finish_task(t, [err] * len(t.return_ids))
             return
         if grant.retry_at:
-            # Multi-node spillback: ask that node's raylet (cluster issue); meanwhile retry here.
-            log.info("lease request for %s spilled back to %s", ks.name, grant.retry_at)
-            self._pump(ks)
+            log.debug("lease request for %s spilled back to %s", ks.name, grant.retry_at)
+            self._request_lease(ks, self._remote_raylet(grant.retry_at))
             return
         addr = f"{grant.worker.ip}:{grant.worker.port}"
         conn = self.connections.get(grant.worker.worker_id)
         if conn is None or conn.dead:
             conn = self.connections[grant.worker.worker_id] = WorkerConnection(
                 self, self.cw.channel(addr), addr, grant.worker.worker_id, self.cw.job_config)
-        lease = LeaseState(grant.lease_id, ks, conn, list(grant.gpu_ids))
+        lease = LeaseState(grant.lease_id, ks, conn, list(grant.gpu_ids), raylet)
         ks.leases.append(lease)
         self._pump(ks)
 
@@ -274,7 +297,7 @@ class TaskSubmitter:
         if lease.inflight or ks.queue or lease.dead:
             return
         ks.leases.remove(lease)
-        self.cw.raylet.return_lease(lease.lease_id)
+        lease.raylet.return_lease(lease.lease_id)
 
     def return_idle_leases(self) -> None:
         for ks in self.keys.values():
@@ -366,7 +389,7 @@ class TaskSubmitter:
                     touched.add(id(ks))
                     # The worker is gone (or unreachable): make sure the raylet never
                     # grants it again, even before it notices the process exit itself.
-                    self.cw.raylet.return_lease(lease.lease_id, kill_worker=True)
+                    lease.raylet.return_lease(lease.lease_id, kill_worker=True)
         tasks = list(conn.inflight.values())
         conn.inflight.clear()
         for task in tasks:
@@ -404,7 +427,7 @@ class TaskSubmitter:
             self.finish_task(task, [err] * len(task.return_ids))
             return True
         if force:
-            self.cw.raylet.return_lease(task.lease.lease_id, kill_worker=True)
+            task.lease.raylet.return_lease(task.lease.lease_id, kill_worker=True)
         else:
             asyncio.ensure_future(self._cancel_remote(task))
         return True
@@ -422,6 +445,11 @@ class TaskSubmitter:
         for conn in list(self.connections.values()):
             conn.close()
         self.connections.clear()
+
+    async def close_remote_raylets(self) -> None:
+        for client in list(self.remote_raylets.values()):
+            await client.close()
+        self.remote_raylets.clear()
 
 
 def record_result(cw, conn, task: PendingTask, result: common_pb2.TaskResult) -> None:

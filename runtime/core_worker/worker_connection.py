@@ -61,7 +61,7 @@ class WorkerConnection:
     async def _write(self, batch) -> None:
         try:
             await self.call.write(batch)
-        except (asyncio.CancelledError, grpc.RpcError, grpc.aio.UsageError):
+        except (asyncio.CancelledError, asyncio.InvalidStateError, grpc.RpcError, grpc.aio.UsageError):
             self._writing = False
             return  # the reader reports the failure
         self._start_write()

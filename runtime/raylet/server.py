@@ -328,7 +328,10 @@ class Raylet(raylet_pb2_grpc.RayletServicer):
             if n.alive and n.node_id != self.node_id:
                 remote[n.node_id] = RemoteNode(n.node_id, f"{n.node_ip}:{n.raylet_port}",
                                                dict(n.resources_total), dict(n.resources_available))
+        changed = set(remote) != set(self.sched.remote_nodes)
         self.sched.remote_nodes = remote
+        if changed and self.sched.pending:
+            self._run_scheduler()  # waiting requests may fit a node that just joined
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def run(self) -> None:

@@ -1,0 +1,80 @@
+"""Two nodes on one machine (the second on 127.0.0.2): scheduling sends work across.
+
+The second node is started with runtime.node.Node, the same class the node agent
+uses, joined to the private cluster's GCS with its token.
+"""
+import os
+
+import psutil
+import pytest
+
+import runtime as ray
+from runtime.node import Node, NodeConfig
+from runtime.session import new_session_dir
+from runtime.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from conftest import assert_all_gone, wait_for
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory):
+    if ray.is_initialized():
+        ray.shutdown()
+    root = str(tmp_path_factory.mktemp("sessions"))
+    ctx = ray.init(num_cpus=1, _temp_dir=root)
+    token = open(os.path.join(ctx.address_info["session_dir"], "token")).read()
+    second = Node(NodeConfig(head=False, node_ip="127.0.0.2", gcs_address=ctx.address_info["gcs_address"],
+                             num_cpus=1, resources={"second": 1}, session_dir=new_session_dir(root),
+                             token=token, object_store_memory=128 * 1024 * 1024))
+    second.start()
+    pids = [p.pid for p in psutil.Process().children(recursive=True)]
+    try:
+        wait_for(lambda: len([n for n in ray.nodes() if n["Alive"]]) == 2, 15,
+                 message="the second node to register")
+        yield ctx, second
+    finally:
+        second.stop()
+        ray.shutdown()
+        assert_all_gone(pids)
+
+
+@ray.remote
+def where():
+    return ray.get_runtime_context().get_node_id(), os.getpid()
+
+
+def test_cluster_sees_both_nodes(two_nodes):
+    ctx, second = two_nodes
+    ips = sorted(n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"])
+    assert ips == ["127.0.0.1", "127.0.0.2"]
+    wait_for(lambda: ray.cluster_resources().get("CPU") == 2.0, 10, message="2 CPUs in total")
+    assert ray.cluster_resources()["second"] == 1.0
+
+
+def test_task_needing_the_other_nodes_resource_runs_there(two_nodes):
+    ctx, second = two_nodes
+    node, pid = ray.get(where.options(resources={"second": 1}).remote(), timeout=60)
+    assert node == second.node_id.hex()
+    assert node != ctx.address_info["node_id"]
+    assert psutil.Process(pid).cmdline()[-1] != ""  # a real worker of the second node
+
+
+def test_node_affinity_to_the_other_node(two_nodes):
+    ctx, second = two_nodes
+    strategy = NodeAffinitySchedulingStrategy(node_id=second.node_id.hex(), soft=False)
+    results = ray.get([where.options(scheduling_strategy=strategy).remote() for _ in range(3)],
+                      timeout=60)
+    assert {node for node, _pid in results} == {second.node_id.hex()}
+
+
+def test_actor_on_the_other_node(two_nodes):
+    ctx, second = two_nodes
+
+    @ray.remote(resources={"second": 0.5})
+    class Here:
+        def node(self):
+            return ray.get_runtime_context().get_node_id()
+
+    a = Here.remote()
+    assert ray.get(a.node.remote(), timeout=60) == second.node_id.hex()
+    ray.kill(a)
