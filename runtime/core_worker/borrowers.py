@@ -28,6 +28,7 @@ class _Channel:
     def __init__(self) -> None:
         self.add: List[bytes] = []
         self.remove: List[bytes] = []
+        self.copies: List[Tuple[bytes, str]] = []
         self.task: Optional[asyncio.Task] = None
         self.idle = asyncio.Event()
         self.idle.set()
@@ -46,6 +47,12 @@ class BorrowerNotifier:
     def remove(self, owner: Owner, borrower: Owner, oid: bytes) -> None:
         ch = self._channel(owner, borrower)
         ch.remove.append(oid)
+        self._kick(owner, borrower, ch)
+
+    def copied(self, owner: Owner, borrower: Owner, oid: bytes, store_address: str) -> None:
+        """Tell the owner this process copied oid into store_address (freed with it)."""
+        ch = self._channel(owner, borrower)
+        ch.copies.append((oid, store_address))
         self._kick(owner, borrower, ch)
 
     def has_pending(self) -> bool:
@@ -70,18 +77,22 @@ class BorrowerNotifier:
 
     async def _send(self, owner: Owner, borrower: Owner, ch: _Channel) -> None:
         try:
-            while ch.add or ch.remove:
-                add, remove = ch.add, ch.remove
-                ch.add, ch.remove = [], []
+            while ch.add or ch.remove or ch.copies:
+                add, remove, copies = ch.add, ch.remove, ch.copies[:1]
+                ch.add, ch.remove, ch.copies = [], [], ch.copies[1:]
+                update = core_worker_pb2.BorrowerUpdate(borrower=address_proto(borrower),
+                                                        add=add, remove=remove)
+                for oid, store in copies:
+                    update.copies.append(oid)
+                    update.copy_store_address = store
                 try:
-                    await self._stub_for(owner).UpdateBorrowers(core_worker_pb2.BorrowerUpdate(
-                        borrower=address_proto(borrower), add=add, remove=remove), timeout=30)
+                    await self._stub_for(owner).UpdateBorrowers(update, timeout=30)
                 except grpc.RpcError as exc:
                     # The owner is gone: its objects are lost anyway, nothing to tell.
                     log.debug("borrower update to %s:%s failed: %s", owner[0], owner[1], exc)
         finally:
             ch.task = None
-            if ch.add or ch.remove:
+            if ch.add or ch.remove or ch.copies:
                 ch.task = asyncio.ensure_future(self._send(owner, borrower, ch))
             else:
                 ch.idle.set()

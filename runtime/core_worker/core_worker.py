@@ -100,6 +100,7 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         self.on_raylet_lost: Optional[Callable[[str], None]] = None
         self._blocked_depth = 0
         self._shm_dir = ""
+        self._pulls: Dict[bytes, asyncio.Future] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def _run_loop(self) -> None:
@@ -234,6 +235,8 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         v = self.memory.delete(oid)
         if v is not None and v.in_store:
             self.delete_stored(oid, v)
+            for addr in v.copies or ():
+                self.delete_stored(oid, Value(None, True, b"", addr))
 
     def delete_stored(self, oid: bytes, v: Value) -> None:
         """Loop thread: batch deletes to the store that holds the object."""
@@ -353,6 +356,60 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         return Value(None, True, self.node_id, self.store_address, size,
                      is_error=ser.kind == KIND_ERROR)
 
+    async def _pull(self, oid: bytes, v: Value) -> Tuple[str, int]:
+        """Copy an object from another node's store into ours (once, however many readers
+        ask at the same time) and tell its owner, who frees the copy with the original."""
+        fut = self._pulls.get(oid)
+        if fut is None:
+            fut = self._pulls[oid] = asyncio.ensure_future(self._pull_once(oid, v))
+            fut.add_done_callback(lambda _f: self._pulls.pop(oid, None))
+        return await asyncio.shield(fut)
+
+    async def _pull_once(self, oid: bytes, v: Value) -> Tuple[str, int]:
+        local = self.store_client(self.store_address)
+        (have,) = await local.get([oid], 0.0)
+        if have.found:
+            return have.path, have.size
+        path = None
+        fd = -1
+        try:
+            async for chunk in self.store_client(v.store_address).read(oid):
+                if not chunk.found:
+                    raise ObjectLostError(oid.hex(), (
+                        f"Object {oid.hex()} is no longer in the object store of node "
+                        f"{v.node_id.hex()[:8]} ({v.store_address}); it was freed or that "
+                        f"node's store restarted."))
+                if path is None:
+                    path = await local.create(oid, chunk.size)
+                    fd = os.open(path, os.O_WRONLY)
+                if chunk.data:
+                    os.pwrite(fd, chunk.data, chunk.offset)
+        except grpc.RpcError as exc:
+            raise ObjectLostError(oid.hex(), (
+                f"Object {oid.hex()} cannot be fetched from node {v.node_id.hex()[:8]} "
+                f"({v.store_address}): {exc.code().name}; that node may be down.")) from None
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        await local.seal([oid])
+        owner = self._owner_of(oid)
+        if owner is not None and owner[2] != self.worker_id:
+            self.borrowers.copied(owner, self.address, oid, self.store_address)
+        else:
+            self._record_copy(oid, self.store_address)
+        return path, v.size
+
+    def _owner_of(self, oid: bytes) -> Optional[Owner]:
+        e = self.refs.get(oid)
+        return e.owner if e is not None else None
+
+    def _record_copy(self, oid: bytes, store_address: str) -> None:
+        v = self.memory.get(oid)
+        if v is not None and v.in_store:
+            if v.copies is None:
+                v.copies = set()
+            v.copies.add(store_address)
+
     async def _seal(self, store: StoreClient, oid: bytes) -> None:
         try:
             await store.seal([oid])
@@ -423,10 +480,8 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
             except (FileNotFoundError, ValueError):
                 pass
         if v.node_id and v.node_id != self.node_id:
-            raise ObjectLostError(oid.hex(), (
-                f"Object {oid.hex()} lives in the object store of node {v.node_id.hex()[:8]} "
-                f"({v.store_address}); fetching objects across nodes needs the object-transfer "
-                f"service, which this node does not run yet."))
+            path, size = self.run(self._pull(oid, v))
+            return map_object(path, size)
         store = self.store_client(self.store_address)
         (obj,) = self.run(store.get([oid], 30.0))
         if not obj.found:
@@ -547,6 +602,8 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         borrower = (b.ip, b.port, b.worker_id)
         for oid in request.add:
             self.refs.add_borrower(oid, borrower)
+        for oid in request.copies:
+            self._record_copy(oid, request.copy_store_address)
         for oid in request.remove:
             self.refs.remove_borrower(oid, borrower)
         return common_pb2.Empty()

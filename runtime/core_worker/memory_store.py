@@ -16,7 +16,7 @@ from runtime.protocol import common_pb2
 class Value:
     """A ready value: inline serialized bytes, or a location in an object store."""
 
-    __slots__ = ("data", "in_store", "node_id", "store_address", "size", "is_error")
+    __slots__ = ("data", "in_store", "node_id", "store_address", "size", "is_error", "copies")
 
     def __init__(self, data: Optional[bytes] = None, in_store: bool = False, node_id: bytes = b"",
                  store_address: str = "", size: int = 0, is_error: bool = False) -> None:
@@ -26,6 +26,7 @@ class Value:
         self.store_address = store_address
         self.size = size
         self.is_error = is_error
+        self.copies: Optional[set] = None  # other stores holding a copy (owner side)
 
     @classmethod
     def from_proto(cls, loc: "common_pb2.ObjectLocation") -> "Value":

@@ -138,6 +138,11 @@ class StoreClient:
         """Make written objects immutable and readable; wakes Gets waiting for them."""
         await self._get_stub().Seal(object_store_pb2.ObjectIds(object_ids=list(object_ids)))
 
+    def read(self, object_id: bytes, timeout_s: float = 30.0):
+        """Stream of Chunks with the object's bytes (for copying it to another node)."""
+        return self._get_stub().Read(object_store_pb2.StoreGetRequest(
+            object_ids=[object_id], timeout_s=timeout_s))
+
     async def get(self, object_ids: Iterable[bytes],
                   timeout_s: float) -> list[object_store_pb2.StoreObject]:
         """Locate objects, waiting up to timeout_s (< 0: forever) for unsealed or unknown ones.

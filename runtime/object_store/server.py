@@ -406,6 +406,9 @@ class StoreService:
 
 
 # ---- gRPC ----------------------------------------------------------------------------
+READ_CHUNK_BYTES = 4 * 1024 * 1024
+
+
 class ObjectStoreServicer(object_store_pb2_grpc.ObjectStoreServicer):
     """Translates the ObjectStore RPCs to StoreService calls."""
 
@@ -437,6 +440,30 @@ class ObjectStoreServicer(object_store_pb2_grpc.ObjectStoreServicer):
     async def Delete(self, request, context):
         await self._svc.delete(request.object_ids)
         return common_pb2.Empty()
+
+    async def Read(self, request, context):
+        """Stream an object's bytes in chunks; the file stays readable through the open
+        descriptor even if the object is spilled or deleted meanwhile."""
+        if len(request.object_ids) != 1:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Read takes exactly one object id")
+        (res,) = await self._svc.get(list(request.object_ids), request.timeout_s)
+        if not res.found:
+            yield object_store_pb2.Chunk(found=False)
+            return
+        fd = os.open(res.path, os.O_RDONLY)
+        try:
+            offset = 0
+            if res.size == 0:
+                yield object_store_pb2.Chunk(found=True, size=0)
+            while offset < res.size:
+                n = min(READ_CHUNK_BYTES, res.size - offset)
+                data = await asyncio.to_thread(os.pread, fd, n, offset)
+                if not data:
+                    break
+                yield object_store_pb2.Chunk(found=True, size=res.size, offset=offset, data=data)
+                offset += len(data)
+        finally:
+            os.close(fd)
 
     async def Stats(self, request, context):
         s = self._svc.state.stats()
