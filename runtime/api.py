@@ -179,11 +179,13 @@ def _attach(address: str, kwargs: Dict[str, Any]) -> RuntimeContextInfo:
 
     split_address(address)
     token = _token_for(address, found)
-    _connect(address, token, kwargs, found.get("session_dir", "") if found else "")
+    local_ip = found.get("node_ip") if found and found.get("gcs_address") == address else None
+    _connect(address, token, kwargs, found.get("session_dir", "") if found else "", local_ip)
     return _driver.context  # type: ignore[return-value]
 
 
-def _connect(gcs_address: str, token: str, kwargs: Dict[str, Any], session_dir: str) -> None:
+def _connect(gcs_address: str, token: str, kwargs: Dict[str, Any], session_dir: str,
+             local_ip: Optional[str] = None) -> None:
     channel = rpc.sync_channel(gcs_address, token)
     gcs = gcs_pb2_grpc.GcsStub(channel)
     _driver.gcs_channel, _driver.gcs = channel, gcs
@@ -198,7 +200,7 @@ def _connect(gcs_address: str, token: str, kwargs: Dict[str, Any], session_dir: 
     alive = [n for n in nodes if n.alive]
     if not alive:
         raise ClusterConnectionError(f"the cluster at {gcs_address} has no live node")
-    node = _pick_local_node(alive, _driver.node)
+    node = _pick_local_node(alive, _driver.node, local_ip)
     namespace = kwargs.get("namespace") or ""
     job = gcs_pb2.JobInfo(driver_pid=os.getpid(), driver_ip=node.node_ip,
                           entrypoint=" ".join(sys.argv), namespace=namespace)
@@ -224,10 +226,16 @@ def _connect(gcs_address: str, token: str, kwargs: Dict[str, Any], session_dir: 
     _driver.context = RuntimeContextInfo(info)
 
 
-def _pick_local_node(alive, private: Optional[Node]):
+def _pick_local_node(alive, private: Optional[Node], local_ip: Optional[str] = None):
+    """The node this driver runs on: its private node, the local agent's node, or one
+    whose address is this machine's."""
     if private is not None:
         for n in alive:
             if n.node_id == private.node_id:
+                return n
+    if local_ip:
+        for n in alive:
+            if n.node_ip == local_ip:
                 return n
     local_ips = {"127.0.0.1", socket.gethostbyname(socket.gethostname())}
     for n in alive:

@@ -16,6 +16,8 @@ user thread).
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import threading
 from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 
@@ -46,11 +48,27 @@ class ReferenceTable:
         on_release(oid, owner): this process stopped borrowing oid.
         on_borrow(oid, owner): this process started borrowing oid (tell the owner)."""
         self.me = me
-        self._lock = threading.Lock()
+        self._lock_ = threading.Lock()
+        # An ObjectRef can be garbage-collected (and its __del__ call remove_local) in the
+        # middle of any allocation, including one made while this thread holds the lock:
+        # such removals are deferred until the lock is released, never re-entered.
+        self._tls = threading.local()
+        self._deferred: collections.deque = collections.deque()
         self._entries: Dict[bytes, RefEntry] = {}
         self._on_free = on_free
         self._on_release = on_release
         self._on_borrow = on_borrow
+
+    @contextlib.contextmanager
+    def _locked(self):
+        with self._lock_:
+            self._tls.busy = True
+            try:
+                yield
+            finally:
+                self._tls.busy = False
+        while self._deferred:
+            self._dec(self._deferred.popleft(), "local")
 
     # -- queries --------------------------------------------------------------------
     def __contains__(self, oid: bytes) -> bool:
@@ -63,11 +81,11 @@ class ReferenceTable:
         return self._entries.get(oid)
 
     def owned_ids(self) -> List[bytes]:
-        with self._lock:
+        with self._locked():
             return [k for k, e in self._entries.items() if e.owned]
 
     def snapshot(self) -> Dict[bytes, dict]:
-        with self._lock:
+        with self._locked():
             return {k: {"owned": e.owned, "local": e.local, "submitted": e.submitted,
                         "contained": e.contained,
                         "borrowers": len(e.borrowers) if e.borrowers else 0}
@@ -76,7 +94,7 @@ class ReferenceTable:
     # -- local references -------------------------------------------------------------
     def add_local(self, oid: bytes, owner: Owner, deserialized: bool = False) -> None:
         borrow = False
-        with self._lock:
+        with self._locked():
             e = self._entries.get(oid)
             if e is None:
                 owned = owner[2] == self.me[2]
@@ -87,11 +105,14 @@ class ReferenceTable:
             self._on_borrow(oid, owner)
 
     def remove_local(self, oid: bytes) -> None:
+        if getattr(self._tls, "busy", False):
+            self._deferred.append(oid)
+            return
         self._dec(oid, "local")
 
     # -- pending tasks holding arguments ---------------------------------------------
     def add_submitted(self, oids: Iterable[bytes]) -> None:
-        with self._lock:
+        with self._locked():
             for oid in oids:
                 e = self._entries.get(oid)
                 if e is not None:
@@ -111,7 +132,7 @@ class ReferenceTable:
         inner = list(inner)
         if not inner:
             return
-        with self._lock:
+        with self._locked():
             for oid, owner in inner:
                 e = self._entries.get(oid)
                 if e is None:
@@ -126,7 +147,7 @@ class ReferenceTable:
 
     # -- borrowers (owner side) ---------------------------------------------------------
     def add_borrower(self, oid: bytes, borrower: Owner) -> bool:
-        with self._lock:
+        with self._locked():
             e = self._entries.get(oid)
             if e is None or not e.owned:
                 return False
@@ -137,7 +158,7 @@ class ReferenceTable:
 
     def remove_borrower(self, oid: bytes, borrower: Owner) -> None:
         free = None
-        with self._lock:
+        with self._locked():
             e = self._entries.get(oid)
             if e is None or not e.borrowers:
                 return
@@ -149,14 +170,14 @@ class ReferenceTable:
 
     def remove_borrower_everywhere(self, borrower: Owner) -> None:
         """A borrower process died: drop it from every object it borrowed."""
-        with self._lock:
+        with self._locked():
             oids = [k for k, e in self._entries.items() if e.borrowers and borrower in e.borrowers]
         for oid in oids:
             self.remove_borrower(oid, borrower)
 
     # -- internals ------------------------------------------------------------------------
     def _dec(self, oid: bytes, field: str) -> None:
-        with self._lock:
+        with self._locked():
             e = self._entries.get(oid)
             if e is None:
                 return

@@ -1,0 +1,13 @@
+"""node-agent, the per-machine daemon, and agentctl, its command line.
+
+The agent runs this machine's node (GCS on the head, object store, raylet and,
+through the raylet, workers) with the same ``runtime.node.Node`` code that
+``runtime.init()`` uses, restarts what crashes, remembers its role across
+restarts, and serves a gRPC API (``protos/runtime/protocol/agent.proto``) on a
+unix socket and, with the cluster token, on TCP. See docs/agent.md.
+
+Modules: ``config`` (agent.toml and paths), ``state`` (the persisted role),
+``core`` (roles, supervision, status), ``service`` (the gRPC servicer),
+``daemon`` (the process: servers, signals, systemd notify), ``sdnotify``,
+``client`` (finding and launching an agent), ``cli`` (agentctl).
+"""

@@ -1,0 +1,364 @@
+"""``agentctl``: control this machine's node agent.
+
+    agentctl start --head [--port 6379] [--num-cpus N] [--num-gpus N] [--resources JSON]
+                          [--node-ip IP] [--object-store-memory BYTES] [--token T]
+    agentctl start                      start the node again with its saved role
+    agentctl join HOST:PORT (--token T | --token-file F) [--node-ip IP] [--num-cpus N] ...
+    agentctl leave | stop [--drain-timeout S]
+    agentctl status
+    agentctl logs [COMPONENT] [-f] [-n N]
+
+Every command takes --socket and --json. Where no agent runs (a plain shell, no
+systemd), ``start`` and ``join`` launch ``node-agent`` in the background first.
+Errors are one line on stderr and a non-zero exit status.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Dict, List, Optional
+
+import grpc
+
+from agent import client as agent_client
+from agent.config import ConfigError
+from agent.views import brief_reason
+from runtime.protocol import agent_pb2
+
+EXIT_ERROR = 1
+JOIN_WAIT_S = 10.0
+
+
+class CliError(Exception):
+    """Printed as "agentctl: <message>" with a non-zero exit status."""
+
+
+# ---- formatting -------------------------------------------------------------------------
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return f"{n:.1f}TiB"
+
+
+def fmt_amount(name: str, value: float) -> str:
+    return fmt_bytes(value) if "memory" in name else f"{value:g}"
+
+
+def fmt_duration(seconds: float) -> str:
+    if seconds < 0:
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _shown_resources(total: Dict[str, float]) -> List[str]:
+    order = ["CPU", "GPU", "memory", "object_store_memory"]
+    names = [n for n in order if n in total]
+    names += sorted(n for n in total if n not in order and not n.startswith("node:"))
+    return names
+
+
+def format_status(s: agent_pb2.StatusReply) -> str:
+    """Text like `ray status`: nodes, resources used/total, unplaceable demand, and
+    this node's processes."""
+    out: List[str] = []
+    title = f"{s.role} node" if s.role != "idle" else "idle (no node)"
+    out.append(f"======== Node agent: {title} ========")
+    line = f"phase: {s.phase}"
+    if s.message.startswith(s.phase):
+        line = f"phase: {s.message}"
+    elif s.message:
+        line += f" ({s.message})"
+    out.append(line)
+    if s.node_id:
+        out.append(f"node: {s.node_id[:8]} on {s.node_ip}; GCS {s.gcs_address}")
+    elif s.gcs_address:
+        out.append(f"GCS: {s.gcs_address}")
+    if s.cluster_error:
+        out.append(f"cluster: {s.cluster_error}")
+    if s.nodes:
+        alive = [n for n in s.nodes if n.state == "ALIVE"]
+        out.append("")
+        out.append(f"Nodes ({len(alive)} alive, {len(s.nodes) - len(alive)} dead):")
+        for n in sorted(s.nodes, key=lambda n: (n.state != "ALIVE", not n.is_head, n.node_ip)):
+            parts = [f" {n.state:<6}", n.node_id[:8], f"{n.node_ip:<15}",
+                     "head" if n.is_head else "    "]
+            if n.state == "ALIVE":
+                for name in _shown_resources(dict(n.resources_total)):
+                    if name in ("memory", "object_store_memory"):
+                        continue
+                    total = n.resources_total[name]
+                    used = total - n.resources_available.get(name, 0.0)
+                    parts.append(f"{name} {used:g}/{total:g}")
+            else:
+                parts.append(n.death_reason)
+            out.append("  ".join(parts))
+        out.append("")
+        out.append("Resources (used/total):")
+        for name in _shown_resources(dict(s.total)):
+            total = s.total[name]
+            used = total - s.available.get(name, 0.0)
+            out.append(f"  {fmt_amount(name, used)}/{fmt_amount(name, total)} {name}")
+        out.append("")
+        out.append("Demands:")
+        if not s.pending:
+            out.append("  (no resource demands)")
+        for d in s.pending:
+            shape = json.dumps(dict(d.shape), sort_keys=True)
+            note = "cannot be placed on any node" if d.infeasible else "waiting for resources"
+            out.append(f"  {shape}: {d.count} pending ({note})")
+    if s.processes:
+        out.append("")
+        out.append("Processes on this node:")
+        out.append(f"  {'COMPONENT':<18}{'PID':>8}  {'STATE':<9}{'RESTARTS':>9}  "
+                   f"{'UPTIME':>8}  LAST EXIT")
+        for p in s.processes:
+            restarts = str(p.restarts) if p.supervised_by == "agent" else "-"
+            out.append(f"  {p.component:<18}{p.pid or '-':>8}  {p.state:<9}{restarts:>9}  "
+                       f"{fmt_duration(p.uptime_s):>8}  {p.last_exit or '-'}")
+            if p.failure_reason:
+                out.append(f"      {brief_reason(p.failure_reason)}")
+    return "\n".join(out)
+
+
+# ---- commands ---------------------------------------------------------------------------
+
+
+def _options(args: argparse.Namespace) -> agent_pb2.NodeOptions:
+    opts = agent_pb2.NodeOptions(node_ip=args.node_ip or "")
+    if getattr(args, "port", None):
+        opts.gcs_port = args.port
+    if args.num_cpus is not None:
+        opts.num_cpus = args.num_cpus
+    if args.num_gpus is not None:
+        opts.num_gpus = args.num_gpus
+    if args.object_store_memory is not None:
+        opts.object_store_memory = args.object_store_memory
+    if args.resources:
+        try:
+            res = json.loads(args.resources)
+        except ValueError as exc:
+            raise CliError(f"--resources must be a JSON object such as '{{\"accel\": 2}}': {exc}")
+        if not isinstance(res, dict) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in res.values()):
+            raise CliError("--resources must be a JSON object of numbers, e.g. '{\"accel\": 2}'")
+        for key in ("CPU", "GPU"):
+            if key in res:
+                raise CliError(f"use --num-{key.lower()}s instead of {key!r} in --resources")
+        opts.resources.update({str(k): float(v) for k, v in res.items()})
+    return opts
+
+
+def _client_or_launch(args: argparse.Namespace) -> agent_client.AgentClient:
+    """The running agent, or (plain shell) a node-agent started in the background."""
+    path = agent_client.find_socket(args.socket)
+    if path is not None:
+        return agent_client.AgentClient(path)
+    try:
+        target = agent_client.launch_socket(args.socket, args.state_dir, args.config)
+        if not args.json:
+            print(f"no node-agent running; starting one in the background (socket {target})",
+                  file=sys.stderr)
+        return agent_client.launch_agent(args.socket, args.state_dir, args.config)
+    except ConfigError as exc:
+        raise CliError(str(exc))
+
+
+def _emit(args: argparse.Namespace, data: Dict[str, Any], text: str) -> None:
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+    elif text:
+        print(text)
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    with _client_or_launch(args) as c:
+        if not args.head:
+            r = c.stub.StartNode(agent_pb2.StartNodeRequest(), timeout=120)
+            _emit(args, {"role": r.role, "message": r.message}, r.message)
+            return 0
+        r = c.stub.StartHead(agent_pb2.StartHeadRequest(options=_options(args),
+                                                        token=args.token or ""), timeout=120)
+    text = (f"Head node started: GCS at {r.gcs_address} (node {r.node_id[:8]}, session "
+            f"{r.session_dir}).\n\nTo add another machine to this cluster, run on it:\n\n"
+            f"    {r.join_command}\n\nDrivers on this machine connect with "
+            f"runtime.init(address=\"auto\").")
+    _emit(args, {"gcs_address": r.gcs_address, "token": r.token, "join_command": r.join_command,
+                 "node_id": r.node_id, "session_dir": r.session_dir}, text)
+    return 0
+
+
+def _read_token(args: argparse.Namespace) -> str:
+    if args.token and args.token_file:
+        raise CliError("pass either --token or --token-file, not both")
+    if args.token_file:
+        try:
+            with open(args.token_file) as fh:
+                return fh.read().strip()
+        except OSError as exc:
+            raise CliError(f"cannot read --token-file {args.token_file}: {exc.strerror}")
+    if not args.token:
+        raise CliError("a cluster token is required: pass --token T or --token-file F (printed "
+                       "by `agentctl start --head` on the head)")
+    return args.token.strip()
+
+
+def cmd_join(args: argparse.Namespace) -> int:
+    token = _read_token(args)
+    with _client_or_launch(args) as c:
+        r = c.stub.Join(agent_pb2.JoinRequest(head_address=args.address, token=token,
+                                              options=_options(args), wait_s=args.wait),
+                        timeout=args.wait + 120)
+    _emit(args, {"gcs_address": r.gcs_address, "node_id": r.node_id,
+                 "session_dir": r.session_dir},
+          f"Joined the cluster at {r.gcs_address} as node {r.node_id[:8]}.")
+    return 0
+
+
+def cmd_leave(args: argparse.Namespace) -> int:
+    with agent_client.connect(args.socket) as c:
+        r = c.stub.Leave(agent_pb2.LeaveRequest(drain_timeout_s=args.drain_timeout or 0),
+                         timeout=(args.drain_timeout or 60) + 120)
+    _emit(args, {"role": r.role, "message": r.message}, f"Left the cluster: {r.message}.")
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    with agent_client.connect(args.socket) as c:
+        r = c.stub.StopNode(agent_pb2.StopNodeRequest(drain_timeout_s=args.drain_timeout or 0,
+                                                      exit_agent=not args.keep_agent),
+                            timeout=(args.drain_timeout or 60) + 120)
+    text = f"Stopped: {r.message}." + (" The agent exits." if r.agent_exiting else "")
+    _emit(args, {"role": r.role, "message": r.message, "agent_exiting": r.agent_exiting}, text)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with agent_client.connect(args.socket) as c:
+        s = c.status()
+    _emit(args, agent_client.status_dict(s), format_status(s))
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    with agent_client.connect(args.socket) as c:
+        req = agent_pb2.TailLogsRequest(component=args.component or "", lines=args.lines,
+                                        follow=args.follow)
+        stream = c.stub.TailLogs(req, timeout=None if args.follow else 30)
+        prefix = not args.component
+        try:
+            for item in stream:
+                if args.json:
+                    print(json.dumps({"component": item.component, "line": item.line}))
+                else:
+                    print(f"[{item.component}] {item.line}" if prefix else item.line)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            stream.cancel()
+    return 0
+
+
+# ---- parsing ----------------------------------------------------------------------------
+
+
+def _common(p: argparse.ArgumentParser, launches: bool = False) -> None:
+    p.add_argument("--socket", default=None,
+                   help="the agent's control socket (default: $NODE_AGENT_SOCKET, "
+                        "/run/node-agent/agent.sock, then the per-user socket)")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    if launches:
+        p.add_argument("--state-dir", default=None,
+                       help="state dir for an agent this command launches")
+        p.add_argument("--config", default=None, help="agent.toml for an agent this command "
+                                                      "launches")
+
+
+def _resource_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--node-ip", default=None, help="this machine's address in the cluster")
+    p.add_argument("--num-cpus", type=float, default=None)
+    p.add_argument("--num-gpus", type=float, default=None)
+    p.add_argument("--resources", default=None, help='custom resources as JSON: \'{"accel": 2}\'')
+    p.add_argument("--object-store-memory", type=int, default=None, metavar="BYTES")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="agentctl", description="Control this machine's node agent.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("start", help="start a head node (--head), or the saved role again")
+    _common(s, launches=True)
+    s.add_argument("--head", action="store_true", help="start the head of a new cluster")
+    s.add_argument("--port", type=int, default=None, help="GCS port (default 6379)")
+    s.add_argument("--token", default=None, help="cluster token to use (default: a new one)")
+    _resource_flags(s)
+    s.set_defaults(func=cmd_start)
+
+    j = sub.add_parser("join", help="join the cluster whose head is at HOST:PORT")
+    _common(j, launches=True)
+    j.add_argument("address", metavar="HOST:PORT")
+    j.add_argument("--token", default=None)
+    j.add_argument("--token-file", default=None)
+    j.add_argument("--wait", type=float, default=JOIN_WAIT_S,
+                   help="seconds to try the head before reporting it unreachable (default 10)")
+    _resource_flags(j)
+    j.set_defaults(func=cmd_join)
+
+    lv = sub.add_parser("leave", help="drain, stop the node and forget the cluster")
+    _common(lv)
+    lv.add_argument("--drain-timeout", type=float, default=None, metavar="S")
+    lv.set_defaults(func=cmd_leave)
+
+    st = sub.add_parser("stop", help="drain and stop the node (`agentctl start` resumes it)")
+    _common(st)
+    st.add_argument("--drain-timeout", type=float, default=None, metavar="S")
+    st.add_argument("--keep-agent", action="store_true",
+                    help="keep a background agent running (one run by systemd always stays)")
+    st.set_defaults(func=cmd_stop)
+
+    ss = sub.add_parser("status", help="cluster nodes, resources, demand and this node's processes")
+    _common(ss)
+    ss.set_defaults(func=cmd_status)
+
+    lg = sub.add_parser("logs", help="show (and with -f follow) component logs")
+    _common(lg)
+    lg.add_argument("component", nargs="?", default="",
+                    help="gcs, object_store, raylet, agent or worker-<id> (default: all components)")
+    lg.add_argument("-f", "--follow", action="store_true")
+    lg.add_argument("-n", "--lines", type=int, default=50)
+    lg.set_defaults(func=cmd_logs)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (CliError, agent_client.AgentNotRunning, ConfigError) as exc:
+        print(f"agentctl: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except grpc.RpcError as exc:
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        if exc.code() == grpc.StatusCode.UNAVAILABLE and "unix:" in (details or ""):
+            details = f"lost the connection to the node-agent: {details}"
+        print(f"agentctl: {details}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `agentctl status | head`
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""Talking to a node agent: find its socket, call it, launch one in the background.
+
+Used by agentctl, the tests and any tool (raytop) that wants the agent's view.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+import grpc
+
+from agent import config as agent_config
+from runtime.protocol import agent_pb2, agent_pb2_grpc
+from runtime.session import agent_socket_candidates
+
+LAUNCH_TIMEOUT_S = 30.0
+
+
+class AgentNotRunning(RuntimeError):
+    """No agent answers on the socket."""
+
+
+def socket_alive(path: str) -> bool:
+    """True when something accepts connections on the unix socket path."""
+    if not path or not os.path.exists(path):
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(path)
+            return True
+        except OSError:
+            return False
+
+
+def find_socket(explicit: Optional[str] = None) -> Optional[str]:
+    """The socket of the running agent: --socket, $NODE_AGENT_SOCKET, the system
+    socket, the per-user socket (the first that answers). None when none does."""
+    candidates = [explicit] if explicit else agent_socket_candidates()
+    for path in candidates:
+        if socket_alive(path):
+            return path
+    return None
+
+
+def launch_socket(explicit: Optional[str], state_dir: Optional[str],
+                  config_path: Optional[str]) -> str:
+    """Where an agent launched with these arguments will listen (the same rule the
+    daemon applies, so agentctl finds what it started)."""
+    cfg = agent_config.load(config_path)
+    return agent_config.resolve_paths(cfg, state_dir, explicit).socket
+
+
+class AgentClient:
+    """A blocking client of one agent's unix socket."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.channel = grpc.insecure_channel(f"unix:{path}")
+        self.stub = agent_pb2_grpc.NodeAgentStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "AgentClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def status(self, local_only: bool = False, timeout: float = 10.0) -> agent_pb2.StatusReply:
+        return self.stub.Status(agent_pb2.StatusRequest(local_only=local_only), timeout=timeout)
+
+
+def connect(explicit: Optional[str] = None) -> AgentClient:
+    path = find_socket(explicit)
+    if path is None:
+        where = explicit or " or ".join(agent_socket_candidates())
+        raise AgentNotRunning(
+            f"no node-agent is running (nothing answers on {where}); start one with `agentctl "
+            f"start --head`, `agentctl join HOST:PORT --token T` or `systemctl start node-agent`")
+    return AgentClient(path)
+
+
+def _tail(path: str, n: int = 5) -> List[str]:
+    try:
+        with open(path, errors="replace") as fh:
+            return fh.read().splitlines()[-n:]
+    except OSError:
+        return []
+
+
+def launch_agent(socket_path: Optional[str], state_dir: Optional[str],
+                 config_path: Optional[str], timeout: float = LAUNCH_TIMEOUT_S) -> AgentClient:
+    """Start node-agent in the background (its own session, detached from our
+    terminal; output to <log dir>/node-agent.out) and wait until it serves, as
+    `ray start` does where no service manager runs the agent."""
+    cfg = agent_config.load(config_path)
+    paths = agent_config.resolve_paths(cfg, state_dir, socket_path)
+    os.makedirs(paths.state_dir, mode=0o700, exist_ok=True)
+    os.makedirs(paths.log_dir, mode=0o750, exist_ok=True)
+    out_path = os.path.join(paths.log_dir, "node-agent.out")
+    argv = [sys.executable, "-m", "agent.daemon", "--detached", "--socket", paths.socket,
+            "--state-dir", paths.state_dir]
+    if config_path:
+        argv += ["--config", os.path.abspath(config_path)]
+    env = dict(os.environ)
+    src_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if "site-packages" not in src_root:  # a source checkout: make `-m agent.daemon` importable
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (src_root, env.get("PYTHONPATH")) if p)
+    with open(out_path, "ab") as out:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                close_fds=True, start_new_session=True, cwd="/", env=env)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rc = proc.poll()
+        if rc is not None:
+            tail = " | ".join(_tail(out_path, 3))
+            raise AgentNotRunning(f"node-agent exited at start (status {rc}): {tail} "
+                                  f"(see {out_path})")
+        if socket_alive(paths.socket):
+            client = AgentClient(paths.socket)
+            try:
+                client.status(local_only=True, timeout=2.0)
+                return client
+            except grpc.RpcError:
+                client.close()
+        time.sleep(0.1)
+    raise AgentNotRunning(f"node-agent (pid {proc.pid}) did not serve on {paths.socket} within "
+                          f"{timeout:g}s; see {out_path} and {paths.log_dir}/node-agent.log")
+
+
+# ---- JSON views ---------------------------------------------------------------------------
+
+
+def process_dict(p: agent_pb2.ProcessInfo) -> Dict[str, Any]:
+    return {"component": p.component, "pid": p.pid or None, "state": p.state,
+            "restarts": p.restarts, "uptime_s": round(p.uptime_s, 1) if p.uptime_s >= 0 else None,
+            "last_exit": p.last_exit or None,
+            "last_exit_code": p.last_exit_code if p.has_last_exit else None,
+            "failure_reason": p.failure_reason or None, "log_path": p.log_path,
+            "supervised_by": p.supervised_by}
+
+
+def status_dict(s: agent_pb2.StatusReply) -> Dict[str, Any]:
+    """The Status reply as one JSON document (agentctl status --json)."""
+    out = {
+        "role": s.role, "phase": s.phase, "message": s.message, "summary": s.summary,
+        "node_id": s.node_id, "node_ip": s.node_ip, "gcs_address": s.gcs_address,
+        "session_dir": s.session_dir, "api_address": s.api_address,
+        "agent_pid": s.agent_pid, "cluster_error": s.cluster_error or None,
+        "nodes": [{"id": n.node_id, "ip": n.node_ip, "state": n.state, "is_head": n.is_head,
+                   "resources_total": dict(n.resources_total),
+                   "resources_available": dict(n.resources_available),
+                   "death_reason": n.death_reason or None} for n in s.nodes],
+        "resources": {"total": dict(s.total), "available": dict(s.available)},
+        "pending": [{"shape": dict(d.shape), "count": d.count, "infeasible": d.infeasible}
+                    for d in s.pending],
+        "processes": [process_dict(p) for p in s.processes],
+    }
+    return out  # the token is left out on purpose: status output gets pasted into tickets
