@@ -46,11 +46,18 @@ class ArgSlot:
 
 
 class _Stream:
+    """One PushTasks stream: results wait in `pending` until the stream's writer takes
+    all of them as one ResultBatch (so results batch while a write is in flight)."""
+
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.outbox: asyncio.Queue = asyncio.Queue()
         self.pending: List[common_pb2.TaskResult] = []
-        self.scheduled = False
+        self.wake = asyncio.Event()
+        self.closed = False
         self.job: Optional[common_pb2.JobConfig] = None
+
+    def add(self, result: common_pb2.TaskResult) -> None:
+        self.pending.append(result)
+        self.wake.set()
 
 
 class Executor:
@@ -80,10 +87,14 @@ class Executor:
         reader = asyncio.ensure_future(self._read(stream, request_iterator))
         try:
             while True:
-                item = await stream.outbox.get()
-                if item is None:
+                await stream.wake.wait()
+                stream.wake.clear()
+                if stream.pending:
+                    batch = core_worker_pb2.ResultBatch(results=stream.pending)
+                    stream.pending = []
+                    yield batch
+                if stream.closed:
                     return
-                yield item
         finally:
             reader.cancel()
 
@@ -99,33 +110,22 @@ class Executor:
         except Exception:
             log.debug("task stream closed", exc_info=True)
         finally:
-            stream.outbox.put_nowait(None)
+            stream.closed = True
+            stream.wake.set()
 
     def _post_result(self, stream: _Stream, result: common_pb2.TaskResult) -> None:
         out = self.cw.output
         if self.cw.borrowers.has_pending() or (out is not None and out.has_pending()):
             asyncio.ensure_future(self._post_after_flush(stream, result))
             return
-        stream.pending.append(result)
-        if not stream.scheduled:
-            stream.scheduled = True
-            self.cw.loop.call_soon(self._flush, stream)
+        stream.add(result)
 
     async def _post_after_flush(self, stream: _Stream, result) -> None:
         """Borrower registrations (and what the task printed) go out before its result."""
         await self.cw.borrowers.flush()
         if self.cw.output is not None:
             await self.cw.output.flush()
-        stream.pending.append(result)
-        if not stream.scheduled:
-            stream.scheduled = True
-            self.cw.loop.call_soon(self._flush, stream)
-
-    def _flush(self, stream: _Stream) -> None:
-        stream.scheduled = False
-        if stream.pending:
-            stream.outbox.put_nowait(core_worker_pb2.ResultBatch(results=stream.pending))
-            stream.pending = []
+        stream.add(result)
 
     def cancel(self, task_id: bytes, force: bool) -> bool:
         if self.running == task_id:

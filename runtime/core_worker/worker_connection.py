@@ -40,14 +40,15 @@ class WorkerConnection:
         self.reader = asyncio.ensure_future(self._read())
 
     def send(self, spec: common_pb2.TaskSpec) -> None:
+        """Queue a task; it goes out at once if no write is in flight, else with everything
+        queued meanwhile when the current write completes (batching comes for free)."""
         self.out.append(spec)
         if not self._writing:
             self._writing = True
-            asyncio.get_running_loop().call_soon(self._start_write)
+            self._start_write()
 
     def _start_write(self) -> None:
-        """Write everything queued since the last write as one TaskBatch (called once per
-        loop iteration, so a burst of sends becomes one message)."""
+        """Write everything queued since the last write as one TaskBatch."""
         if self.dead or not self.out:
             self._writing = False
             return
