@@ -36,7 +36,8 @@ from agent.views import brief_reason, cpu_summary, last_log_line, process_info, 
 from runtime import rpc
 from runtime.net import split_address
 from runtime.node import COMPONENTS, Node, NodeConfig
-from runtime.protocol import agent_pb2, common_pb2, gcs_pb2, gcs_pb2_grpc, raylet_pb2_grpc
+from runtime.protocol import (agent_pb2, common_pb2, gcs_pb2, gcs_pb2_grpc, raylet_pb2,
+                              raylet_pb2_grpc)
 from runtime.session import new_session_dir, write_cluster_file
 from runtime.supervisor import ComponentStartError, ManagedProcess, Supervisor, describe_exit
 
@@ -487,15 +488,17 @@ class NodeAgent:
         return f"node {node.node_id.hex()[:8]} stopped ({drained})"
 
     async def drain(self, timeout_s: float) -> str:
-        """Wait until the raylet has no leased worker and no queued lease request.
-
-        The raylet has no drain mode yet, so new leases are still granted while
-        this waits; it is bounded by timeout_s."""
+        """Put the raylet in drain mode (new work goes to other nodes or fails), then wait,
+        at most timeout_s, until it has no leased worker and no queued lease request."""
         node = self.node
         raylet = node.supervisor.get("raylet") if node else None
         if node is None or raylet is None or raylet.poll() is not None:
             return "nothing to drain"
         stub = raylet_pb2_grpc.RayletStub(self._channel(node.raylet_address, node.token))
+        try:
+            await stub.Drain(raylet_pb2.DrainRequest(draining=True), timeout=5)
+        except grpc.RpcError as exc:
+            log.warning("raylet did not accept drain mode: %s", exc.code().name)
         deadline = time.monotonic() + timeout_s
         busy = -1
         while True:

@@ -148,3 +148,19 @@ def test_idle_workers_above_the_cpu_count_are_stopped():
     import time
 
     assert len(s.idle_workers_to_stop(time.monotonic() + 100, 1.0)) == 2
+
+
+def test_draining_node_sends_new_work_elsewhere_or_rejects_it():
+    s = make()
+    s.request_lease(req(1, 1, CPU=1))
+    (running,) = grants(s.schedule())
+    s.draining = True
+    s.request_lease(req(1, 2, CPU=1))
+    (reject,) = [a for a in s.schedule() if not isinstance(a, StartWorkers)]
+    assert isinstance(reject, Reject) and "draining" in reject.message
+    other = b"o" * 28
+    s.remote_nodes[other] = RemoteNode(other, "127.0.0.3:7000", {"CPU": 4.0}, {"CPU": 4.0})
+    s.request_lease(req(1, 3, CPU=1))
+    (spill,) = [a for a in s.schedule() if not isinstance(a, StartWorkers)]
+    assert isinstance(spill, Spillback) and spill.raylet_address == "127.0.0.3:7000"
+    assert running.lease_id in s.leases  # work already running is left alone

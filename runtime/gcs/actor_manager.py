@@ -189,7 +189,7 @@ class ActorManager:
 
     # -- placement and creation ---------------------------------------------------------------------------
     def _pick_node(self, actor: _Actor) -> Optional[gcs_pb2.NodeInfo]:
-        nodes = [n for n in self.gcs.nodes.values() if n.alive]
+        nodes = [n for n in self.gcs.nodes.values() if n.alive and not n.draining]
         if not nodes:
             return None
         s = actor.spec.strategy

@@ -146,7 +146,7 @@ class PlacementGroupManager:
         spec = g.info.spec
         bundles = [dict(b.resources) for b in spec.bundles]
         while g.info.state == "PENDING":
-            nodes = [n for n in self.gcs.nodes.values() if n.alive]
+            nodes = [n for n in self.gcs.nodes.values() if n.alive and not n.draining]
             placement, why = plan(spec.strategy, bundles,
                                   [(n.node_id, dict(n.resources_total), dict(n.resources_available))
                                    for n in nodes])

@@ -65,6 +65,7 @@ class Gcs(gcs_pb2_grpc.GcsServicer):
         if request.seq and request.seq < self.report_seq.get(request.node_id, 0):
             return gcs_pb2.ResourceReportReply()  # overtaken by a newer report
         self.report_seq[request.node_id] = request.seq
+        node.draining = request.draining
         node.resources_available.clear()
         node.resources_available.update(request.resources_available)
         if request.resources_total:

@@ -145,6 +145,7 @@ class Scheduler:
         self.prepared: Dict[Tuple[str, int], Resources] = {}
         self.committed: Dict[Tuple[str, int], Resources] = {}
         self.removed_groups: set = set()
+        self.draining = False
         self._lease_ids = itertools.count(1)
 
     # -- stimuli ---------------------------------------------------------------------------
@@ -348,6 +349,13 @@ class Scheduler:
         return not missing(self.total, res)
 
     def _placement(self, req: PendingRequest):
+        if self.draining:
+            for node in self.remote_nodes.values():
+                if not missing(node.total, req.resources) and not req.grant_or_reject:
+                    return Spillback(req.client, req.request_id, node.raylet_address)
+            return Reject(req.client, req.request_id,
+                          f"node {self.node_id.hex()[:8]} is draining (leaving the cluster) and "
+                          f"no other node can run {describe(req.resources)}")
         if req.strategy == "NODE_AFFINITY" and req.affinity_node and req.affinity_node != self.node_id:
             node = self.remote_nodes.get(req.affinity_node)
             if node is not None and not req.grant_or_reject:

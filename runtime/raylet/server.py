@@ -178,6 +178,14 @@ class Raylet(raylet_pb2_grpc.RayletServicer):
         await self._report_now()
         return raylet_pb2.BundleReply(ok=True)
 
+    async def Drain(self, request, context):
+        self.sched.draining = request.draining
+        log.info("raylet %s", "draining: new work goes to other nodes" if request.draining
+                 else "taking work again")
+        self._run_scheduler()
+        await self._report_now()
+        return common_pb2.Empty()
+
     async def Shutdown(self, request, context):
         self._stopping.set()
         return common_pb2.Empty()
@@ -304,6 +312,7 @@ class Raylet(raylet_pb2_grpc.RayletServicer):
     def _report(self) -> gcs_pb2.ResourceReport:
         self._report_seq += 1
         report = gcs_pb2.ResourceReport(node_id=self.node_id, seq=self._report_seq,
+                                        draining=self.sched.draining,
                                         resources_available=self.sched.available,
                                         resources_total=self.sched.total)
         shapes: Dict[str, list] = {}
@@ -325,7 +334,7 @@ class Raylet(raylet_pb2_grpc.RayletServicer):
         nodes = await gcs.GetAllNodes(common_pb2.Empty(), timeout=10)
         remote = {}
         for n in nodes.nodes:
-            if n.alive and n.node_id != self.node_id:
+            if n.alive and not n.draining and n.node_id != self.node_id:
                 remote[n.node_id] = RemoteNode(n.node_id, f"{n.node_ip}:{n.raylet_port}",
                                                dict(n.resources_total), dict(n.resources_available))
         changed = set(remote) != set(self.sched.remote_nodes)
