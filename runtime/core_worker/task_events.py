@@ -37,8 +37,8 @@ class TaskEventBuffer:
         self.task_ids: List[bytes] = []
         self.states: List[int] = []
         self.times: List[float] = []
-        self.statics: List[gcs_pb2.TaskStatic] = []
-        self.outcomes: List[gcs_pb2.TaskOutcome] = []
+        self.statics: List[tuple] = []
+        self.outcomes: List[tuple] = []
         self.dropped = 0
         self._task: Optional[asyncio.Task] = None
         self._kick = None
@@ -52,10 +52,9 @@ class TaskEventBuffer:
     def new_task(self, task, kind: str, state: int) -> None:
         if not self.enabled:
             return
-        self.statics.append(gcs_pb2.TaskStatic(
-            task_id=task.task_id, name=task.name, type=kind, actor_id=task.actor_id,
-            parent_task_id=self.cw.current_task_id or b"", resources=task.resources or {},
-            func_or_class_name=task.name))
+        # Plain tuples here; protobuf messages are built once per flush, off the task's path.
+        self.statics.append((task.task_id, task.name, kind, task.actor_id,
+                             self.cw.current_task_id or b"", task.resources))
         self.event(task.task_id, state)
 
     def event(self, task_id: bytes, state: int, when: Optional[float] = None) -> None:
@@ -73,9 +72,8 @@ class TaskEventBuffer:
                 error_type: str = "", error_message: str = "") -> None:
         if not self.enabled:
             return
-        self.outcomes.append(gcs_pb2.TaskOutcome(
-            task_id=task_id, worker_id=worker_id, worker_pid=pid, node_id=node_id,
-            error_type=error_type, error_message=error_message[:2000], attempt=attempt))
+        self.outcomes.append((task_id, worker_id, pid, node_id, error_type, error_message,
+                              attempt))
 
     def _drop_oldest(self) -> None:
         n = len(self.task_ids) // 2
@@ -100,8 +98,14 @@ class TaskEventBuffer:
         batch.task_ids.extend(self.task_ids)
         batch.states.extend(self.states)
         batch.times.extend(self.times)
-        batch.statics.extend(self.statics)
-        batch.outcomes.extend(self.outcomes)
+        for task_id, name, kind, actor_id, parent, resources in self.statics:
+            batch.statics.add(task_id=task_id, name=name, type=kind, actor_id=actor_id,
+                              parent_task_id=parent, resources=resources or {},
+                              func_or_class_name=name)
+        for task_id, worker_id, pid, node_id, etype, emsg, attempt in self.outcomes:
+            batch.outcomes.add(task_id=task_id, worker_id=worker_id, worker_pid=pid,
+                               node_id=node_id, error_type=etype, error_message=emsg[:2000],
+                               attempt=attempt)
         self.task_ids, self.states, self.times, self.statics, self.outcomes = [], [], [], [], []
         self.dropped = 0
         try:
