@@ -18,7 +18,6 @@ import logging
 import logging.handlers
 import os
 import signal
-import socket
 import sys
 import time
 from typing import List, Optional, Tuple
@@ -27,6 +26,7 @@ import grpc
 import grpc.aio
 
 from agent import config as agent_config
+from agent.client import socket_alive
 from agent.core import AgentError, NodeAgent
 from agent.sdnotify import Notifier, PriorityPrefixFormatter, WatchdogGate, journal_handler
 from agent.service import AgentService
@@ -102,16 +102,6 @@ def become_subreaper() -> None:
         pass
 
 
-def _socket_in_use(path: str) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(1.0)
-        try:
-            s.connect(path)
-            return True
-        except OSError:
-            return False
-
-
 class Daemon:
     def __init__(self, cfg: agent_config.AgentConfig, paths: agent_config.ResolvedPaths,
                  notifier: Notifier, args: argparse.Namespace) -> None:
@@ -132,7 +122,7 @@ class Daemon:
         if not os.path.isdir(parent):
             os.makedirs(parent, mode=0o700)
         if os.path.exists(path):
-            if _socket_in_use(path):
+            if socket_alive(path):
                 raise StartupError(f"another node-agent is already serving on {path}; use it "
                                    f"(agentctl --socket {path} status) or pass another --socket")
             os.unlink(path)  # left by an agent that was killed

@@ -23,6 +23,7 @@ import grpc
 from runtime import ids, rpc
 from runtime.core_worker.raylet_client import RayletClient
 from runtime.core_worker.worker_connection import WorkerConnection
+from runtime.gcs.versioned import ChangeSignal
 from runtime.protocol import (common_pb2, core_worker_pb2_grpc, gcs_pb2, raylet_pb2)
 from runtime.raylet.resources import describe, missing
 
@@ -77,7 +78,7 @@ class _Actor:
             method_names=spec.method_names, is_async=spec.is_async,
             max_task_retries=spec.max_task_retries, start_time=time.time(),
             resources=spec.hold_resources)
-        self.changed = asyncio.Event()
+        self.changed = ChangeSignal()
         self.conn: Optional[WorkerConnection] = None
         self.lease: Optional[Tuple[_RayletLink, int]] = None
         self.request: Optional[Tuple[_RayletLink, int]] = None
@@ -133,11 +134,7 @@ class ActorManager:
             self.actors.get(self.names.get((req.namespace, req.name), b""))
         if actor is None or (req.name and actor.info.state == "DEAD" and not req.actor_id):
             return gcs_pb2.GetActorReply(found=False)
-        if req.newer_than and actor.info.version <= req.newer_than:
-            try:
-                await asyncio.wait_for(actor.changed.wait(), req.timeout_s or 30.0)
-            except asyncio.TimeoutError:
-                pass
+        await actor.changed.wait_newer(actor.info, req.newer_than, req.timeout_s or 30.0)
         return gcs_pb2.GetActorReply(found=True, actor=actor.info)
 
     async def kill(self, req: gcs_pb2.KillActorRequest) -> None:
@@ -163,9 +160,7 @@ class ActorManager:
 
     # -- state changes ---------------------------------------------------------------------------------
     def _changed(self, actor: _Actor) -> None:
-        actor.info.version += 1
-        ev, actor.changed = actor.changed, asyncio.Event()
-        ev.set()
+        actor.changed.bump(actor.info)
 
     def _set_dead(self, actor: _Actor, cause: str, error: bytes = b"") -> None:
         if actor.info.state == "DEAD":

@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Tuple
 
 import grpc
 
+from runtime.gcs.versioned import ChangeSignal
 from runtime.protocol import gcs_pb2, raylet_pb2, raylet_pb2_grpc
 from runtime.raylet.resources import add, describe, fits, missing, subtract
 
@@ -66,7 +67,7 @@ def plan(strategy: str, bundles: List[Dict[str, float]], nodes: List[Tuple[bytes
 class _Group:
     def __init__(self, spec: gcs_pb2.PlacementGroupSpec) -> None:
         self.info = gcs_pb2.PlacementGroupInfo(spec=spec, state="PENDING", create_time=time.time())
-        self.changed = asyncio.Event()
+        self.changed = ChangeSignal()
         self.task: Optional[asyncio.Task] = None
 
 
@@ -82,9 +83,7 @@ class PlacementGroupManager:
             self.gcs.actor_manager.channel(f"{node.node_ip}:{node.raylet_port}"))
 
     def _changed(self, g: _Group) -> None:
-        g.info.version += 1
-        ev, g.changed = g.changed, asyncio.Event()
-        ev.set()
+        g.changed.bump(g.info)
 
     # -- RPCs ---------------------------------------------------------------------------------------------
     async def create(self, spec: gcs_pb2.PlacementGroupSpec) -> gcs_pb2.PlacementGroupReply:
@@ -109,11 +108,7 @@ class PlacementGroupManager:
             self.groups.get(self.names.get((req.namespace, req.name), b""))
         if g is None:
             return gcs_pb2.PlacementGroupReply(found=False)
-        if req.newer_than and g.info.version <= req.newer_than and req.timeout_s > 0:
-            try:
-                await asyncio.wait_for(g.changed.wait(), req.timeout_s)
-            except asyncio.TimeoutError:
-                pass
+        await g.changed.wait_newer(g.info, req.newer_than, req.timeout_s)
         return gcs_pb2.PlacementGroupReply(found=True, info=g.info)
 
     async def remove(self, req: gcs_pb2.PlacementGroupRequest) -> None:
