@@ -20,7 +20,6 @@ import asyncio
 import dataclasses
 import logging
 import os
-import secrets
 import shutil
 import time
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
@@ -114,7 +113,7 @@ class NodeAgent:
         log.info("restoring role %s from %s", state.role, self.store.path("state.json"))
         try:
             if state.role == "head":
-                await self._start_head(state.options, token or secrets.token_urlsafe(32),
+                await self._start_head(state.options, token or rpc.new_cluster_token(),
                                        port_wait_s=15.0)
             else:
                 if not token:
@@ -275,7 +274,7 @@ class NodeAgent:
     async def start_head(self, options: Dict[str, Any], token: str) -> agent_pb2.StartHeadReply:
         async with self._op_lock:
             self._require_idle()
-            return await self._start_head(options, token or secrets.token_urlsafe(32))
+            return await self._start_head(options, token or rpc.new_cluster_token())
 
     async def _start_head(self, options: Dict[str, Any], token: str,
                           port_wait_s: float = 0.0) -> agent_pb2.StartHeadReply:
@@ -462,7 +461,7 @@ class NodeAgent:
                                  "--head` or `agentctl join HOST:PORT --token T`")
             token = self.store.read_token()
             if role == "head":
-                await self._start_head(options, token or secrets.token_urlsafe(32))
+                await self._start_head(options, token or rpc.new_cluster_token())
                 return agent_pb2.NodeActionReply(role="head", message=f"head node started at "
                                                  f"{self.gcs_address}")
             if not token:

@@ -30,7 +30,6 @@ import glob
 import json
 import logging
 import os
-import secrets
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from typing import Dict, List, Optional
 
 from runtime import config, ids
 from runtime.gpu import resolve_gpu_ids
-from runtime.rpc import TOKEN_ENV
+from runtime.rpc import TOKEN_ENV, new_cluster_token
 from runtime.supervisor import ComponentStartError, ManagedProcess, ProcessSpec, RestartPolicy, Supervisor
 
 log = logging.getLogger("runtime.node")
@@ -127,7 +126,7 @@ class Node:
         self.store_node_hex = self.node_id.hex()
         self.supervisor = supervisor or Supervisor()
         self._own_supervisor = supervisor is None
-        self.token = cfg.token or secrets.token_urlsafe(32)
+        self.token = cfg.token or new_cluster_token()
         self.gcs_address = cfg.gcs_address
         self.store_address = ""
         self.raylet_address = ""

@@ -174,3 +174,11 @@ def sync_channel(address: str, token: str) -> AuthChannel:
 
 def is_auth_error(exc: BaseException) -> bool:
     return isinstance(exc, grpc.RpcError) and exc.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def new_cluster_token() -> str:
+    """A fresh cluster token: 256 random bits as hex, so it never starts with '-' (which
+    a command line would take for an option) and needs no quoting anywhere."""
+    import secrets
+
+    return secrets.token_hex(32)
