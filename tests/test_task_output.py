@@ -4,7 +4,7 @@ import sys
 import textwrap
 
 SCRIPT = textwrap.dedent("""
-    import sys, time
+    import sys
     import runtime as ray
     ray.init(num_cpus=2, _temp_dir=sys.argv[1], log_to_driver={log})
 
@@ -21,7 +21,6 @@ SCRIPT = textwrap.dedent("""
 
     assert ray.get([shout.remote(i) for i in range(3)]) == [0, 1, 2]
     ray.get(Speaker.remote().say.remote())
-    time.sleep(1.0)  # output is forwarded asynchronously; give it a moment before exiting
     ray.shutdown()
 """)
 

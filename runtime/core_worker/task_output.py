@@ -2,8 +2,10 @@
 
 A worker's stdout and stderr are wrapped: every write still goes to the worker's
 log file, and complete lines written while a task runs are also batched (about
-every 100 ms) to the driver of that task's job, which prints them prefixed with
-the task name and worker PID, as Ray does: ``(square pid=4242) hello``.
+every 100 ms, and always before the task's result, so a driver that has the
+result has shown what the task printed) to the driver of that task's job, which
+prints them prefixed with the task name and worker PID, as Ray does:
+``(square pid=4242) hello``.
 """
 from __future__ import annotations
 
