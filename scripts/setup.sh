@@ -15,6 +15,11 @@ fi
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e ".[test,tui]"
+# pip's own chatter goes to a log; it is shown only if the install fails.
+if ! { .venv/bin/python -m pip install -q --upgrade pip &&
+       .venv/bin/python -m pip install -q -e ".[test,tui]"; } > .venv/pip-install.log 2>&1; then
+    cat .venv/pip-install.log >&2
+    echo "setup: installing the project's dependencies failed (log above)" >&2
+    exit 1
+fi
 .venv/bin/python runtime/_protocol_build.py
