@@ -5,7 +5,6 @@ packaging build and, as a fallback, on first import in a source checkout.
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 

@@ -14,9 +14,8 @@ import hashlib
 import inspect
 from typing import Any, Dict, List, Optional
 
-from runtime import ids
 from runtime.object_ref import ObjectRef
-from runtime.options import strategy_proto, validate_task_options
+from runtime.options import validate_task_options
 
 ACTOR_OPTIONS = {
     "num_cpus", "num_gpus", "resources", "name", "namespace", "lifetime", "get_if_exists",

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import grpc
 
-from runtime import config, rpc
+from runtime import rpc
 from runtime.core_worker.core_worker import DRIVER, CoreWorker
 from runtime.core_worker.current import core_worker_or_none, set_core_worker
 from runtime.exceptions import AuthenticationError, ClusterConnectionError

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from typing import Any, Optional, Tuple
+from typing import Any, Tuple
 
 from runtime.serialization import record_contained_ref
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Callable, Dict, List, Optional, Union
 
-from runtime import ids
-from runtime.core_worker.submitter import PendingTask
+from runtime.core_worker.submitter import new_task, return_refs
 from runtime.core_worker.task_args import prepare_args
 from runtime.object_ref import ObjectRef
 from runtime.options import (default_max_retries, placed_resources, strategy_proto,
@@ -81,27 +80,15 @@ class RemoteFunction:
         num_returns = 1 if num_returns is None else num_returns
         name = opts.get("name") or self._name
         blob, slots, held = prepare_args(cw, self._function, name, args, kwargs)
-        task = PendingTask()
-        task.task_id = tid = ids.new_task_id()
+        task = new_task(name, blob, slots, held, num_returns, default_max_retries(opts),
+                        opts.get("retry_exceptions"))
         task.function_id = self._function_id
         task.function_blob = self._blob
-        task.name = name
-        task.args = blob
-        task.slot_refs = slots or None
-        task.arg_ids = held
-        task.return_ids = [ids.object_id_for_return(tid, i + 1) for i in range(num_returns)]
         task.key = key
         task.resources = resources
         task.strategy = strategy
-        task.retries_left = default_max_retries(opts)
-        task.retry_exceptions = opts.get("retry_exceptions") or False
-        owner = cw.address
-        refs = [ObjectRef(oid, owner, cw) for oid in task.return_ids]
+        refs = return_refs(cw, task)
         cw.submit(task)
-        if num_returns == 1:
-            return refs[0]
-        if num_returns == 0:
-            return None
         return refs
 
 

@@ -20,12 +20,11 @@ borrowed in the current process. Both go through a thread-local context that
 """
 from __future__ import annotations
 
-import io
 import pickle
 import struct
 import threading
 import traceback
-from typing import Any, Iterable, List, Optional, Sequence
+from typing import Any, List, Optional
 
 import cloudpickle
 

@@ -7,7 +7,6 @@ that the processes it started are gone afterwards.
 """
 from __future__ import annotations
 
-import os
 import time
 from typing import Callable, List
 

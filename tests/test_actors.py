@@ -29,6 +29,7 @@ from runtime.exceptions import ActorDiedError, RayActorError
 from runtime.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from runtime.util.state import get_actor as state_get_actor
 
+from helpers.gates import await_path
 from conftest import wait_for
 
 REPO = str(Path(__file__).resolve().parent.parent)
@@ -73,11 +74,7 @@ class Counter:
     def gate(self, started, gate, timeout=60.0):
         """Mark that the call started, then block until the gate file exists."""
         Path(started).touch()
-        deadline = time.monotonic() + timeout
-        while not os.path.exists(gate):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{gate} never appeared")
-            time.sleep(0.02)
+        await_path(gate, timeout)
         return os.getpid()
 
 

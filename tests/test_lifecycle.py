@@ -18,7 +18,6 @@ import stat
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import grpc
@@ -29,6 +28,7 @@ import runtime as ray
 from runtime.protocol import (common_pb2, core_worker_pb2, core_worker_pb2_grpc, gcs_pb2_grpc,
                               object_store_pb2_grpc, raylet_pb2_grpc)
 
+from helpers.gates import await_path, meet
 from conftest import assert_all_gone, cluster_pids, wait_for
 
 REPO = str(Path(__file__).resolve().parent.parent)
@@ -46,24 +46,14 @@ def getpid():
 
 @ray.remote
 def wait_file(path, value=None, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} never appeared")
-        time.sleep(0.02)
+    await_path(path, timeout)
     return value
 
 
 @ray.remote
 def barrier(directory, parties, timeout=30.0):
     """Arrive, then wait until `parties` tasks arrived: they must run at the same time."""
-    Path(directory, f"{os.getpid()}-{uuid.uuid4().hex}").touch()
-    deadline = time.monotonic() + timeout
-    while len(os.listdir(directory)) < parties:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"only {len(os.listdir(directory))} of {parties} tasks ran "
-                               f"concurrently")
-        time.sleep(0.02)
+    meet(directory, parties, timeout)
     return os.getpid()
 
 

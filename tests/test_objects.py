@@ -20,6 +20,7 @@ import pytest
 import runtime as ray
 from runtime.object_store.client import StoreClient
 
+from helpers.gates import await_path
 from conftest import wait_for
 
 MiB = 1024 * 1024
@@ -101,22 +102,14 @@ def wait_gate(path, value=None, started=None, timeout=60.0):
     """Signal `started`, wait for the gate file, return value."""
     if started:
         Path(started).touch()
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"gate {path} never opened")
-        time.sleep(0.02)
+    await_path(path, timeout)
     return value
 
 
 @ray.remote
 def sum_after_gate(arr, path, started):
     Path(started).touch()
-    deadline = time.monotonic() + 60
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"gate {path} never opened")
-        time.sleep(0.02)
+    await_path(path, 60)
     return int(arr.sum())
 
 

@@ -22,6 +22,8 @@ from runtime.util import (get_current_placement_group, get_placement_group, plac
                           placement_group_table, remove_placement_group)
 from runtime.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from helpers import gates
+from helpers.gates import await_path
 from conftest import wait_for
 
 
@@ -47,23 +49,14 @@ def parent_submits_child():
 
 @ray.remote
 def block_on(path, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} never appeared")
-        time.sleep(0.02)
+    await_path(path, timeout)
     return os.getpid()
 
 
 @ray.remote
 def meet(directory, parties, timeout=20.0):
     """Arrive, then wait until `parties` tasks arrived: they must run at the same time."""
-    Path(directory, uuid.uuid4().hex).touch()
-    deadline = time.monotonic() + timeout
-    while len(os.listdir(directory)) < parties:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"only {len(os.listdir(directory))} of {parties} tasks ran at once")
-        time.sleep(0.02)
+    gates.meet(directory, parties, timeout)
     return True
 
 

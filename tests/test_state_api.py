@@ -11,7 +11,6 @@ which stops the module's cluster: it must stay the last test of this file.
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import psutil
@@ -22,6 +21,7 @@ from runtime.util import placement_group, remove_placement_group
 from runtime.util.state import (get_actor, list_actors, list_jobs, list_nodes, list_objects,
                                 list_placement_groups, list_tasks, list_workers, summarize_tasks)
 
+from helpers.gates import await_path
 from conftest import wait_for
 
 FINAL_STATES = {"FINISHED", "FAILED"}
@@ -40,11 +40,7 @@ def fail_loudly():
 
 @ray.remote
 def wait_file(path, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} never appeared")
-        time.sleep(0.02)
+    await_path(path, timeout)
     return os.getpid()
 
 

@@ -19,7 +19,8 @@ from runtime import ids
 from runtime.actor import ActorClass, ActorHandle
 from runtime.core_worker import task_events as te
 from runtime.core_worker.memory_store import Value
-from runtime.core_worker.submitter import PendingTask, record_result, resolve_slots
+from runtime.core_worker.submitter import (PendingTask, new_task, push, record_result,
+                                           resolve_slots, return_refs)
 from runtime.core_worker.task_args import prepare_args
 from runtime.core_worker.worker_connection import WorkerConnection
 from runtime.exceptions import ActorDiedError, RayActorError
@@ -149,29 +150,21 @@ class ActorSubmitter:
         if handle._handle_ref is not None:
             # A call in flight keeps its actor in scope: `A.remote().f.remote()` must run f.
             held = held + [handle._handle_ref._id]
-        task = PendingTask()
-        task.task_id = tid = ids.new_task_id()
+        mtr = opts.get("max_task_retries")
+        task = new_task(name, blob, slots, held, num_returns,
+                        handle._max_task_retries if mtr is None else mtr,
+                        opts.get("retry_exceptions"))
         task.actor_id = handle._actor_id
         task.method_name = method
         task.function_id = b""
         task.function_blob = b""
-        task.name = name
-        task.args = blob
-        task.slot_refs = slots or None
-        task.arg_ids = held
-        task.return_ids = [ids.object_id_for_return(tid, i + 1) for i in range(num_returns)]
         task.key = None
         task.resources = {}
-        mtr = opts.get("max_task_retries")
-        task.retries_left = handle._max_task_retries if mtr is None else mtr
-        task.retry_exceptions = opts.get("retry_exceptions") or False
-        refs = [ObjectRef(oid, cw.address, cw) for oid in task.return_ids]
+        refs = return_refs(cw, task)
         if held:
             cw.refs.add_submitted(held)
         cw.post(self._submit, task)
-        if num_returns == 1:
-            return refs[0]
-        return None if num_returns == 0 else refs
+        return refs
 
     # -- loop thread ----------------------------------------------------------------------------------
     def _actor(self, actor_id: bytes) -> _Actor:
@@ -218,13 +211,7 @@ class ActorSubmitter:
             return_ids=task.return_ids, owner=self.cw.address_proto, attempt=task.attempt,
             actor_id=task.actor_id, method_name=task.method_name,
             parent_task_id=self.cw.current_task_id or b"")
-        if task.arg_values:
-            spec.arg_values.extend(task.arg_values)
-        task.conn = conn
-        task.state = "SUBMITTED_TO_WORKER"
-        self.cw.task_events.event(task.task_id, te.SUBMITTED_TO_WORKER)
-        conn.inflight[task.task_id] = task
-        conn.send(spec)
+        push(self.cw, conn, task, spec)
 
     def _watch(self, a: _Actor) -> None:
         if not a.watching and a.death is None:

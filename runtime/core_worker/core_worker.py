@@ -14,21 +14,18 @@ import collections
 import concurrent.futures
 import logging
 import os
-import sys
 import threading
-import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import grpc
 
 from runtime import config, ids, rpc
-from runtime.core_worker.borrowers import BorrowerNotifier, address_proto
+from runtime.core_worker.borrowers import BorrowerNotifier
 from runtime.core_worker.memory_store import MemoryStore, Value
 from runtime.core_worker.raylet_client import RayletClient
 from runtime.core_worker.reference_table import ReferenceTable, RefEntry
 from runtime.core_worker.submitter import PendingTask, TaskSubmitter
-from runtime.exceptions import (GetTimeoutError, ObjectLostError, OwnerDiedError, RayTaskError,
-                                RaySystemError)
+from runtime.exceptions import (GetTimeoutError, ObjectLostError, OwnerDiedError, RayTaskError)
 from runtime.object_ref import ObjectRef
 from runtime.object_store.client import StoreClient, map_object, write_object
 from runtime.object_store.store import object_file_name

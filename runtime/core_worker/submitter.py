@@ -19,19 +19,19 @@ import asyncio
 import itertools
 import logging
 import os
-import time
 from collections import deque
-from typing import TYPE_CHECKING, Deque, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Deque, Dict, List, Optional
 
 import grpc
 
-from runtime import config
+from runtime import config, ids
 from runtime.core_worker import task_events as te
 from runtime.core_worker.memory_store import Value
 from runtime.exceptions import TaskCancelledError, TaskUnschedulableError, WorkerCrashedError
 from runtime.core_worker.worker_connection import WorkerConnection
 from runtime.protocol import common_pb2, core_worker_pb2, raylet_pb2
 from runtime.serialization import parse, serialize_error
+from runtime.object_ref import ObjectRef
 
 if TYPE_CHECKING:
     from runtime.core_worker.core_worker import CoreWorker
@@ -59,6 +59,40 @@ class PendingTask:
         self.waiting = 0
         self.actor_id = b""
         self.method_name = ""
+
+
+def new_task(name: str, args: bytes, slots, held: List[bytes], num_returns: int,
+             retries_left: int, retry_exceptions) -> PendingTask:
+    """A PendingTask with what tasks and actor calls share; callers add the rest."""
+    task = PendingTask()
+    task.task_id = tid = ids.new_task_id()
+    task.name = name
+    task.args = args
+    task.slot_refs = slots or None
+    task.arg_ids = held
+    task.return_ids = [ids.object_id_for_return(tid, i + 1) for i in range(num_returns)]
+    task.retries_left = retries_left
+    task.retry_exceptions = retry_exceptions or False
+    return task
+
+
+def return_refs(cw, task: PendingTask):
+    """What .remote() returns: one ref, None (num_returns=0) or a list."""
+    refs = [ObjectRef(oid, cw.address, cw) for oid in task.return_ids]
+    if len(refs) == 1:
+        return refs[0]
+    return refs or None
+
+
+def push(cw, conn: WorkerConnection, task: PendingTask, spec: common_pb2.TaskSpec) -> None:
+    """Send a task on its worker's stream and record that it went."""
+    if task.arg_values:
+        spec.arg_values.extend(task.arg_values)
+    task.conn = conn
+    task.state = "SUBMITTED_TO_WORKER"
+    cw.task_events.event(task.task_id, te.SUBMITTED_TO_WORKER)
+    conn.inflight[task.task_id] = task
+    conn.send(spec)
 
 
 class LeaseState:
@@ -278,18 +312,12 @@ class TaskSubmitter:
         if task.strategy.kind == "PLACEMENT_GROUP":
             spec.placement_group_id = task.strategy.placement_group_id
             spec.capture_child_tasks = task.strategy.soft
-        if task.arg_values:
-            spec.arg_values.extend(task.arg_values)
         if task.function_id not in conn.functions_sent:
             spec.function_blob = task.function_blob
             conn.functions_sent.add(task.function_id)
         lease.inflight += 1
-        task.conn = conn
         task.lease = lease
-        task.state = "SUBMITTED_TO_WORKER"
-        self.cw.task_events.event(task.task_id, te.SUBMITTED_TO_WORKER)
-        conn.inflight[task.task_id] = task
-        conn.send(spec)
+        push(self.cw, conn, task, spec)
 
     def _return_if_idle(self, lease: LeaseState) -> None:
         lease.idle_timer = None

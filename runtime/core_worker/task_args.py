@@ -9,8 +9,7 @@ object store first and passed as slots, as Ray does.
 from __future__ import annotations
 
 import inspect
-import pickle
-from typing import Any, Callable, List, Tuple
+from typing import Callable, List, Tuple
 
 from runtime import config
 from runtime.core_worker.executor import ArgSlot

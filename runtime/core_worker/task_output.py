@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Dict, List, Tuple
 
 import grpc
 
-from runtime.protocol import common_pb2, core_worker_pb2, core_worker_pb2_grpc
+from runtime.protocol import core_worker_pb2, core_worker_pb2_grpc
 
 if TYPE_CHECKING:
     from runtime.core_worker.core_worker import CoreWorker

@@ -25,7 +25,7 @@ from runtime.core_worker.raylet_client import RayletClient
 from runtime.core_worker.worker_connection import WorkerConnection
 from runtime.gcs.versioned import ChangeSignal
 from runtime.protocol import (common_pb2, core_worker_pb2_grpc, gcs_pb2, raylet_pb2)
-from runtime.raylet.resources import describe, missing
+from runtime.raylet.resources import missing
 
 log = logging.getLogger("runtime.gcs.actors")
 

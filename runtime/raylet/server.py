@@ -23,8 +23,8 @@ import grpc
 
 from runtime import component, config, rpc
 from runtime.protocol import common_pb2, gcs_pb2, gcs_pb2_grpc, raylet_pb2, raylet_pb2_grpc
-from runtime.raylet.scheduler import (Grant, KillWorker, PendingRequest, Queued, Reject,
-                                      RemoteNode, Scheduler, Spillback, StartWorkers, Warn, Worker)
+from runtime.raylet.scheduler import (Grant, PendingRequest, Queued, Reject, RemoteNode,
+                                      Scheduler, Spillback, StartWorkers, Warn, Worker)
 from runtime.supervisor import ManagedProcess, ProcessSpec, Supervisor
 
 log = logging.getLogger("runtime.raylet")

@@ -2,7 +2,6 @@
 atomically, then schedule tasks and actors into them."""
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any, Dict, List, Optional
 

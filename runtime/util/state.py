@@ -10,7 +10,7 @@ Filters are Ray's ``[(key, predicate, value)]`` with predicates ``=`` and
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import grpc
 
