@@ -18,11 +18,12 @@ import grpc
 from runtime import ids
 from runtime.actor import ActorClass, ActorHandle
 from runtime.core_worker import task_events as te
+from runtime.core_worker.call_connection import CallConnection
 from runtime.core_worker.memory_store import Value
 from runtime.core_worker.submitter import (PendingTask, new_task, push, record_result,
                                            resolve_slots, return_refs)
 from runtime.core_worker.task_args import prepare_args
-from runtime.core_worker.worker_connection import WorkerConnection
+from runtime.core_worker.worker_connection import Connection, WorkerConnection
 from runtime.exceptions import ActorDiedError, RayActorError
 from runtime.object_ref import ObjectRef
 from runtime.options import placed_resources, strategy_proto, task_resources
@@ -48,7 +49,7 @@ class _Actor:
         self.actor_id = actor_id
         self.state = "PENDING_CREATION"
         self.version = 0
-        self.conn: Optional[WorkerConnection] = None
+        self.conn: Optional[Connection] = None
         self.queue: Deque[PendingTask] = deque()
         self.limbo: List[PendingTask] = []   # in flight when the stream broke
         self.death: Optional[Value] = None
@@ -241,8 +242,13 @@ class ActorSubmitter:
                 if info.state == "ALIVE":
                     addr = f"{info.address.ip}:{info.address.port}"
                     a.address = addr
-                    a.conn = WorkerConnection(self, self.cw.channel(addr), addr,
-                                              info.address.worker_id, self.cw.job_config)
+                    if info.address.task_port:
+                        a.conn = CallConnection(self, f"{info.address.ip}:{info.address.task_port}",
+                                                info.address.worker_id, self.cw.job_config,
+                                                self.cw.token, control_address=addr)
+                    else:
+                        a.conn = WorkerConnection(self, self.cw.channel(addr), addr,
+                                                  info.address.worker_id, self.cw.job_config)
                     self._resend_limbo(a)
                     self._pump(a)
                     return
@@ -301,8 +307,8 @@ class ActorSubmitter:
                 a.conn.close()
                 a.conn = None
 
-    # -- WorkerConnection handler -----------------------------------------------------------------------
-    def on_result(self, conn: WorkerConnection, result: common_pb2.TaskResult) -> None:
+    # -- connection handler (WorkerConnection or CallConnection) ---------------------------------------
+    def on_result(self, conn: Connection, result: common_pb2.TaskResult) -> None:
         task = conn.inflight.pop(result.task_id, None)
         if task is None:
             return
@@ -315,7 +321,7 @@ class ActorSubmitter:
                     for c in loc.contained])
         self.cw.submitter.finish_task(task, values)
 
-    def on_connection_lost(self, conn: WorkerConnection, error: str) -> None:
+    def on_connection_lost(self, conn: Connection, error: str) -> None:
         conn.dead = True
         for a in self.actors.values():
             if a.conn is conn:

@@ -529,7 +529,10 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         self.post(self.submitter.submit, task)
 
     def cancel(self, ref: ObjectRef, force: bool) -> None:
-        self.post(self.submitter.cancel, ref.task_id(), force)
+        async def cancel() -> None:  # after the submission the caller posted before
+            self.submitter.cancel(ref.task_id(), force)
+
+        self.run(cancel(), timeout=30)
 
     # -- placement groups ----------------------------------------------------------------------------
     def placement_group_ready_ref(self, pg) -> ObjectRef:

@@ -5,6 +5,10 @@ process's main thread, so user code can use signals and a blocking get() can
 lend the CPU back. Results go back on the stream they came from, batched; a
 result is held until this worker's borrower registrations for it are
 acknowledged, so the owner never frees an object the worker still holds.
+
+Calls to a sync actor are the exception: they arrive on the actor's call port
+and run on the gRPC thread that read them (runtime/core_worker/actor_call_server.py),
+one at a time under `actor_lock`.
 """
 from __future__ import annotations
 
@@ -80,6 +84,8 @@ class Executor:
         self.creation_stream: Optional[_Stream] = None
         self.creation_task_id = b""
         self.actor_exiting = False
+        self.actor_lock = threading.Lock()  # a sync actor runs one call at a time
+        self.call_server = None  # ActorCallServer, for a sync actor
 
     # -- loop thread ------------------------------------------------------------------------------
     async def serve_stream(self, request_iterator):
@@ -114,24 +120,35 @@ class Executor:
             stream.wake.set()
 
     def _post_result(self, stream: _Stream, result: common_pb2.TaskResult) -> None:
-        out = self.cw.output
-        if self.cw.borrowers.has_pending() or (out is not None and out.has_pending()):
+        if self.must_flush():
             asyncio.ensure_future(self._post_after_flush(stream, result))
             return
         stream.add(result)
 
-    async def _post_after_flush(self, stream: _Stream, result) -> None:
+    def must_flush(self) -> bool:
         """Borrower registrations (and what the task printed) go out before its result."""
+        out = self.cw.output
+        return self.cw.borrowers.has_pending() or (out is not None and out.has_pending())
+
+    async def flush(self) -> None:
         await self.cw.borrowers.flush()
         if self.cw.output is not None:
             await self.cw.output.flush()
+
+    async def _post_after_flush(self, stream: _Stream, result) -> None:
+        await self.flush()
         stream.add(result)
 
     def cancel(self, task_id: bytes, force: bool) -> bool:
         if self.running == task_id:
+            if self.actor is not None:  # as in Ray: an actor has state, its calls run to the end
+                log.info("cancel of %s: a running actor call, not interrupted", task_id.hex())
+                return True
+            log.info("cancel of %s: interrupting it", task_id.hex())
             self.cancel_requested = task_id
             os.kill(os.getpid(), signal.SIGINT)  # KeyboardInterrupt in the main thread
             return True
+        log.info("cancel of %s: not running here, it will not run", task_id.hex())
         self.queued_cancels.add(task_id)
         return True
 
@@ -152,10 +169,18 @@ class Executor:
             if self._dispatch_concurrent(spec, stream):
                 continue
             try:
-                result = self.execute(spec, stream)
+                if spec.actor_id and not spec.actor_creation:
+                    result = self.execute_call(spec, stream)
+                else:
+                    result = self.execute(spec, stream)
             except KeyboardInterrupt:
                 result = self._cancelled_result(spec)
             self.cw.post(self._post_result, stream, result)
+
+    def execute_call(self, spec: common_pb2.TaskSpec, stream) -> common_pb2.TaskResult:
+        """A sync actor call, on whichever thread received it: one at a time."""
+        with self.actor_lock:
+            return self.execute(spec, stream)
 
     def execute(self, spec: common_pb2.TaskSpec, stream: _Stream) -> common_pb2.TaskResult:
         cw = self.cw
@@ -191,7 +216,13 @@ class Executor:
         return common_pb2.TaskResult(task_id=spec.task_id, returns=returns, app_error=app_error,
                                      exec_seconds=time.perf_counter() - start,
                                      attempt=spec.attempt, start_time=wall_start,
-                                     end_time=time.time(), worker_pid=self.pid)
+                                     end_time=time.time(), worker_pid=self.pid,
+                                     actor_task_port=self._call_port(spec, app_error))
+
+    def _call_port(self, spec: common_pb2.TaskSpec, app_error: bool) -> int:
+        if not spec.actor_creation or app_error or self.call_server is None:
+            return 0
+        return self.call_server.port
 
     def _prepare(self, spec: common_pb2.TaskSpec, stream: _Stream):
         """(callable, args, kwargs) for a task, an actor creation or an actor call."""
@@ -239,6 +270,14 @@ class Executor:
             from concurrent.futures import ThreadPoolExecutor
 
             self.actor_pool = ThreadPoolExecutor(max_workers=limit, thread_name_prefix="actor")
+        else:
+            from runtime.core_worker.actor_call_server import ActorCallServer
+
+            try:
+                self.call_server = ActorCallServer(self)
+            except Exception:  # calls then come through the main port, as tasks do
+                log.warning("no call port for actor %s; calls take the task path",
+                            spec.actor_id.hex(), exc_info=True)
 
     def _dispatch_concurrent(self, spec: common_pb2.TaskSpec, stream: _Stream) -> bool:
         """Run an actor call off the main thread when the actor is async or threaded."""

@@ -29,7 +29,7 @@ from runtime.core_worker import task_events as te
 from runtime.core_worker.memory_store import Value
 from runtime.exceptions import TaskCancelledError, TaskUnschedulableError, WorkerCrashedError
 from runtime.core_worker.worker_connection import WorkerConnection
-from runtime.protocol import common_pb2, core_worker_pb2, raylet_pb2
+from runtime.protocol import common_pb2, core_worker_pb2, core_worker_pb2_grpc, raylet_pb2
 from runtime.serialization import parse, serialize_error
 from runtime.object_ref import ObjectRef
 
@@ -446,6 +446,10 @@ class TaskSubmitter:
         task = self.tasks.get(task_id)
         if task is None:
             return False
+        if force and task.actor_id:
+            raise ValueError("force=True is not supported for actor calls: an actor has state, "
+                             "so a running call is never interrupted; use runtime.kill(actor) "
+                             "to stop the actor")
         task.cancelled = True
         err = Value(serialize_error(TaskCancelledError(task_id.hex())).to_bytes(), is_error=True)
         if task.conn is None:
@@ -454,7 +458,7 @@ class TaskSubmitter:
                 ks.queue.remove(task)
             self.finish_task(task, [err] * len(task.return_ids))
             return True
-        if force:
+        if force and task.lease is not None:
             task.lease.raylet.return_lease(task.lease.lease_id, kill_worker=True)
         else:
             asyncio.ensure_future(self._cancel_remote(task))
@@ -464,8 +468,9 @@ class TaskSubmitter:
         conn = task.conn
         if conn is None or conn.dead:
             return
+        stub = core_worker_pb2_grpc.CoreWorkerStub(self.cw.channel(conn.control_address))
         try:
-            await conn.stub.CancelTask(core_worker_pb2.CancelRequest(task_id=task.task_id), timeout=10)
+            await stub.CancelTask(core_worker_pb2.CancelRequest(task_id=task.task_id), timeout=10)
         except grpc.RpcError:
             pass
 

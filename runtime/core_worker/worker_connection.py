@@ -1,4 +1,4 @@
-"""One PushTasks stream to one worker process.
+"""One PushTasks stream to one worker process (and what every connection to a worker has).
 
 Tasks are appended to an outbox and written as batches (everything queued
 since the last write goes in one message); results are read and handed to the
@@ -18,22 +18,43 @@ from runtime.protocol import common_pb2, core_worker_pb2, core_worker_pb2_grpc
 log = logging.getLogger("runtime.core_worker")
 
 
-class WorkerConnection:
-    """One PushTasks stream to one worker process, shared by the leases on it."""
+class Connection:
+    """What the task and actor submitters and the GCS see of a connection to a worker:
+    tasks sent and not yet answered, and a way to send more."""
 
-    def __init__(self, handler, channel, address: str, worker_id: bytes,
-                 job_config: common_pb2.JobConfig) -> None:
-        """handler.on_result(conn, result) / handler.on_connection_lost(conn, error)."""
+    def __init__(self, handler, address: str, worker_id: bytes,
+                 job_config: common_pb2.JobConfig, control_address: str = "") -> None:
+        """handler.on_result(conn, result) / handler.on_connection_lost(conn, error).
+        `control_address` is the worker's gRPC port when `address` is a sync actor's
+        call port (runtime/core_worker/call_connection.py), which carries calls only."""
         self.handler = handler
         self.address = address
+        self.control_address = control_address or address
         self.worker_id = worker_id
         self.job_config = job_config
-        self.stub = core_worker_pb2_grpc.CoreWorkerStub(channel)
         self.inflight: Dict[bytes, object] = {}
         self.functions_sent: set = set()
         self.out: List[common_pb2.TaskSpec] = []
         self._job_sent = False
         self.dead = False
+
+    def _take_batch(self) -> core_worker_pb2.TaskBatch:
+        """Everything queued since the last write, as one TaskBatch."""
+        batch = core_worker_pb2.TaskBatch(tasks=self.out)
+        self.out = []
+        if not self._job_sent:
+            self._job_sent = True
+            batch.job_config.CopyFrom(self.job_config)
+        return batch
+
+
+class WorkerConnection(Connection):
+    """One PushTasks stream to one worker process, shared by the leases on it."""
+
+    def __init__(self, handler, channel, address: str, worker_id: bytes,
+                 job_config: common_pb2.JobConfig) -> None:
+        super().__init__(handler, address, worker_id, job_config)
+        self.stub = core_worker_pb2_grpc.CoreWorkerStub(channel)
         self.call = self.stub.PushTasks()
         self._writing = False
         self.writer: Optional[asyncio.Future] = None
@@ -48,16 +69,10 @@ class WorkerConnection:
             self._start_write()
 
     def _start_write(self) -> None:
-        """Write everything queued since the last write as one TaskBatch."""
         if self.dead or not self.out:
             self._writing = False
             return
-        batch = core_worker_pb2.TaskBatch(tasks=self.out)
-        self.out = []
-        if not self._job_sent:
-            self._job_sent = True
-            batch.job_config.CopyFrom(self.job_config)
-        self.writer = asyncio.ensure_future(self._write(batch))
+        self.writer = asyncio.ensure_future(self._write(self._take_batch()))
 
     async def _write(self, batch) -> None:
         try:

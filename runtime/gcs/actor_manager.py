@@ -300,6 +300,7 @@ class ActorManager:
             return
         if actor.info.state != "DEAD":
             actor.info.state = "ALIVE"
+            actor.info.address.task_port = result.actor_task_port
             log.info("actor %s (%s) is alive in pid %s at %s", actor.spec.actor_id.hex()[:8],
                      actor.spec.class_name, actor.info.pid, conn.address)
             self._changed(actor)

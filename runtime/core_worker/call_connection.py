@@ -1,0 +1,99 @@
+"""The caller's end of a sync actor's call port (runtime/core_worker/actor_call_server.py).
+
+One TCP connection per (caller, actor), speaking runtime/frames.py: calls queued
+during one turn of the event loop go out as one TaskBatch frame, results come
+back as ResultBatch frames in order. It looks to the actor submitter exactly
+like a gRPC WorkerConnection: `send`, `inflight`, `dead`, `close`, and the same
+handler callbacks.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Optional
+
+from runtime import frames
+from runtime.core_worker.worker_connection import Connection
+from runtime.protocol import common_pb2, core_worker_pb2
+
+log = logging.getLogger("runtime.core_worker")
+
+
+class CallConnection(Connection, asyncio.Protocol):
+    def __init__(self, handler, address: str, worker_id: bytes, job_config: common_pb2.JobConfig,
+                 token: str, control_address: str) -> None:
+        super().__init__(handler, address, worker_id, job_config, control_address)
+        self.transport: Optional[asyncio.Transport] = None
+        self._token = token
+        self._frames = frames.FrameBuffer()
+        self._accepted = False
+        self._flush_scheduled = False
+        self._closed = False
+        self._loop = asyncio.get_running_loop()
+        self._connecting = asyncio.ensure_future(self._connect())
+
+    async def _connect(self) -> None:
+        host, _, port = self.address.rpartition(":")
+        try:
+            await self._loop.create_connection(lambda: self, host.strip("[]"), int(port))
+        except OSError as exc:
+            self._lost(f"cannot connect to the actor's call port {self.address}: {exc}")
+
+    # -- asyncio.Protocol ----------------------------------------------------------------------------
+    def connection_made(self, transport) -> None:
+        if self._closed:
+            transport.close()
+            return
+        self.transport = transport
+        frames.tune(transport.get_extra_info("socket"))
+        transport.write(frames.hello(self._token))
+        self._flush()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            for payload in self._frames.feed(data):
+                if not self._accepted:
+                    if payload:
+                        self._lost(payload.decode(errors="replace"))
+                        return
+                    self._accepted = True
+                    continue
+                for result in core_worker_pb2.ResultBatch.FromString(payload).results:
+                    self.handler.on_result(self, result)
+        except Exception as exc:
+            log.exception("bad results from %s", self.address)
+            self._lost(f"bad results from the actor's call port: {exc!r}")
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self._lost(f"the actor's call connection to {self.address} closed"
+                   f"{': ' + str(exc) if exc else ''}")
+
+    # -- sending ---------------------------------------------------------------------------------------
+    def send(self, spec: common_pb2.TaskSpec) -> None:
+        """Queue a call; everything queued during this turn of the loop goes as one frame."""
+        self.out.append(spec)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self.dead or not self.out or self.transport is None:
+            return
+        self.transport.write(frames.frame(self._take_batch().SerializeToString()))
+
+    def _lost(self, error: str) -> None:
+        if self.dead:
+            return
+        self.dead = True
+        if self.transport is not None:
+            self.transport.close()
+        if not self._closed:
+            self.handler.on_connection_lost(self, error)
+
+    def close(self) -> None:
+        self._closed = True
+        self.dead = True
+        self._connecting.cancel()
+        if self.transport is not None:
+            self.transport.close()

@@ -1,0 +1,114 @@
+"""Length-prefixed protobuf frames over TCP, opened with the cluster token.
+
+The transport of sync actor calls (runtime/core_worker/actor_call_server.py).
+A gRPC-Python stream round trip costs about 0.3 ms and 0.15 ms of CPU on each
+side; the same messages as plain frames on a socket cost a third of that, and a
+sync actor call is little more than one round trip.
+
+Wire format, both directions: a frame is a 4-byte little-endian length and that
+many bytes. The caller's first frame is the hello, ``MAGIC`` followed by the
+cluster token; the server reads nothing else until the token matches (so an
+unauthenticated peer never gets a protobuf parsed, let alone anything unpickled),
+then answers with one frame: empty when accepted, else the reason (UTF-8) before
+it closes. After that the caller sends ``TaskBatch`` frames and the server
+answers with ``ResultBatch`` frames, in order.
+"""
+from __future__ import annotations
+
+import hmac
+import socket
+import struct
+from typing import List, Optional
+
+from runtime import config
+
+MAGIC = b"RTF1"
+_HEADER = struct.Struct("<I")
+MAX_HELLO_BYTES = 1024
+HANDSHAKE_TIMEOUT_S = 10.0
+
+
+class FrameError(Exception):
+    """The peer broke the framing (a frame over the size limit, a bad hello)."""
+
+
+def frame(payload: bytes) -> bytes:
+    return _HEADER.pack(len(payload)) + payload
+
+
+def hello(token: str) -> bytes:
+    return frame(MAGIC + token.encode())
+
+
+def check_hello(payload: bytes, token: str) -> Optional[str]:
+    """None when the hello carries the cluster token, else why it is refused."""
+    from runtime.rpc import AUTH_FAILED_MESSAGE
+
+    if not payload.startswith(MAGIC):
+        return "not a runtime call connection (bad hello)"
+    if not hmac.compare_digest(payload[len(MAGIC):], token.encode()):
+        return AUTH_FAILED_MESSAGE.format(what="no" if len(payload) == len(MAGIC) else "a wrong")
+    return None
+
+
+def tune(sock: socket.socket) -> None:
+    """No Nagle delay (calls are small and latency-bound); keepalives find a peer whose
+    host vanished, as the gRPC channels' keepalive pings do."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, name):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> Optional[bytearray]:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if not k:
+            return None
+        got += k
+    return buf
+
+
+def recv_frame(sock: socket.socket, limit: int = config.GRPC_MAX_MESSAGE_BYTES) -> Optional[bytes]:
+    """The next frame's payload, or None at end of stream (blocking)."""
+    header = _recv_exact(sock, _HEADER.size)
+    if header is None:
+        return None
+    (n,) = _HEADER.unpack(header)
+    if n > limit:
+        raise FrameError(f"frame of {n} bytes is over the {limit}-byte limit")
+    payload = _recv_exact(sock, n)
+    if payload is None:
+        return None
+    return bytes(payload)
+
+
+class FrameBuffer:
+    """Reassembles frames from the chunks an asyncio protocol receives."""
+
+    def __init__(self, limit: int = config.GRPC_MAX_MESSAGE_BYTES) -> None:
+        self._buf = bytearray()
+        self._limit = limit
+
+    def feed(self, data: bytes) -> List[bytes]:
+        buf = self._buf
+        buf += data
+        out = []
+        pos = 0
+        size = len(buf)
+        while size - pos >= _HEADER.size:
+            (n,) = _HEADER.unpack_from(buf, pos)
+            if n > self._limit:
+                raise FrameError(f"frame of {n} bytes is over the {self._limit}-byte limit")
+            end = pos + _HEADER.size + n
+            if end > size:
+                break
+            out.append(bytes(buf[pos + _HEADER.size:end]))
+            pos = end
+        if pos:
+            del buf[:pos]
+        return out
