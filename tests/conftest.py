@@ -65,6 +65,18 @@ def cluster():
 
 
 @pytest.fixture
+def actors(cluster):
+    """Collects actor handles; every one is killed at the end of the test."""
+    handles = []
+    yield handles
+    for h in handles:
+        try:
+            runtime.kill(h)
+        except Exception:
+            pass
+
+
+@pytest.fixture
 def fresh_runtime():
     """For tests that call runtime.init() themselves; shuts down and checks for leftovers."""
     if runtime.is_initialized():

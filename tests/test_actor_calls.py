@@ -59,17 +59,6 @@ def call_enter(handle, n, hold_s):
     return ray.get([handle.enter.remote(hold_s) for _ in range(n)])
 
 
-@pytest.fixture
-def actors(cluster):
-    handles = []
-    yield handles
-    for h in handles:
-        try:
-            ray.kill(h)
-        except Exception:
-            pass
-
-
 def actor_address(handle):
     cw = core_worker()
     stub = gcs_pb2_grpc.GcsStub(rpc.sync_channel(cw.gcs_address, cw.token))

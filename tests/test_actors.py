@@ -128,18 +128,6 @@ class BadInit:
 
 
 # -- helpers ------------------------------------------------------------------------------------
-@pytest.fixture
-def actors(cluster):
-    """Collects handles; every one is killed at the end of the test."""
-    handles = []
-    yield handles
-    for h in handles:
-        try:
-            ray.kill(h)
-        except Exception:
-            pass
-
-
 def cpu_available() -> float:
     return ray.available_resources().get("CPU", 0.0)
 
