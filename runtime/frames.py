@@ -21,6 +21,7 @@ import struct
 from typing import List, Optional
 
 from runtime import config
+from runtime.rpc import AUTH_FAILED_MESSAGE
 
 MAGIC = b"RTF1"
 _HEADER = struct.Struct("<I")
@@ -42,8 +43,6 @@ def hello(token: str) -> bytes:
 
 def check_hello(payload: bytes, token: str) -> Optional[str]:
     """None when the hello carries the cluster token, else why it is refused."""
-    from runtime.rpc import AUTH_FAILED_MESSAGE
-
     if not payload.startswith(MAGIC):
         return "not a runtime call connection (bad hello)"
     if not hmac.compare_digest(payload[len(MAGIC):], token.encode()):

@@ -48,7 +48,8 @@ class ActorCallServer:
         cw = executor.cw
         self.executor = executor
         self.token = cw.token
-        family, kind, proto, _name, addr = socket.getaddrinfo(cw.node_ip, 0, type=socket.SOCK_STREAM)[0]
+        family, kind, proto, _name, addr = socket.getaddrinfo(
+            cw.node_ip, 0, type=socket.SOCK_STREAM)[0]
         self.sock = socket.socket(family, kind, proto)
         self.sock.bind(addr)
         self.sock.listen(128)

@@ -7,8 +7,8 @@ result is held until this worker's borrower registrations for it are
 acknowledged, so the owner never frees an object the worker still holds.
 
 Calls to a sync actor are the exception: they arrive on the actor's call port
-and run on the gRPC thread that read them (runtime/core_worker/actor_call_server.py),
-one at a time under `actor_lock`.
+and run on the thread that reads the caller's connection
+(runtime/core_worker/actor_call_server.py), one at a time under `actor_lock`.
 """
 from __future__ import annotations
 
