@@ -59,6 +59,16 @@ def settle(seconds: float = 2.0, limit: float = 20.0) -> None:
         time.sleep(0.2)
 
 
+def median_rate(ray, submit, n: int = 5000, reps: int = 3) -> float:
+    """Submit n calls (submit(i) returns a ref), get them all; the median rate over reps."""
+    rates = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        ray.get([submit(i) for i in range(n)])
+        rates.append(n / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m runtime.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--num-cpus", type=int, default=2)
@@ -103,12 +113,7 @@ def main(argv=None) -> int:
         lat.append(time.perf_counter() - t0)
     emit("task_latency_ms", 1e3 * statistics.median(lat), "ms")
 
-    rates = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        ray.get([noop.remote() for _ in range(5000)])
-        rates.append(5000 / (time.perf_counter() - t0))
-    emit("tasks_per_s", statistics.median(rates), "tasks/s")
+    emit("tasks_per_s", median_rate(ray, lambda i: noop.remote()), "tasks/s")
 
     t0 = time.perf_counter()
     refs = [ray.put(i) for i in range(5000)]
@@ -153,27 +158,13 @@ def main(argv=None) -> int:
         ray.get(a0.ping.remote())
         lat.append(time.perf_counter() - t0)
     emit("actor_call_latency_ms", 1e3 * statistics.median(lat), "ms")
-    rates = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        ray.get([a0.ping.remote() for _ in range(5000)])
-        rates.append(5000 / (time.perf_counter() - t0))
-    emit("actor_calls_per_s", statistics.median(rates), "calls/s")
+    emit("actor_calls_per_s", median_rate(ray, lambda i: a0.ping.remote()), "calls/s")
     four = actors[:4]
-    rates = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        ray.get([four[i % 4].ping.remote() for i in range(5000)])
-        rates.append(5000 / (time.perf_counter() - t0))
-    emit("actor_calls_4_actors_per_s", statistics.median(rates), "calls/s")
+    emit("actor_calls_4_actors_per_s", median_rate(ray, lambda i: four[i % 4].ping.remote()),
+         "calls/s")
     aa = AsyncPinger.remote()
     ray.get(aa.ping.remote())
-    rates = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        ray.get([aa.ping.remote() for _ in range(5000)])
-        rates.append(5000 / (time.perf_counter() - t0))
-    emit("async_actor_calls_per_s", statistics.median(rates), "calls/s")
+    emit("async_actor_calls_per_s", median_rate(ray, lambda i: aa.ping.remote()), "calls/s")
     for a in actors + [aa]:
         ray.kill(a)
     del actors, a0, four, aa

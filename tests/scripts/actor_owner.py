@@ -13,17 +13,11 @@ An exception is reported as {"error_type", "error", "traceback"} and the script 
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import traceback
 
-
-def _write(path: str, data: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(data, fh)
-    os.replace(tmp, path)
+from script_results import write_result  # beside this script
 
 
 def main() -> int:
@@ -47,10 +41,10 @@ def main() -> int:
         detached = Keeper.options(name=detached_name, lifetime="detached").remote()
         o, d = ray.get([owned.ping.remote(), detached.ping.remote()], timeout=60)
     except BaseException as exc:  # reported to the test, which fails with it
-        _write(out, {"error_type": type(exc).__name__, "error": str(exc),
+        write_result(out, {"error_type": type(exc).__name__, "error": str(exc),
                      "traceback": traceback.format_exc(), "driver_pid": os.getpid()})
         return 3
-    _write(out, {"driver_pid": os.getpid(), "owned": o, "detached": d})
+    write_result(out, {"driver_pid": os.getpid(), "owned": o, "detached": d})
     print("ready", flush=True)
     return 0
 

@@ -14,7 +14,6 @@ node id and the task's result. An exception from init/the task is reported as
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -22,12 +21,7 @@ import traceback
 
 import psutil
 
-
-def _write(path: str, data: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(data, fh)
-    os.replace(tmp, path)
+from script_results import write_result  # beside this script
 
 
 def main() -> int:
@@ -48,13 +42,13 @@ def main() -> int:
 
         result = ray.get(where.remote(), timeout=60)
     except BaseException as exc:  # reported to the test, which asserts on it
-        _write(out, {"error_type": type(exc).__name__,
+        write_result(out, {"error_type": type(exc).__name__,
                      "error_mro": [c.__name__ for c in type(exc).__mro__],
                      "error": str(exc), "traceback": traceback.format_exc(),
                      "elapsed": time.monotonic() - started, "driver_pid": os.getpid()})
         return 3
     children = psutil.Process().children(recursive=True)
-    _write(out, {
+    write_result(out, {
         "driver_pid": os.getpid(),
         "session_dir": ctx.address_info["session_dir"],
         "gcs_address": ctx.address_info["gcs_address"],
