@@ -11,3 +11,9 @@ Modules: ``config`` (agent.toml and paths), ``state`` (the persisted role),
 ``daemon`` (the process: servers, signals, systemd notify), ``sdnotify``,
 ``client`` (finding and launching an agent), ``cli`` (agentctl).
 """
+import os as _os
+
+# Before any gRPC import (node-agent and agentctl import this package first): the
+# agent never uses gRPC in a forked child. Defence in depth only: its children are
+# spawned with vfork+exec (runtime/supervisor.py), which runs no fork handlers.
+_os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")

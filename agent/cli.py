@@ -1,9 +1,11 @@
 """``agentctl``: control this machine's node agent.
 
     agentctl start --head [--port 6379] [--num-cpus N] [--num-gpus N] [--resources JSON]
-                          [--node-ip IP] [--object-store-memory BYTES] [--token T]
+                          [--node-ip IP] [--object-store-memory BYTES]
+                          [--token T | --token-file F]
     agentctl start                      start the node again with its saved role
-    agentctl join HOST:PORT (--token T | --token-file F) [--node-ip IP] [--num-cpus N] ...
+    agentctl join HOST:PORT [--token T | --token-file F] [--node-ip IP] [--num-cpus N] ...
+                                        (the token may also come from $NODE_AGENT_TOKEN)
     agentctl leave | stop [--drain-timeout S]
     agentctl status
     agentctl logs [COMPONENT] [-f] [-n N]
@@ -16,12 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any, Dict, List, Optional
 
 import grpc
 
 from agent import client as agent_client
+from agent import tokens
 from agent.config import ConfigError
 from agent.views import brief_reason
 from runtime.protocol import agent_pb2
@@ -183,39 +187,53 @@ def _emit(args: argparse.Namespace, data: Dict[str, Any], text: str) -> None:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
+    token = _read_token(args, from_env=False) if args.head else ""
     with _client_or_launch(args) as c:
         if not args.head:
             r = c.stub.StartNode(agent_pb2.StartNodeRequest(), timeout=120)
             _emit(args, {"role": r.role, "message": r.message}, r.message)
             return 0
-        r = c.stub.StartHead(agent_pb2.StartHeadRequest(options=_options(args),
-                                                        token=args.token or ""), timeout=120)
+        r = c.stub.StartHead(agent_pb2.StartHeadRequest(options=_options(args), token=token),
+                             timeout=120)
     text = (f"Head node started: GCS at {r.gcs_address} (node {r.node_id[:8]}, session "
             f"{r.session_dir}).\n\nTo add another machine to this cluster, run on it:\n\n"
-            f"    {r.join_command}\n\nDrivers on this machine connect with "
-            f"runtime.init(address=\"auto\").")
+            f"    {r.join_command}\n\n(or keep the token out of the command line: put it in a "
+            f"file and pass --token-file FILE, or set {tokens.TOKEN_ENV}.)\n\nDrivers on this "
+            f"machine connect with runtime.init(address=\"auto\").")
     _emit(args, {"gcs_address": r.gcs_address, "token": r.token, "join_command": r.join_command,
                  "node_id": r.node_id, "session_dir": r.session_dir}, text)
     return 0
 
 
-def _read_token(args: argparse.Namespace) -> str:
-    if args.token and args.token_file:
+def _read_token(args: argparse.Namespace, from_env: bool) -> str:
+    """The token from --token, --token-file or (join only) $NODE_AGENT_TOKEN, checked
+    here so a bad one is refused before any agent is contacted or launched. "" when
+    none was given."""
+    if args.token is not None and args.token_file:
         raise CliError("pass either --token or --token-file, not both")
-    if args.token_file:
-        try:
-            with open(args.token_file) as fh:
-                return fh.read().strip()
-        except OSError as exc:
-            raise CliError(f"cannot read --token-file {args.token_file}: {exc.strerror}")
-    if not args.token:
-        raise CliError("a cluster token is required: pass --token T or --token-file F (printed "
-                       "by `agentctl start --head` on the head)")
-    return args.token.strip()
+    try:
+        if args.token_file:
+            try:
+                return tokens.read_token_file(args.token_file)
+            except OSError as exc:
+                raise CliError(f"cannot read --token-file {args.token_file}: "
+                               f"{exc.strerror or exc}")
+        if args.token is not None:
+            return tokens.check_token(args.token.strip(), "--token")
+        env_token = os.environ.get(tokens.TOKEN_ENV, "") if from_env else ""
+        if env_token.strip():
+            return tokens.check_token(env_token.strip(), f"${tokens.TOKEN_ENV}")
+    except tokens.InvalidToken as exc:
+        raise CliError(str(exc))
+    return ""
 
 
 def cmd_join(args: argparse.Namespace) -> int:
-    token = _read_token(args)
+    token = _read_token(args, from_env=True)
+    if not token:
+        raise CliError(f"a cluster token is required: pass --token-file FILE (or --token T, "
+                       f"or set {tokens.TOKEN_ENV}); `agentctl start --head` printed it on the "
+                       f"head, which also keeps it in <state dir>/token")
     with _client_or_launch(args) as c:
         r = c.stub.Join(agent_pb2.JoinRequest(head_address=args.address, token=token,
                                               options=_options(args), wait_s=args.wait),
@@ -300,15 +318,21 @@ def build_parser() -> argparse.ArgumentParser:
     _common(s, launches=True)
     s.add_argument("--head", action="store_true", help="start the head of a new cluster")
     s.add_argument("--port", type=int, default=None, help="GCS port (default 6379)")
-    s.add_argument("--token", default=None, help="cluster token to use (default: a new one)")
+    s.add_argument("--token", default=None, help="cluster token to use (default: a new one); "
+                   f"at least {tokens.MIN_LENGTH} printable ASCII characters, no spaces")
+    s.add_argument("--token-file", default=None, metavar="FILE",
+                   help="read the cluster token from FILE instead (keeps it out of `ps`)")
     _resource_flags(s)
     s.set_defaults(func=cmd_start)
 
     j = sub.add_parser("join", help="join the cluster whose head is at HOST:PORT")
     _common(j, launches=True)
     j.add_argument("address", metavar="HOST:PORT")
-    j.add_argument("--token", default=None)
-    j.add_argument("--token-file", default=None)
+    j.add_argument("--token", default=None,
+                   help="the cluster token (visible to other users in `ps`: prefer "
+                        f"--token-file or ${tokens.TOKEN_ENV})")
+    j.add_argument("--token-file", default=None, metavar="FILE",
+                   help="read the cluster token from FILE")
     j.add_argument("--wait", type=float, default=JOIN_WAIT_S,
                    help="seconds to try the head before reporting it unreachable (default 10)")
     _resource_flags(j)
@@ -333,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     lg = sub.add_parser("logs", help="show (and with -f follow) component logs")
     _common(lg)
     lg.add_argument("component", nargs="?", default="",
-                    help="gcs, object_store, raylet, agent or worker-<id> (default: all components)")
+                    help="gcs, object_store, raylet, node-agent or worker-<id> (default: all "
+                         "components)")
     lg.add_argument("-f", "--follow", action="store_true")
     lg.add_argument("-n", "--lines", type=int, default=50)
     lg.set_defaults(func=cmd_logs)

@@ -4,6 +4,8 @@ Used by agentctl, the tests and any tool (raytop) that wants the agent's view.
 """
 from __future__ import annotations
 
+import importlib.machinery
+import logging
 import os
 import socket
 import subprocess
@@ -14,8 +16,11 @@ from typing import Any, Dict, List, Optional
 import grpc
 
 from agent import config as agent_config
+from runtime.private_fs import ensure_private_dir
 from runtime.protocol import agent_pb2, agent_pb2_grpc
-from runtime.session import agent_socket_candidates
+from runtime.session import agent_socket_candidates, check_agent_socket
+
+log = logging.getLogger("agent.client")
 
 LAUNCH_TIMEOUT_S = 30.0
 
@@ -42,6 +47,15 @@ def find_socket(explicit: Optional[str] = None) -> Optional[str]:
     socket, the per-user socket (the first that answers). None when none does."""
     candidates = [explicit] if explicit else agent_socket_candidates()
     for path in candidates:
+        try:
+            check_agent_socket(path)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:  # UnsafePathError: someone else could have planted it
+            if explicit:
+                raise AgentNotRunning(f"not using agent socket {path}: {exc}") from None
+            log.info("skipping agent socket %s: %s", path, exc)
+            continue
         if socket_alive(path):
             return path
     return None
@@ -94,6 +108,25 @@ def _tail(path: str, n: int = 5) -> List[str]:
         return []
 
 
+def _importable_from_anywhere(package: str) -> bool:
+    """Whether `package` is found without the current directory on sys.path (an
+    installed or pip-editable project is; a bare checkout is only from its root)."""
+    cwd = os.getcwd()
+    path = [p for p in sys.path if p and os.path.abspath(p) != cwd]
+    for finder in sys.meta_path:
+        find_spec = getattr(finder, "find_spec", None)
+        if find_spec is None:
+            continue
+        try:
+            spec = (find_spec(package, path) if finder is importlib.machinery.PathFinder
+                    else find_spec(package, None))
+        except Exception:  # a third-party finder's bug is no reason to fail a launch
+            continue
+        if spec is not None:
+            return True
+    return False
+
+
 def launch_agent(socket_path: Optional[str], state_dir: Optional[str],
                  config_path: Optional[str], timeout: float = LAUNCH_TIMEOUT_S) -> AgentClient:
     """Start node-agent in the background (its own session, detached from our
@@ -101,16 +134,22 @@ def launch_agent(socket_path: Optional[str], state_dir: Optional[str],
     `ray start` does where no service manager runs the agent."""
     cfg = agent_config.load(config_path)
     paths = agent_config.resolve_paths(cfg, state_dir, socket_path)
-    os.makedirs(paths.state_dir, mode=0o700, exist_ok=True)
-    os.makedirs(paths.log_dir, mode=0o750, exist_ok=True)
+    try:
+        ensure_private_dir(paths.state_dir)
+        os.makedirs(paths.log_dir, mode=0o750, exist_ok=True)
+    except OSError as exc:  # UnsafePathError included: its message names the path
+        raise AgentNotRunning(f"cannot launch node-agent: {exc}") from None
     out_path = os.path.join(paths.log_dir, "node-agent.out")
     argv = [sys.executable, "-m", "agent.daemon", "--detached", "--socket", paths.socket,
             "--state-dir", paths.state_dir]
     if config_path:
         argv += ["--config", os.path.abspath(config_path)]
     env = dict(os.environ)
-    src_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if "site-packages" not in src_root:  # a source checkout: make `-m agent.daemon` importable
+    if not _importable_from_anywhere("agent"):
+        # Run as `python -m agent.cli` from an uninstalled checkout: the agent starts
+        # in /, so point it at the checkout. Only then: every component and worker
+        # inherits the agent's environment.
+        src_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (src_root, env.get("PYTHONPATH")) if p)
     with open(out_path, "ab") as out:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,

@@ -13,8 +13,9 @@ Every key is optional; an agent without a config file runs idle until
     [component_env.<gcs|object_store|raylet|all>]  NAME = "value"
 
 Paths default to the system locations (``/var/lib/node-agent``,
-``/run/node-agent``) when they are writable, and to per-user locations
-otherwise, so the same command works as root, under systemd and as a plain user.
+``/run/node-agent``) when they are ours to use (writable by us, owned by us or root
+and writable by nobody else), and to per-user locations otherwise, so the same
+command works as root, under systemd and as a plain user.
 """
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ import logging
 import os
 import tomllib
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
+from runtime.private_fs import UnsafePathError, check_private_dir
 from runtime.session import SYSTEM_AGENT_SOCKET, user_agent_socket
 from runtime.supervisor import RestartPolicy
 
@@ -197,15 +199,28 @@ def load(path: Optional[str]) -> AgentConfig:
 # ---- paths ------------------------------------------------------------------------------
 
 
-def _usable_dir(path: str) -> bool:
-    """True when path is (or can be created as) a directory we may write."""
+def _system_dir_problem(path: str) -> Optional[str]:
+    """Why the system location path is not ours to use, or None when it is: an
+    existing directory must belong to us or root, be writable by nobody else (else
+    whoever made it could plant our socket or state) and be writable by us; a missing
+    one must be creatable, i.e. its nearest existing ancestor writable by us."""
+    if os.path.lexists(path):
+        try:
+            check_private_dir(path, allow_root=True)
+        except UnsafePathError as exc:
+            return str(exc)
+        if not os.access(path, os.W_OK | os.X_OK):
+            return f"{path} is not writable"
+        return None
     probe = path
-    while not os.path.exists(probe):
+    while not os.path.lexists(probe):
         parent = os.path.dirname(probe)
         if parent == probe:
-            return False
+            return f"{path} cannot be created"
         probe = parent
-    return os.path.isdir(probe) and os.access(probe, os.W_OK | os.X_OK)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        return f"{path} does not exist and {probe} is not a directory we can write"
+    return None
 
 
 def user_state_dir() -> str:
@@ -214,20 +229,37 @@ def user_state_dir() -> str:
     return os.path.join(base, "node-agent")
 
 
-def default_state_dir() -> str:
-    """$STATE_DIRECTORY (systemd), /var/lib/node-agent if writable, else per-user."""
+def _default_state_dir() -> Tuple[str, Optional[str]]:
     if os.environ.get("STATE_DIRECTORY"):
-        return os.environ["STATE_DIRECTORY"].split(":")[0]
-    return SYSTEM_STATE_DIR if _usable_dir(SYSTEM_STATE_DIR) else user_state_dir()
+        return os.environ["STATE_DIRECTORY"].split(":")[0], None
+    problem = _system_dir_problem(SYSTEM_STATE_DIR)
+    if problem is None:
+        return SYSTEM_STATE_DIR, None
+    sd = user_state_dir()
+    return sd, f"{problem}; using per-user state dir {sd}"
+
+
+def default_state_dir() -> str:
+    """$STATE_DIRECTORY (systemd), /var/lib/node-agent if it is ours to use, else
+    per-user."""
+    return _default_state_dir()[0]
+
+
+def _default_socket_path() -> Tuple[str, Optional[str]]:
+    if os.environ.get("RUNTIME_DIRECTORY"):
+        return os.path.join(os.environ["RUNTIME_DIRECTORY"].split(":")[0], "agent.sock"), None
+    problem = _system_dir_problem(SYSTEM_RUNTIME_DIR)
+    if problem is None:
+        return os.path.join(SYSTEM_RUNTIME_DIR, "agent.sock"), None
+    sock = user_agent_socket()
+    return sock, f"{problem}; using per-user socket {sock}"
 
 
 def default_socket_path() -> str:
-    """$RUNTIME_DIRECTORY (systemd), /run/node-agent if writable, else per-user."""
-    if os.environ.get("RUNTIME_DIRECTORY"):
-        return os.path.join(os.environ["RUNTIME_DIRECTORY"].split(":")[0], "agent.sock")
-    if _usable_dir(SYSTEM_RUNTIME_DIR):
-        return SYSTEM_AGENT_SOCKET
-    return user_agent_socket()
+    """$RUNTIME_DIRECTORY (systemd), /run/node-agent if it is ours to use, else
+    per-user ($XDG_RUNTIME_DIR/node-agent when that is private to us, else
+    /tmp/node-agent-<uid>, whose directory the daemon checks before binding)."""
+    return _default_socket_path()[0]
 
 
 @dataclass
@@ -248,9 +280,9 @@ def resolve_paths(cfg: AgentConfig, state_dir: Optional[str] = None,
     elif cfg.paths.state_dir:
         sd = cfg.paths.state_dir
     else:
-        sd = default_state_dir()
-        if sd != SYSTEM_STATE_DIR and not os.environ.get("STATE_DIRECTORY"):
-            notes.append(f"{SYSTEM_STATE_DIR} is not writable; using per-user state dir {sd}")
+        sd, note = _default_state_dir()
+        if note:
+            notes.append(note)
     if socket:
         sock = socket
     elif os.environ.get("NODE_AGENT_SOCKET"):
@@ -260,9 +292,9 @@ def resolve_paths(cfg: AgentConfig, state_dir: Optional[str] = None,
     elif cfg.paths.runtime_dir:
         sock = os.path.join(cfg.paths.runtime_dir, "agent.sock")
     else:
-        sock = default_socket_path()
-        if sock != SYSTEM_AGENT_SOCKET and not os.environ.get("RUNTIME_DIRECTORY"):
-            notes.append(f"{SYSTEM_RUNTIME_DIR} is not writable; using per-user socket {sock}")
+        sock, note = _default_socket_path()
+        if note:
+            notes.append(note)
     log_dir = (cfg.paths.log_dir or os.environ.get("LOGS_DIRECTORY", "").split(":")[0]
                or os.path.join(sd, "logs"))
     session_root = cfg.paths.session_root or os.path.join(sd, "sessions")

@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 import grpc
 import psutil
 
-from agent import host
+from agent import host, tokens
 from agent.config import AgentConfig, ResolvedPaths
 from agent.errors import AgentError
 from agent.state import AgentState, StateStore
@@ -47,6 +47,14 @@ SESSIONS_KEPT = 5
 JOIN_BACKOFF_MAX_S = 30.0
 HEAD_PROBE_TIMEOUT_S = 3.0
 GCS_QUERY_TIMEOUT_S = 2.0
+
+
+def valid_token(token: str, source: str) -> str:
+    """token, or AgentError(INVALID_ARGUMENT) saying why it is refused (agent/tokens.py)."""
+    try:
+        return tokens.check_token(token, source)
+    except tokens.InvalidToken as exc:
+        raise AgentError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
 
 
 class NodeAgent:
@@ -100,16 +108,26 @@ class NodeAgent:
             state.head_address = self.cfg.head_address
             if self.cfg.token_file:
                 try:
-                    with open(self.cfg.token_file) as fh:
-                        self.store.write_token(fh.read().strip())
+                    self.store.write_token(tokens.read_token_file(self.cfg.token_file))
                 except OSError as exc:
-                    self._set_phase("failed", f"cannot read token_file {self.cfg.token_file}: {exc}")
+                    self._set_phase("failed", f"cannot read token_file {self.cfg.token_file} "
+                                    f"({self.cfg.source}): {exc.strerror or exc}")
+                    return
+                except tokens.InvalidToken as exc:
+                    self._set_phase("failed", f"{exc} ([node] token_file in {self.cfg.source})")
                     return
             self._save()
         if state.role == "idle":
             self._set_phase("idle", "no role: run `agentctl start --head` or `agentctl join`")
             return
         token = self.store.read_token()
+        if token:
+            problem = tokens.token_problem(token)
+            if problem is not None:
+                self._set_phase("failed", f"the saved cluster token in {self.store.path('token')} "
+                                f"{problem}; run `agentctl leave`, then start or join again")
+                log.error("not restoring role %s: %s", state.role, self.message)
+                return
         log.info("restoring role %s from %s", state.role, self.store.path("state.json"))
         try:
             if state.role == "head":
@@ -272,6 +290,8 @@ class NodeAgent:
                              f"({self.phase}); run `agentctl stop` or `agentctl leave` first")
 
     async def start_head(self, options: Dict[str, Any], token: str) -> agent_pb2.StartHeadReply:
+        if token:
+            valid_token(token, "the StartHead request")
         async with self._op_lock:
             self._require_idle()
             return await self._start_head(options, token or rpc.new_cluster_token())
@@ -326,8 +346,10 @@ class NodeAgent:
             raise AgentError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         if not token:
             raise AgentError(grpc.StatusCode.INVALID_ARGUMENT,
-                             "a cluster token is required to join: pass --token or --token-file "
-                             "(it is printed by `agentctl start --head` on the head)")
+                             "a cluster token is required to join: pass --token-file FILE, "
+                             f"--token T or set {tokens.TOKEN_ENV} (it is printed by `agentctl "
+                             "start --head` on the head)")
+        valid_token(token, "the Join request")
         async with self._op_lock:
             self._require_idle()
             ncfg = self._node_config(False, options, token, gcs_address=head)
@@ -460,6 +482,8 @@ class NodeAgent:
                                  "nothing to start: this agent has no role; use `agentctl start "
                                  "--head` or `agentctl join HOST:PORT --token T`")
             token = self.store.read_token()
+            if token:
+                valid_token(token, self.store.path("token"))
             if role == "head":
                 await self._start_head(options, token or rpc.new_cluster_token())
                 return agent_pb2.NodeActionReply(role="head", message=f"head node started at "

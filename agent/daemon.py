@@ -31,6 +31,7 @@ from agent.core import AgentError, NodeAgent
 from agent.sdnotify import Notifier, PriorityPrefixFormatter, WatchdogGate, journal_handler
 from agent.service import AgentService
 from runtime import rpc
+from runtime.private_fs import UnsafePathError, ensure_private_dir
 from runtime.protocol import agent_pb2_grpc
 
 log = logging.getLogger("agent")
@@ -119,9 +120,13 @@ class Daemon:
     async def _serve_unix(self, agent: NodeAgent) -> None:
         path = self.paths.socket
         parent = os.path.dirname(path)
-        if not os.path.isdir(parent):
-            os.makedirs(parent, mode=0o700)
-        if os.path.exists(path):
+        try:
+            # Whoever can write the directory could replace our socket with theirs;
+            # the system one (/run/node-agent) may be root's.
+            ensure_private_dir(parent, allow_root=True)
+        except UnsafePathError as exc:
+            raise StartupError(f"cannot use {path}: {exc}") from None
+        if os.path.lexists(path):
             if socket_alive(path):
                 raise StartupError(f"another node-agent is already serving on {path}; use it "
                                    f"(agentctl --socket {path} status) or pass another --socket")
@@ -262,11 +267,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     paths = agent_config.resolve_paths(cfg, args.state_dir, args.socket)
     notifier = Notifier()
     try:
-        os.makedirs(paths.state_dir, mode=0o700, exist_ok=True)
+        ensure_private_dir(paths.state_dir)
+    except UnsafePathError as exc:
+        print(f"node-agent: unsafe state dir: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"node-agent: cannot create state dir {paths.state_dir}: {exc}", file=sys.stderr)
+        return 1
+    try:
         where = setup_logging(paths.log_dir, notifier, args.detached, args.log_level.upper())
     except OSError as exc:
-        print(f"node-agent: cannot create {paths.state_dir} or {paths.log_dir}: {exc}",
-              file=sys.stderr)
+        print(f"node-agent: cannot create log dir {paths.log_dir}: {exc}", file=sys.stderr)
         return 1
     log.info("node-agent starting; config %s; logging to %s", cfg.source, where)
     for note in paths.notes:

@@ -19,6 +19,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
+from runtime.private_fs import ensure_private_dir, write_private_file
+
 log = logging.getLogger("agent.state")
 
 STATE_FILE = "state.json"
@@ -37,32 +39,19 @@ class AgentState:
     last_options: Dict[str, Any] = field(default_factory=dict)
 
 
-def _atomic_write(path: str, data: str, mode: int) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
-    try:
-        dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+def _atomic_write(path: str, data: str) -> None:
+    """Replace path with data, 0600, never through a planted name, and durably: the new
+    state is on disk when we return (private_fs)."""
+    write_private_file(path, data, 0o600, durable=True)
 
 
 class StateStore:
-    """Reads and writes the state directory; the directory is created 0700."""
+    """Reads and writes the state directory: created 0700, and refused (UnsafePathError)
+    when it is a symlink, another user's or writable by others, since it holds the
+    cluster token."""
 
     def __init__(self, state_dir: str) -> None:
-        self.dir = state_dir
-        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        self.dir = ensure_private_dir(state_dir)
         self._lock_fd: Optional[int] = None
 
     def path(self, name: str) -> str:
@@ -90,8 +79,7 @@ class StateStore:
 
     def save(self, state: AgentState) -> None:
         data = dict(dataclasses.asdict(state), version=VERSION)
-        _atomic_write(self.path(STATE_FILE), json.dumps(data, indent=2, sort_keys=True) + "\n",
-                      0o600)
+        _atomic_write(self.path(STATE_FILE), json.dumps(data, indent=2, sort_keys=True) + "\n")
 
     def read_token(self) -> str:
         try:
@@ -101,7 +89,7 @@ class StateStore:
             return ""
 
     def write_token(self, token: str) -> None:
-        _atomic_write(self.path(TOKEN_FILE), token + "\n", 0o600)
+        _atomic_write(self.path(TOKEN_FILE), token + "\n")
 
     def forget_token(self) -> None:
         try:
@@ -114,7 +102,7 @@ class StateStore:
         of the agent that already holds it (two agents on one state dir would
         fight over the same ports and role)."""
         path = self.path(LOCK_FILE)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -4,9 +4,9 @@ This module only re-exports; the implementation lives in the submodules.
 """
 import os as _os
 
-# Processes are forked from threads that use gRPC (the supervisor, the raylet's
-# worker pool); gRPC's fork handlers would restart its pollers in the child between
-# fork and exec and abort it. The child execs at once, so it needs none of them.
+# Defence in depth only: the supervisor spawns with vfork+exec, which runs no fork
+# handlers, so children are safe whatever this says. Set before gRPC is imported (it
+# reads it once), and only as a default: a user's explicit choice is theirs.
 _os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 from runtime._version import __version__
 from runtime import actor, exceptions, util

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import atexit
 import logging
+import math
+import numbers
 import os
 import socket
 import sys
 import threading
 import time
+import uuid
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import grpc
@@ -16,9 +19,10 @@ from runtime import rpc
 from runtime.core_worker.core_worker import DRIVER, CoreWorker
 from runtime.core_worker.current import core_worker_or_none, set_core_worker
 from runtime.exceptions import AuthenticationError, ClusterConnectionError
-from runtime.node import Node, NodeConfig
+from runtime.node import Node, NodeConfig, check_resource_amount
 from runtime.object_ref import ObjectRef
 from runtime.protocol import common_pb2, gcs_pb2, gcs_pb2_grpc
+from runtime.rpc_errors import gcs_error
 from runtime.runtime_context import RuntimeContext
 from runtime.session import find_running_cluster, new_session_dir, write_cluster_file
 
@@ -144,8 +148,22 @@ def init(address: Optional[str] = None, **kwargs) -> RuntimeContextInfo:
             raise
 
 
+def _check_init_resources(kwargs: Dict[str, Any]) -> None:
+    """Refuse bad amounts before anything starts, naming the keyword."""
+    for key in ("num_cpus", "num_gpus", "object_store_memory"):
+        if kwargs.get(key) is not None:
+            check_resource_amount(key, kwargs[key])
+    resources = kwargs.get("resources")
+    if resources is not None:
+        if not isinstance(resources, dict):
+            raise TypeError(f"init(resources=...) must be a dict, got {type(resources).__name__}")
+        for name, amount in resources.items():
+            check_resource_amount(f"resources[{name!r}]", amount)
+
+
 def _start_private(kwargs: Dict[str, Any]) -> RuntimeContextInfo:
     t0 = time.perf_counter()
+    _check_init_resources(kwargs)
     session_dir = new_session_dir(kwargs.get("_temp_dir"))
     cfg = NodeConfig(head=True, node_ip=kwargs.get("_node_ip_address") or "127.0.0.1",
                      num_cpus=kwargs.get("num_cpus"), num_gpus=kwargs.get("num_gpus"),
@@ -201,18 +219,24 @@ def _connect(gcs_address: str, token: str, kwargs: Dict[str, Any], session_dir: 
     if not alive:
         raise ClusterConnectionError(f"the cluster at {gcs_address} has no live node")
     node = _pick_local_node(alive, _driver.node, local_ip)
-    namespace = kwargs.get("namespace") or ""
+    # As in Ray, a job that names no namespace gets an anonymous one of its own (a UUID:
+    # job ids start again when a GCS restarts, so they would not be unique).
+    namespace = kwargs.get("namespace") or str(uuid.uuid4())
     job = gcs_pb2.JobInfo(driver_pid=os.getpid(), driver_ip=node.node_ip,
                           entrypoint=" ".join(sys.argv), namespace=namespace)
-    job_id = gcs.AddJob(job, timeout=10).job_id
+    try:
+        job_id = gcs.AddJob(job, timeout=10).job_id
+    except grpc.RpcError as exc:
+        raise gcs_error(gcs_address, exc, "registering this driver's job") from None
     cw = CoreWorker(mode=DRIVER, node_id=node.node_id, node_ip=node.node_ip,
                     raylet_address=f"{node.node_ip}:{node.raylet_port}",
                     store_address=f"{node.node_ip}:{node.store_port}", gcs_address=gcs_address,
                     session_dir=node.session_dir or session_dir, token=token, job_id=job_id,
-                    namespace=namespace or f"anonymous-{job_id.hex()}")
+                    namespace=namespace)
     cw.job_config.sys_path.extend(p for p in sys.path if p)
     cw.job_config.cwd = os.getcwd()
-    cw.on_raylet_lost = lambda reason: log.error("lost the local raylet: %s", reason)
+    if _driver.node is not None:
+        _watch_private_raylet(cw, _driver.node)
     cw.start()
     if kwargs.get("log_to_driver", True):
         cw.job_config.driver.CopyFrom(cw.address_proto)  # workers send what tasks print
@@ -224,6 +248,24 @@ def _connect(gcs_address: str, token: str, kwargs: Dict[str, Any], session_dir: 
             "session_dir": node.session_dir or session_dir, "node_id": node.node_id.hex(),
             "webui_url": None, "job_id": job_id.hex()}
     _driver.context = RuntimeContextInfo(info)
+
+
+def _watch_private_raylet(cw: CoreWorker, node: Node) -> None:
+    """Tell the core worker what it needs when a private cluster's raylet dies: its pid
+    for the error, and how it ended (nobody restarts it, so there is nothing to wait for)."""
+    from runtime.supervisor import describe_exit
+
+    cw.raylet_pid = node.pids.get("raylet")
+    cw.owns_cluster = True
+
+    def raylet_exit() -> Optional[str]:
+        proc = node.supervisor.get("raylet")
+        if proc is None:
+            return "it is no longer supervised"
+        rc = proc.poll()
+        return None if rc is None else describe_exit(rc)
+
+    cw.raylet_exit = raylet_exit
 
 
 def _pick_local_node(alive, private: Optional[Node], local_ip: Optional[str] = None):
@@ -286,8 +328,7 @@ def get(object_refs: Union[ObjectRef, Sequence[ObjectRef]], *, timeout: Optional
     """The value(s) of one ObjectRef or a list of them; blocks until ready or `timeout`."""
     cw = _ensure_initialized()
     if timeout is not None:
-        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout < 0:
-            raise ValueError(f"'timeout' must be a non-negative number or None, got {timeout!r}")
+        check_timeout("timeout", timeout)
     if isinstance(object_refs, ObjectRef):
         return cw.get([object_refs], timeout)[0]
     if isinstance(object_refs, (list, tuple)):
@@ -311,17 +352,26 @@ def wait(object_refs: Sequence[ObjectRef], *, num_returns: int = 1, timeout: Opt
     for r in object_refs:
         if not isinstance(r, ObjectRef):
             raise TypeError(f"wait() expected a list of ObjectRef, got list containing {type(r)}")
-    if timeout is not None and (not isinstance(timeout, (int, float)) or timeout < 0):
-        raise ValueError(f"The 'timeout' argument must be nonnegative. Received {timeout}")
+    if timeout is not None:
+        check_timeout("timeout", timeout)
+    if not object_refs:  # before the num_returns checks, as in Ray
+        return [], []
     if len(set(object_refs)) != len(object_refs):
         raise ValueError("Wait requires a list of unique object refs.")
     if not isinstance(num_returns, int) or num_returns <= 0:
         raise ValueError(f"Invalid number of objects to return {num_returns}.")
     if num_returns > len(object_refs):
         raise ValueError("num_returns cannot be greater than the number of objects provided to wait().")
-    if not object_refs:
-        return [], []
     return cw.wait(list(object_refs), num_returns, timeout)
+
+
+def check_timeout(name: str, timeout: Any) -> None:
+    """A timeout must be a finite, non-negative number of seconds (None: no timeout is
+    for the caller to allow). NaN would never compare and infinity cannot be waited on."""
+    if (not isinstance(timeout, numbers.Real) or isinstance(timeout, bool)
+            or not math.isfinite(timeout) or timeout < 0):
+        raise ValueError(f"'{name}' must be a finite non-negative number of seconds (or None "
+                         f"to wait without a limit), got {timeout!r}")
 
 
 def cancel(ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> None:
@@ -345,10 +395,20 @@ def _gcs() -> gcs_pb2_grpc.GcsStub:
     return _driver.gcs
 
 
+def _gcs_call(method: str, request: Any, doing: str, timeout: float = 10) -> Any:
+    """A GCS call from the user's thread; failures name the GCS (never a raw gRPC error)."""
+    stub = _gcs()
+    try:
+        return getattr(stub, method)(request, timeout=timeout)
+    except grpc.RpcError as exc:
+        cw = core_worker_or_none()
+        raise gcs_error(cw.gcs_address if cw else "?", exc, doing) from None
+
+
 def nodes() -> List[Dict[str, Any]]:
     """Every node the GCS knows, with Ray's keys."""
     out = []
-    for n in _gcs().GetAllNodes(common_pb2.Empty(), timeout=10).nodes:
+    for n in _gcs_call("GetAllNodes", common_pb2.Empty(), "listing nodes").nodes:
         out.append({
             "NodeID": n.node_id.hex(), "Alive": n.alive, "alive": n.alive,
             "NodeManagerAddress": n.node_ip, "NodeManagerHostname": n.hostname,
@@ -363,12 +423,12 @@ def nodes() -> List[Dict[str, Any]]:
 
 def cluster_resources() -> Dict[str, float]:
     """Total resources of the live nodes."""
-    return dict(_gcs().GetClusterStatus(common_pb2.Empty(), timeout=10).total)
+    return dict(_gcs_call("GetClusterStatus", common_pb2.Empty(), "reading cluster resources").total)
 
 
 def available_resources() -> Dict[str, float]:
     """Resources not in use right now (as last reported by each raylet)."""
-    status = _gcs().GetClusterStatus(common_pb2.Empty(), timeout=10)
+    status = _gcs_call("GetClusterStatus", common_pb2.Empty(), "reading available resources")
     return {k: v for k, v in status.available.items() if v > 0}
 
 
@@ -395,7 +455,7 @@ def kill(actor: Any, *, no_restart: bool = True) -> None:
     req = _g.KillActorRequest(actor_id=actor._actor_id, no_restart=no_restart,
                               reason="it was killed by kill()" + ("" if no_restart else
                                                                   " (restart allowed)"))
-    cw.call(lambda: cw.actors.gcs().KillActor(req, timeout=30))
+    cw.gcs_call("KillActor", req, doing=f"killing actor {actor._actor_id.hex()}")
     if no_restart:
         cw.post(cw.actors.mark_killed, actor._actor_id, req.reason)
 
@@ -409,7 +469,7 @@ def get_actor(name: str, namespace: Optional[str] = None) -> Any:
     cw = _ensure_initialized()
     ns = namespace or cw.namespace
     req = gcs_pb2.GetActorRequest(name=name, namespace=ns)
-    reply = cw.call(lambda: cw.actors.gcs().GetActor(req, timeout=30))
+    reply = cw.gcs_call("GetActor", req, doing=f"looking up actor {name!r}")
     if not reply.found or reply.actor.state == "DEAD":
         raise ValueError(f"Failed to look up actor with name '{name}'. This could because 1. You "
                          f"are trying to look up a named actor you didn't create. 2. The named "

@@ -158,13 +158,13 @@ def main(argv=None) -> int:
         ray.get(a0.ping.remote())
         lat.append(time.perf_counter() - t0)
     emit("actor_call_latency_ms", 1e3 * statistics.median(lat), "ms")
-    emit("actor_calls_per_s", median_rate(ray, lambda i: a0.ping.remote()), "calls/s")
+    emit("actor_calls_per_s", median_rate(ray, lambda i, a0=a0: a0.ping.remote()), "calls/s")
     four = actors[:4]
-    emit("actor_calls_4_actors_per_s", median_rate(ray, lambda i: four[i % 4].ping.remote()),
+    emit("actor_calls_4_actors_per_s", median_rate(ray, lambda i, four=four: four[i % 4].ping.remote()),
          "calls/s")
     aa = AsyncPinger.remote()
     ray.get(aa.ping.remote())
-    emit("async_actor_calls_per_s", median_rate(ray, lambda i: aa.ping.remote()), "calls/s")
+    emit("async_actor_calls_per_s", median_rate(ray, lambda i, aa=aa: aa.ping.remote()), "calls/s")
     for a in actors + [aa]:
         ray.kill(a)
     del actors, a0, four, aa

@@ -7,6 +7,7 @@ parent: a private cluster must never outlive a SIGKILLed driver.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -14,10 +15,13 @@ import signal
 import sys
 import threading
 import time
+from typing import Callable, Optional
 
 from runtime.rpc import TOKEN_ENV
 
 PARENT_PID_ENV = "RUNTIME_PARENT_PID"
+_PR_SET_PDEATHSIG = 1
+_PR_GET_PDEATHSIG = 2
 
 
 def token_from_env() -> str:
@@ -52,16 +56,57 @@ def announce_ready(path: str | None, **info) -> None:
     os.replace(tmp, path)
 
 
-def die_with_parent(on_parent_death=None, interval: float = 0.5) -> None:
-    """Exit when the parent process is gone.
+def _prctl() -> Optional[Callable[..., int]]:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_int
+    return fn
 
-    PR_SET_PDEATHSIG (set by the supervisor at spawn) covers the normal case; this
-    watcher also covers a parent that died before the signal was armed and a
-    parent thread that exited (PDEATHSIG follows the spawning thread).
+
+def arm_parent_death_signal(signum: int = signal.SIGKILL) -> bool:
+    """PR_SET_PDEATHSIG for this process: the kernel sends signum when the thread that
+    created us exits. False where that is not available (not Linux).
+
+    The supervisor also arms it (through setpriv) before our argv runs; arming it
+    here as well keeps components safe where setpriv is missing, and never needs
+    code between fork and exec in the parent."""
+    fn = _prctl()
+    if fn is None:
+        return False
+    return fn(_PR_SET_PDEATHSIG, ctypes.c_ulong(int(signum)), ctypes.c_ulong(0),
+              ctypes.c_ulong(0), ctypes.c_ulong(0)) == 0
+
+
+def parent_death_signal() -> int:
+    """The armed parent-death signal (0: none), for tests and diagnostics."""
+    fn = _prctl()
+    if fn is None:
+        return 0
+    sig = ctypes.c_int(0)
+    if fn(_PR_GET_PDEATHSIG, ctypes.byref(sig), ctypes.c_ulong(0), ctypes.c_ulong(0),
+          ctypes.c_ulong(0)) != 0:
+        return 0
+    return sig.value
+
+
+def die_with_parent(on_parent_death: Optional[Callable[[], None]] = None,
+                    interval: float = 0.5) -> None:
+    """Exit when the parent process (named by $RUNTIME_PARENT_PID) is gone.
+
+    Arms PR_SET_PDEATHSIG=SIGKILL first and only then compares getppid() with the
+    expected parent: a parent that died before the signal was armed is caught by the
+    comparison, one that dies later by the signal. A watcher thread also checks every
+    `interval` seconds, for kernels without the signal and so that on_parent_death
+    (e.g. the object store's cleanup) gets its chance where the signal is not armed.
     """
     expected = int(os.environ.get(PARENT_PID_ENV, "0") or 0)
     if not expected:
         return
+    arm_parent_death_signal()
     if os.getppid() != expected:
         os._exit(1)
 

@@ -48,5 +48,11 @@ GRPC_MAX_MESSAGE_BYTES: int = _env("GRPC_MAX_MESSAGE_BYTES", 512 * 1024 * 1024)
 TASK_EVENTS_ENABLED: bool = _env("TASK_EVENTS", 1, int) != 0
 TASK_EVENTS_FLUSH_S: float = _env("TASK_EVENTS_FLUSH_S", 1.0)
 TASK_EVENTS_MAX_TASKS: int = _env("TASK_EVENTS_MAX_TASKS", 10_000)
-# Root of session directories (one per cluster started on this machine).
-SESSION_ROOT: str = _env("SESSION_ROOT", "/tmp/runtime-cluster")
+# Root of session directories (one per cluster started on this machine). Empty means
+# this user's default: $XDG_RUNTIME_DIR/runtime-cluster when that is a private directory
+# of ours, else /tmp/runtime-cluster-<uid> (runtime.private_fs.default_session_root).
+# Whatever it is, it must be a directory of ours that nobody else can write.
+SESSION_ROOT: str = _env("SESSION_ROOT", "")
+# Session directories of clusters that have exited, kept (newest first) for their logs
+# when a new session is created; older ones are removed. Live sessions are never removed.
+SESSIONS_KEPT: int = _env("SESSIONS_KEPT", 10)

@@ -22,7 +22,9 @@
     ├── PlacementGroupSchedulingError
     ├── RuntimeEnvSetupError
     ├── AuthenticationError          a request carried no or the wrong cluster token
-    ├── ClusterConnectionError       the GCS / raylet could not be reached
+    ├── ClusterConnectionError       the GCS / raylet / object store could not be reached
+    │   └── RayletDiedError          the driver's raylet died and did not come back
+    │                                (also a NodeDiedError: a new raylet is a new node)
     └── RaySystemError               an internal failure of the runtime itself
 
 Every error says what went wrong and what to do about it.
@@ -38,7 +40,8 @@ __all__ = [
     "OwnerDiedError", "ObjectFetchTimedOutError", "ReferenceCountingAssertionError",
     "RayActorError", "ActorDiedError", "ActorUnavailableError", "TaskUnschedulableError",
     "ActorUnschedulableError", "PlacementGroupSchedulingError", "RuntimeEnvSetupError",
-    "AuthenticationError", "ClusterConnectionError", "RaySystemError", "CrossLanguageError",
+    "AuthenticationError", "ClusterConnectionError", "RayletDiedError", "RaySystemError",
+    "CrossLanguageError",
 ]
 
 
@@ -236,7 +239,29 @@ class AuthenticationError(RayError):
 
 
 class ClusterConnectionError(RayError, ConnectionError):
-    """The cluster (GCS, raylet, object store) could not be reached."""
+    """The cluster (GCS, raylet, object store) could not be reached; the message names
+    the component and its address."""
+
+
+class RayletDiedError(ClusterConnectionError, NodeDiedError):
+    """The raylet this process leases workers from died and did not come back.
+
+    Raised by get() of every task the process was still waiting for, and by work
+    submitted afterwards. ``address`` is the raylet's, ``pid`` its process id when
+    the driver knows it (a private cluster's raylet), else None.
+    """
+
+    def __init__(self, message: str, *, address: str = "", pid: Optional[int] = None) -> None:
+        self.address = address
+        self.pid = pid
+        super().__init__(message)
+
+    def __reduce__(self):
+        return (_rebuild_raylet_died, (str(self), self.address, self.pid))
+
+
+def _rebuild_raylet_died(message: str, address: str, pid: Optional[int]) -> RayletDiedError:
+    return RayletDiedError(message, address=address, pid=pid)
 
 
 class RaySystemError(RayError):

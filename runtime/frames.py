@@ -12,6 +12,11 @@ unauthenticated peer never gets a protobuf parsed, let alone anything unpickled)
 then answers with one frame: empty when accepted, else the reason (UTF-8) before
 it closes. After that the caller sends ``TaskBatch`` frames and the server
 answers with ``ResultBatch`` frames, in order.
+
+Every frame's length is checked before anything is allocated for it: against
+``MAX_HELLO_BYTES`` until the hello is answered (both ends), then against the
+configured message limit. The whole hello, not each read, has a deadline
+(``HANDSHAKE_TIMEOUT_S``), on both ends.
 """
 from __future__ import annotations
 
@@ -25,8 +30,13 @@ from runtime.rpc import AUTH_FAILED_MESSAGE
 
 MAGIC = b"RTF1"
 _HEADER = struct.Struct("<I")
+# The hello and its answer (empty, or why the connection is refused) are never larger.
 MAX_HELLO_BYTES = 1024
+# From connect to the hello's answer, at either end; a peer dribbling bytes gets no longer.
 HANDSHAKE_TIMEOUT_S = 10.0
+# Connections of one call port that have not authenticated yet; beyond it new ones are
+# closed unread. Each costs a socket and at most MAX_HELLO_BYTES, no thread.
+MAX_UNAUTHENTICATED = 256
 
 
 class FrameError(Exception):
@@ -87,11 +97,17 @@ def recv_frame(sock: socket.socket, limit: int = config.GRPC_MAX_MESSAGE_BYTES) 
 
 
 class FrameBuffer:
-    """Reassembles frames from the chunks an asyncio protocol receives."""
+    """Reassembles frames from the chunks an asyncio protocol receives.
 
-    def __init__(self, limit: int = config.GRPC_MAX_MESSAGE_BYTES) -> None:
+    `first_limit` applies to the first frame only (the hello's answer, read before the
+    peer has proved anything), `limit` to every later one.
+    """
+
+    def __init__(self, limit: int = config.GRPC_MAX_MESSAGE_BYTES,
+                 first_limit: Optional[int] = None) -> None:
         self._buf = bytearray()
-        self._limit = limit
+        self._limit = limit if first_limit is None else first_limit
+        self._later_limit = limit
 
     def feed(self, data: bytes) -> List[bytes]:
         buf = self._buf
@@ -108,6 +124,7 @@ class FrameBuffer:
                 break
             out.append(bytes(buf[pos + _HEADER.size:end]))
             pos = end
+            self._limit = self._later_limit
         if pos:
             del buf[:pos]
         return out

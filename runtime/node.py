@@ -29,11 +29,13 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import math
+import numbers
 import os
 import shutil
 import sys
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from runtime import config, ids
 from runtime.gpu import resolve_gpu_ids
@@ -85,6 +87,14 @@ def default_object_store_memory() -> int:
     return size
 
 
+def check_resource_amount(name: str, amount: Any) -> None:
+    """An amount of a resource is a finite, non-negative number; NaN and infinity would
+    poison every comparison the scheduler makes."""
+    if (not isinstance(amount, numbers.Real) or isinstance(amount, bool)
+            or not math.isfinite(amount) or amount < 0):
+        raise ValueError(f"{name} must be a finite non-negative number, got {amount!r}")
+
+
 def node_resources(cfg: NodeConfig) -> tuple[Dict[str, float], List[int]]:
     """Total resources of the node (Ray's names) and the GPU ids it may hand out."""
     import psutil
@@ -93,8 +103,10 @@ def node_resources(cfg: NodeConfig) -> tuple[Dict[str, float], List[int]]:
         if key in cfg.resources:
             raise ValueError(f"use num_{key.lower()}s instead of putting {key!r} in resources")
     for k, v in cfg.resources.items():
-        if not isinstance(v, (int, float)) or v < 0:
-            raise ValueError(f"resource {k!r} must be a non-negative number, got {v!r}")
+        check_resource_amount(f"resource {k!r}", v)
+    for key in ("num_cpus", "num_gpus", "object_store_memory", "memory"):
+        if getattr(cfg, key) is not None:
+            check_resource_amount(key, getattr(cfg, key))
     cpus = float(cfg.num_cpus if cfg.num_cpus is not None else (os.cpu_count() or 1))
     gpu_ids = resolve_gpu_ids(cfg.num_gpus)
     total: Dict[str, float] = {"CPU": cpus}

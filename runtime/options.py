@@ -1,6 +1,7 @@
 """Validation of ``@remote(...)`` / ``.options(...)`` keywords, with Ray's rules and messages."""
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any, Dict
 
@@ -18,8 +19,10 @@ TASK_OPTIONS = {
 
 
 def _nonneg_number(key: str, value: Any) -> None:
-    if not isinstance(value, numbers.Number) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"The keyword '{key}' only accepts a non-negative number, got {value!r}.")
+    if (not isinstance(value, numbers.Real) or isinstance(value, bool)
+            or not math.isfinite(value) or value < 0):
+        raise ValueError(f"The keyword '{key}' only accepts a finite non-negative number, "
+                         f"got {value!r}.")
 
 
 def validate_task_options(opts: Dict[str, Any]) -> Dict[str, Any]:

@@ -22,7 +22,9 @@ class RemoteFunction:
         self._options = validate_task_options(options or {})
         self._blob: Optional[bytes] = None
         self._function_id = b""
-        self._cache: Dict[Any, tuple] = {}
+        # (resources, strategy, scheduling key) of the default options, computed once;
+        # each .options(...) result keeps its own, so nothing here grows with calls.
+        self._shape: Optional[tuple] = None
         self.__doc__ = function.__doc__
         self.__name__ = getattr(function, "__name__", self._name)
         self.__wrapped__ = function
@@ -46,7 +48,7 @@ class RemoteFunction:
         return _BoundOptions(self, validate_task_options(merged))
 
     def remote(self, *args, **kwargs) -> Union[ObjectRef, List[ObjectRef], None]:
-        return self._remote(args, kwargs, self._options)
+        return self._remote(args, kwargs, self._options, self)
 
     def _export(self) -> None:
         if self._blob is None:
@@ -54,7 +56,9 @@ class RemoteFunction:
             self._function_id = hashlib.sha1(blob).digest()
             self._blob = blob
 
-    def _remote(self, args: tuple, kwargs: dict, opts: Dict[str, Any]):
+    def _remote(self, args: tuple, kwargs: dict, opts: Dict[str, Any], holder: Any):
+        """Submit with `opts`; `holder` (this function or an options() result) caches the
+        resource shape those options make, for as long as it lives itself."""
         from runtime.api import _ensure_initialized
 
         cw = _ensure_initialized()
@@ -62,8 +66,8 @@ class RemoteFunction:
         inherited = None
         if opts.get("scheduling_strategy") is None and cw.current_placement_group is not None:
             inherited = cw.current_placement_group  # capture_child_tasks
-        shape = self._cache.get(id(opts)) if inherited is None else None
-        if shape is None or shape[0] is not opts:
+        shape = holder._shape if inherited is None else None
+        if shape is None:
             strategy = strategy_proto(opts.get("scheduling_strategy"))
             if inherited is not None:
                 strategy = common_pb2.SchedulingStrategy(
@@ -72,10 +76,10 @@ class RemoteFunction:
             resources = placed_resources(task_resources(opts), strategy)
             key = (self._function_id, tuple(sorted(resources.items())),
                    strategy.SerializeToString())
-            shape = (opts, resources, strategy, key)
+            shape = (resources, strategy, key)
             if inherited is None:
-                self._cache[id(opts)] = shape
-        _opts, resources, strategy, key = shape
+                holder._shape = shape
+        resources, strategy, key = shape
         num_returns = opts.get("num_returns")
         num_returns = 1 if num_returns is None else num_returns
         name = opts.get("name") or self._name
@@ -98,9 +102,10 @@ class _BoundOptions:
     def __init__(self, fn: RemoteFunction, opts: Dict[str, Any]) -> None:
         self._fn = fn
         self._opts = opts
+        self._shape: Optional[tuple] = None
 
     def remote(self, *args, **kwargs):
-        return self._fn._remote(args, kwargs, self._opts)
+        return self._fn._remote(args, kwargs, self._opts, self)
 
     def __call__(self, *args, **kwargs):
         self._fn(*args, **kwargs)

@@ -1,4 +1,4 @@
-"""Launching and supervising component processes: the one place that forks.
+"""Launching and supervising component processes: the one place that starts them.
 
 Used by ``runtime.init()`` (a private node's GCS, raylet and object store), by the
 raylet (worker processes) and by the ``node-agent`` daemon (restarts with backoff,
@@ -13,21 +13,34 @@ crash-loop detection). Modelled on Dask's Nanny and trio's subprocess handling:
 * one monitor thread per :class:`Supervisor` notices exits, reports them through
   ``on_exit`` and restarts what its :class:`RestartPolicy` says to restart.
 
-Every fork happens on one long-lived thread (see :class:`_Spawner`): Linux sends
-the parent-death signal when the *thread* that forked a child exits, not the
-process, so a child forked from a short-lived RPC handler thread would otherwise be
+**No code of ours runs between fork and exec.** Our parents are gRPC processes with
+live threads; a ``preexec_fn`` makes CPython fork() for real, and fork() runs every
+pthread_atfork handler, gRPC's included, in a child holding a copy of gRPC's threads'
+state: children died of SIGSEGV/SIGABRT unless GRPC_ENABLE_FORK_SUPPORT=false happened
+to be set before gRPC was imported. Without ``preexec_fn`` (and without uid/gid
+changes) CPython spawns with vfork()+exec, which runs no fork handlers, so it does
+not matter what gRPC is doing or how the environment is set. What the preexec did
+moved out of the child: the parent-death signal is armed by ``setpriv --pdeathsig
+KILL`` (util-linux) in front of argv, and again by every component itself
+(``runtime.component.die_with_parent``, which also catches a parent that died
+before); the log header is written by the parent.
+
+Every spawn happens on one long-lived thread (see :class:`_Spawner`): Linux sends
+the parent-death signal when the *thread* that created a child exits, not the
+process, so a child started from a short-lived RPC handler thread would otherwise be
 SIGKILLed as soon as that thread finished.
 """
 from __future__ import annotations
 
 import collections
-import ctypes
 import datetime
+import errno
 import enum
 import json
 import logging
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -64,7 +77,6 @@ READY_POLL_S = 0.005
 #: loudly (only a process stuck in uninterruptible sleep takes this long).
 REAP_TIMEOUT_S = 10.0
 
-_PR_SET_PDEATHSIG = 1
 _T = TypeVar("_T")
 
 
@@ -122,9 +134,10 @@ class ProcessSpec:
     """The child writes JSON such as {"pid": .., "port": ..} here once it serves
     (runtime.component.announce_ready); wait_ready() returns it."""
     die_with_parent: bool = True
-    """PR_SET_PDEATHSIG=SIGKILL in the child and RUNTIME_PARENT_PID=<our pid> in its
-    environment. When False, an inherited RUNTIME_PARENT_PID is removed so the child
-    does not watch a grandparent that is not its parent."""
+    """PR_SET_PDEATHSIG=SIGKILL in the child (armed by ``setpriv`` before argv runs)
+    and RUNTIME_PARENT_PID=<our pid> in its environment. When False, an inherited
+    RUNTIME_PARENT_PID is removed so the child does not watch a grandparent that is
+    not its parent."""
     restart: RestartPolicy = field(default_factory=RestartPolicy)
     stop_grace_s: float = 5.0
     """Time between SIGTERM and SIGKILL in stop()."""
@@ -227,50 +240,62 @@ class _Spawner:
 
 
 _spawner = _Spawner()
-_prctl_fn: Callable[..., int] | None = None
-_prctl_loaded = False
+_setpriv_lock = threading.Lock()
+_setpriv_checked = False
+_setpriv_prefix: list[str] = []
 
 
-def _load_prctl() -> Callable[..., int] | None:
-    """libc prctl, resolved in the parent (the child only calls it after fork)."""
-    global _prctl_fn, _prctl_loaded
-    if not _prctl_loaded:
-        _prctl_loaded = True
-        if sys.platform.startswith("linux"):
-            try:
-                fn = ctypes.CDLL(None, use_errno=True).prctl
-                fn.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong,
-                               ctypes.c_ulong, ctypes.c_ulong]
-                fn.restype = ctypes.c_int
-                _prctl_fn = fn
-            except (OSError, AttributeError) as exc:
-                logger.warning("prctl unavailable (%s); children will rely on %s only",
-                               exc, PARENT_PID_ENV)
-    return _prctl_fn
+def _pdeathsig_prefix() -> list[str]:
+    """``[setpriv, --pdeathsig, KILL, --]``, or [] where no setpriv can do that.
 
-
-def _make_preexec(name: str, started_iso: str, parent_pid: int,
-                  die_with_parent: bool) -> Callable[[], None]:
-    """Build the function run in the child between fork and exec.
-
-    It arms PR_SET_PDEATHSIG, kills itself if the parent already died (the signal
-    is only armed from now on), and writes the log header: only the child knows its
-    pid before anything else is written to the log. Everything it needs is computed
-    here, in the parent, so the child does as little as possible after fork.
+    setpriv execs argv in the same process, so the child keeps its pid, and
+    PR_SET_PDEATHSIG survives the exec. Checked once per process: util-linux's
+    setpriv has --pdeathsig since 2.33; busybox's and older ones do not.
     """
-    prctl = _load_prctl() if die_with_parent else None
-    head = f"=== {name} started pid ".encode()
-    tail = f" at {started_iso} ===\n".encode()
-    sigkill = int(signal.SIGKILL)
+    global _setpriv_checked, _setpriv_prefix
+    with _setpriv_lock:
+        if _setpriv_checked:
+            return _setpriv_prefix
+        _setpriv_checked = True
+        if not sys.platform.startswith("linux"):
+            return _setpriv_prefix
+        path = shutil.which("setpriv") or shutil.which("setpriv", path="/usr/bin:/bin")
+        usage = b""
+        if path:
+            try:
+                usage = subprocess.run([path, "--help"], stdin=subprocess.DEVNULL,
+                                       capture_output=True, timeout=10).stdout
+            except (OSError, subprocess.SubprocessError):
+                pass
+        if b"--pdeathsig" in usage:
+            _setpriv_prefix = [path, "--pdeathsig", "KILL", "--"]
+        else:
+            logger.warning(
+                "no setpriv with --pdeathsig (util-linux) found; children that are not our "
+                "components will outlive this process if it is killed (components still "
+                "die with it: they arm the signal themselves)")
+        return _setpriv_prefix
 
-    def preexec() -> None:
-        if prctl is not None:
-            prctl(_PR_SET_PDEATHSIG, sigkill, 0, 0, 0)
-        if die_with_parent and os.getppid() != parent_pid:
-            os.kill(os.getpid(), sigkill)
-        os.write(1, head + str(os.getpid()).encode() + tail)
 
-    return preexec
+def _check_executable(argv0: str, env: dict[str, str], cwd: str | None) -> None:
+    """Raise FileNotFoundError/PermissionError as exec would, before we spawn.
+
+    The child execs through setpriv, so a missing program would otherwise only show
+    as setpriv's exit status 127; the caller wants the error from spawn itself.
+    """
+    if os.sep in argv0:
+        path = argv0 if os.path.isabs(argv0) else os.path.join(cwd or os.getcwd(), argv0)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), argv0)
+        if not os.access(path, os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), argv0)
+    elif shutil.which(argv0, path=env.get("PATH", os.defpath)) is None:
+        raise FileNotFoundError(errno.ENOENT, f"{os.strerror(errno.ENOENT)} (not on PATH "
+                                f"{env.get('PATH', os.defpath)!r})", argv0)
+
+
+def _log_header(name: str, pid: int, started_iso: str) -> bytes:
+    return f"=== {name} started pid {pid} at {started_iso} ===\n".encode()
 
 
 def _rotate_log(path: str, max_bytes: int, backups: int) -> None:
@@ -394,18 +419,32 @@ class ManagedProcess:
                 pass
         env = dict(os.environ)
         env.update(spec.env or {})
-        parent_pid = os.getpid()
         if spec.die_with_parent:
-            env[PARENT_PID_ENV] = str(parent_pid)
+            env[PARENT_PID_ENV] = str(os.getpid())
         elif PARENT_PID_ENV not in (spec.env or {}):
             env.pop(PARENT_PID_ENV, None)
         started_iso = datetime.datetime.now().astimezone().isoformat(timespec="milliseconds")
-        preexec = _make_preexec(spec.name, started_iso, parent_pid, spec.die_with_parent)
+        argv = list(spec.argv)
+        if spec.die_with_parent:
+            argv = _pdeathsig_prefix() + argv
         fd = os.open(spec.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
         try:
-            popen = _spawner.call(lambda: subprocess.Popen(
-                spec.argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, cwd=spec.cwd,
-                env=env, close_fds=True, start_new_session=False, preexec_fn=preexec))
+            if not spec.argv:
+                raise ValueError("empty argv")
+            _check_executable(spec.argv[0], env, spec.cwd)
+
+            def spawn() -> subprocess.Popen:
+                # No preexec_fn, ever: with one CPython forks for real (module doc).
+                popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd,
+                                         cwd=spec.cwd, env=env, close_fds=True,
+                                         start_new_session=False)
+                try:  # at once: the child is still loading its interpreter
+                    os.write(fd, _log_header(spec.name, popen.pid, started_iso))
+                except OSError as exc:
+                    logger.warning("could not write the log header of %s: %s", spec.name, exc)
+                return popen
+
+            popen = _spawner.call(spawn)
         except (OSError, subprocess.SubprocessError, ValueError) as exc:
             msg = f"could not be started: {exc} (argv {spec.argv!r}, cwd {spec.cwd!r})"
             try:
@@ -657,7 +696,7 @@ def _stop_processes(procs: list[ManagedProcess], grace: float | None) -> None:
         if popen is not None:
             g = proc.spec.stop_grace_s if grace is None else grace
             pending.append((proc, popen, started + max(0.0, g)))
-    for proc, popen, deadline in pending:
+    for _proc, popen, deadline in pending:
         try:
             popen.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:

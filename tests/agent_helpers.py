@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional
@@ -22,10 +23,13 @@ from typing import Callable, Dict, Iterable, List, Optional
 import psutil
 
 from agent.client import AgentClient
+from helpers.env import scrubbed_env
 from runtime.protocol import agent_pb2
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
+#: Where drivers run: not the checkout, so they import the installed project.
+NEUTRAL_CWD = tempfile.gettempdir()
 HOSTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
 
 DRIVER = """
@@ -94,14 +98,11 @@ def free_port(hosts: Iterable[str] = HOSTS, taken: Optional[set] = None) -> int:
 
 
 def clean_env(**extra: str) -> Dict[str, str]:
-    """Our environment without anything that would point a child at another cluster."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("NODE_AGENT_SOCKET", "NODE_AGENT_TOKEN", "NODE_AGENT_TOKEN_FILE",
-                        "RUNTIME_ADDRESS", "RUNTIME_CLUSTER_TOKEN", "NOTIFY_SOCKET",
-                        "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM", "INVOCATION_ID")}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    env.update(extra)
-    return env
+    """What a user's plain shell gives a process (see helpers.env), plus extra.
+
+    Nothing of pytest's environment: no PYTHONPATH (the project is installed in the
+    venv, as a user's is), no GRPC_ENABLE_FORK_SUPPORT, no agent socket or token."""
+    return scrubbed_env(extra)
 
 
 def write_config(path: Path, ports: Dict[str, int], extra: str = "") -> Path:
@@ -150,12 +151,13 @@ class Agent:
     def ctl(self, *args: str, timeout: float = 90, env: Optional[Dict[str, str]] = None
             ) -> subprocess.CompletedProcess:
         """Run `agentctl ARGS --socket S` (start/join also get --state-dir and --config,
-        for the agent they may launch)."""
-        argv = [PY, "-m", "agent.cli", *args, "--socket", self.socket]
+        for the agent they may launch): the console script found on PATH, as a user
+        runs it."""
+        argv = ["agentctl", *args, "--socket", self.socket]
         if args and args[0] in ("start", "join"):
             argv += ["--state-dir", self.state_dir, "--config", self.config]
         return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                              env=env or clean_env(), cwd=str(REPO))
+                              env=env or clean_env(), cwd=str(self.dir))
 
     def ctl_json(self, *args: str) -> dict:
         proc = self.ctl(*args, "--json")
@@ -167,9 +169,9 @@ class Agent:
                      ) -> subprocess.Popen:
         out = open(self.dir / "daemon.out", "ab")
         self.daemon = subprocess.Popen(
-            [PY, "-m", "agent.daemon", "--socket", self.socket, "--state-dir", self.state_dir,
+            ["node-agent", "--socket", self.socket, "--state-dir", self.state_dir,
              "--config", self.config], stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-            env=env or clean_env(), cwd=str(REPO))
+            env=env or clean_env(), cwd=str(self.dir))
         out.close()
         if wait:
             wait_for(lambda: self.daemon.poll() is not None or self.status(local_only=True),
@@ -224,14 +226,14 @@ def run_driver(address: str, token: Optional[str] = None, socket_path: Optional[
                timeout: float = 90) -> subprocess.CompletedProcess:
     """A driver in its own process: init(address), tasks and a put through the store."""
     return subprocess.run([PY, "-c", DRIVER, address], capture_output=True, text=True,
-                          timeout=timeout, env=_driver_env(token, socket_path), cwd=str(REPO))
+                          timeout=timeout, env=_driver_env(token, socket_path), cwd=NEUTRAL_CWD)
 
 
 def start_slow_driver(address: str, token: str) -> subprocess.Popen:
     """A driver whose one task sleeps 3 s (retried if its worker dies); prints its pid."""
     return subprocess.Popen([PY, "-c", SLOW_DRIVER, address], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=_driver_env(token, None),
-                            cwd=str(REPO))
+                            cwd=NEUTRAL_CWD)
 
 
 def assert_driver_works(address: str, **kw) -> dict:

@@ -29,13 +29,12 @@ from runtime.exceptions import ActorDiedError, RayActorError
 from runtime.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from runtime.util.state import get_actor as state_get_actor
 
+from helpers.env import scrubbed_env
 from helpers.gates import await_path
 from conftest import wait_for
 
 REPO = str(Path(__file__).resolve().parent.parent)
 OWNER_SCRIPT = str(Path(__file__).resolve().parent / "scripts" / "actor_owner.py")
-TOKEN_ENVS = ("RUNTIME_ADDRESS", "NODE_AGENT_TOKEN", "NODE_AGENT_TOKEN_FILE",
-              "RUNTIME_CLUSTER_TOKEN")
 
 
 # -- actor classes and tasks used below ---------------------------------------------------------
@@ -173,7 +172,7 @@ def test_handle_state_and_refs(actors):
     with pytest.raises(TypeError):
         Counter()  # classes are instantiated with .remote()
     with pytest.raises(AttributeError):
-        c.no_such_method
+        _ = c.no_such_method
 
 
 def test_calls_run_in_submission_order(actors):
@@ -335,7 +334,7 @@ def test_exit_actor(actors):
 
 
 def test_exit_actor_outside_actor_raises(cluster):
-    with pytest.raises(Exception):
+    with pytest.raises(TypeError, match="outside an actor"):
         ray.actor.exit_actor()
 
 
@@ -392,10 +391,7 @@ def test_owner_exit_kills_non_detached_but_not_detached(cluster, tmp_path):
     owned_name, detached_name = (f"owned-{uuid.uuid4().hex[:8]}",
                                  f"detached-{uuid.uuid4().hex[:8]}")
     out, log = str(tmp_path / "owner.json"), str(tmp_path / "owner.log")
-    env = {k: v for k, v in os.environ.items() if k not in TOKEN_ENVS}
-    env["NODE_AGENT_TOKEN"] = token
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    env["RUNTIME_SESSION_ROOT"] = str(tmp_path / "root")
+    env = scrubbed_env(NODE_AGENT_TOKEN=token, RUNTIME_SESSION_ROOT=str(tmp_path / "root"))
     pids = []
     with open(log, "w") as fh:
         proc = subprocess.Popen([sys.executable, OWNER_SCRIPT, out, addr, owned_name,

@@ -62,7 +62,8 @@ def test_join_errors_then_third_host_joins(cluster, farm):
     assert w3.status().role == "idle"
     # Wrong token: one clear error, quickly, and no retrying in the background.
     t0 = time.monotonic()
-    bad = w3.ctl("join", cluster["gcs"], "--token", "not-the-token", "--node-ip", "127.0.0.3")
+    bad = w3.ctl("join", cluster["gcs"], "--token", "not-the-token-" + "0" * 32, "--node-ip",
+                 "127.0.0.3")
     assert bad.returncode != 0
     assert "authentication failed" in bad.stderr, bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
@@ -229,7 +230,53 @@ def test_logs_command(cluster):
     assert out.returncode == 0, out.stderr
     assert 0 < len(out.stdout.splitlines()) <= 5
     unknown = head.ctl("logs", "nope")
-    assert unknown.returncode != 0 and "no log for 'nope'" in unknown.stderr
+    assert unknown.returncode != 0 and "no component 'nope' on this node" in unknown.stderr
+    for name in ("gcs", "object_store", "raylet", "node-agent"):
+        assert name in unknown.stderr, unknown.stderr
+    own = head.ctl("logs", "node-agent", "-n", "50")
+    assert own.returncode == 0 and "node-agent" in own.stdout, own.stderr
+
+
+def _tail(stub: agent_pb2_grpc.NodeAgentStub, component: str) -> list:
+    return [m.line for m in stub.TailLogs(agent_pb2.TailLogsRequest(component=component,
+                                                                    lines=20), timeout=30)]
+
+
+def test_tail_logs_reads_only_this_nodes_logs(cluster):
+    """TailLogs takes a component name, never a path: names shaped like paths and
+    unknown names are INVALID_ARGUMENT (naming the known ones), and a log that
+    resolves outside the node's log directory is never read. Over the unix socket
+    and over the TCP API alike."""
+    head: Agent = cluster["head"]
+    st = head.status()
+    logs_dir = os.path.join(st.session_dir, "logs")
+    secret = head.dir / "secret.log"
+    secret.write_text("TOP SECRET\n")
+    planted = os.path.join(logs_dir, "worker-deadbeef.log")
+    os.symlink(secret, planted)
+    tcp = rpc.sync_channel(st.api_address, cluster["token"])
+    local = grpc.insecure_channel(f"unix:{head.socket}")
+    try:
+        for channel in (local, tcp):
+            stub = agent_pb2_grpc.NodeAgentStub(channel)
+            assert _tail(stub, "gcs")  # a known component is served on both
+            depth = os.path.relpath(head.dir, logs_dir)  # ../../../.. from the logs dir
+            for name in (f"{depth}/secret", "gcs/../../../../secret", "..", "nope",
+                         str(secret)[:-4]):
+                with pytest.raises(grpc.RpcError) as err:
+                    _tail(stub, name)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, err.value)
+                for known in ("gcs", "object_store", "raylet", "node-agent"):
+                    assert known in err.value.details(), err.value.details()
+            with pytest.raises(grpc.RpcError) as err:
+                _tail(stub, "worker-deadbeef")
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED, err.value
+            assert "outside the node's log directory" in err.value.details()
+            assert "TOP SECRET" not in err.value.details()
+    finally:
+        os.unlink(planted)
+        tcp.close()
+        local.close()
 
 
 def test_agent_restart_restores_its_role(cluster):

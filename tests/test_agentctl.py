@@ -5,16 +5,21 @@ from __future__ import annotations
 import json
 import os
 import socket
+import stat
 import subprocess
 import threading
 
 import grpc
+import psutil
 import pytest
 
 from agent import config as agent_config
 from agent.client import AgentClient
-from agent_helpers import PY, REPO, Farm, clean_env, wait_for
+from agent_helpers import Farm, clean_env, wait_for
 from runtime.protocol import agent_pb2
+
+#: A well-formed token no cluster uses.
+SOME_TOKEN = "0123456789abcdef" * 4
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +47,8 @@ def _one_line_error(proc: subprocess.CompletedProcess) -> str:
 def test_no_agent_running(tmp_path):
     sock = str(tmp_path / "none.sock")
     for args in (["status"], ["status", "--json"], ["leave"], ["stop"], ["logs"]):
-        proc = subprocess.run([PY, "-m", "agent.cli", *args, "--socket", sock],
-                              capture_output=True, text=True, env=clean_env(), cwd=str(REPO),
+        proc = subprocess.run(["agentctl", *args, "--socket", sock],
+                              capture_output=True, text=True, env=clean_env(), cwd=str(tmp_path),
                               timeout=60)
         line = _one_line_error(proc)
         assert "no node-agent is running" in line and sock in line
@@ -56,7 +61,7 @@ def test_bad_flags_are_one_line_errors(agent):
     assert "--num-cpus" in line
     line = _one_line_error(agent.ctl("join", "127.0.0.1:1"))
     assert "token is required" in line
-    line = _one_line_error(agent.ctl("join", "nonsense", "--token", "t"))
+    line = _one_line_error(agent.ctl("join", "nonsense", "--token", SOME_TOKEN))
     assert "malformed address" in line
     line = _one_line_error(agent.ctl("start", "--head", "--node-ip", "10.255.255.1"))
     assert "not an address of this machine" in line
@@ -129,9 +134,9 @@ def test_watch_events_reports_a_component_restart(agent):
 def test_config_file_errors_are_clear(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[ports]\ngcs = 'x'\n")
-    proc = subprocess.run([PY, "-m", "agent.daemon", "--config", str(bad), "--state-dir",
+    proc = subprocess.run(["node-agent", "--config", str(bad), "--state-dir",
                            str(tmp_path / "s"), "--socket", str(tmp_path / "s.sock")],
-                          capture_output=True, text=True, env=clean_env(), cwd=str(REPO),
+                          capture_output=True, text=True, env=clean_env(), cwd=str(tmp_path),
                           timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"node-agent: {bad}: [ports] gcs must be an integer, got 'x'"
@@ -170,14 +175,14 @@ def test_paths_fall_back_to_per_user_dirs(tmp_path, monkeypatch):
 
 
 def test_second_agent_on_the_same_state_dir_is_refused(agent):
-    proc = subprocess.run([PY, "-m", "agent.daemon", "--state-dir", agent.state_dir, "--socket",
+    proc = subprocess.run(["node-agent", "--state-dir", agent.state_dir, "--socket",
                            agent.socket + ".2", "--config", agent.config], capture_output=True,
-                          text=True, env=clean_env(), cwd=str(REPO), timeout=60)
+                          text=True, env=clean_env(), cwd=str(agent.dir), timeout=60)
     assert proc.returncode == 1
     assert f"another node-agent (pid {agent.pid()}) is using state dir" in proc.stderr
-    proc = subprocess.run([PY, "-m", "agent.daemon", "--state-dir", agent.state_dir + "-2",
+    proc = subprocess.run(["node-agent", "--state-dir", agent.state_dir + "-2",
                            "--socket", agent.socket, "--config", agent.config],
-                          capture_output=True, text=True, env=clean_env(), cwd=str(REPO),
+                          capture_output=True, text=True, env=clean_env(), cwd=str(agent.dir),
                           timeout=60)
     assert proc.returncode == 1
     assert "another node-agent is already serving on" in proc.stderr
@@ -201,3 +206,139 @@ def test_running_logs_are_rotated_by_copy_and_truncate(tmp_path, monkeypatch):
     (tmp_path / "small.log").write_text("y")
     host.rotate_logs(str(tmp_path))
     assert not (tmp_path / "small.log.1").exists()
+
+
+# ---- cluster tokens: what the agent accepts, and where agentctl takes one from ----------
+
+
+def test_bad_tokens_are_refused_by_agentctl(agent, tmp_path):
+    """Too short, a space, a control or non-ASCII character: one line naming where the
+    token came from and what is wrong, without repeating it; the agent's role does not
+    change."""
+    before = agent.status()
+    short = "s3cr3t-but-short"
+    line = _one_line_error(agent.ctl("join", "127.0.0.1:1", "--token", short))
+    assert "from --token is 16 characters long" in line and "at least 32" in line, line
+    assert short not in line
+    line = _one_line_error(agent.ctl("start", "--head", "--token", short))
+    assert "from --token is 16 characters long" in line, line
+    line = _one_line_error(agent.ctl("join", "127.0.0.1:1", "--token", "é" * 40))
+    assert "non-ASCII character (U+00E9) at position 1" in line, line
+    line = _one_line_error(agent.ctl("join", "127.0.0.1:1", "--token", "a" * 20 + " " + "b" * 20))
+    assert "a space (U+0020) at position 21" in line, line
+    token_file = tmp_path / "token"
+    token_file.write_text("a" * 31 + "\n")
+    line = _one_line_error(agent.ctl("join", "127.0.0.1:1", "--token-file", str(token_file)))
+    assert f"from {token_file} is 31 characters long" in line, line
+    token_file.write_text("a" * 20 + "\x07" + "b" * 20 + "\n")
+    line = _one_line_error(agent.ctl("join", "127.0.0.1:1", "--token-file", str(token_file)))
+    assert "a control character (U+0007)" in line, line
+    line = _one_line_error(agent.ctl("join", "127.0.0.1:1",
+                                     env=clean_env(NODE_AGENT_TOKEN=short)))
+    assert "from $NODE_AGENT_TOKEN is 16 characters long" in line, line
+    line = _one_line_error(agent.ctl("join", "127.0.0.1:1", "--token", SOME_TOKEN,
+                                     "--token-file", str(token_file)))
+    assert "either --token or --token-file" in line
+    st = agent.status()
+    assert (st.role, st.gcs_address, st.node_id) == (before.role, before.gcs_address,
+                                                     before.node_id)
+
+
+def test_bad_tokens_are_refused_by_the_agent_api(agent):
+    """The daemon checks too: a caller of the API is not necessarily agentctl."""
+    before = agent.status()
+    with AgentClient(agent.socket) as c:
+        for call, request in (
+                (c.stub.Join, agent_pb2.JoinRequest(head_address="127.0.0.1:1", token="short")),
+                (c.stub.StartHead, agent_pb2.StartHeadRequest(token="ü" * 40))):
+            with pytest.raises(grpc.RpcError) as err:
+                call(request, timeout=30)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+            assert "cluster token" in err.value.details()
+    assert (agent.status().role, agent.status().node_id) == (before.role, before.node_id)
+
+
+def test_join_takes_the_token_from_a_file_or_the_environment(farm):
+    """--token-file and $NODE_AGENT_TOKEN both work, so the token need not be in argv."""
+    head = farm.agent("tok-head", "127.0.0.1")
+    started = head.ctl_json("start", "--head", "--node-ip", "127.0.0.1")
+    token, gcs = started["token"], started["gcs_address"]
+    # The agent agentctl launched passes no PYTHONPATH of its own to the cluster: the
+    # project is installed, and user tasks must not find our source tree on their path.
+    gcs_env = psutil.Process(head.process("gcs").pid).environ()
+    assert "PYTHONPATH" not in gcs_env, gcs_env.get("PYTHONPATH")
+    via_env = farm.agent("tok-env", "127.0.0.2")
+    out = via_env.ctl("join", gcs, "--node-ip", "127.0.0.2",
+                      env=clean_env(NODE_AGENT_TOKEN=token))
+    assert out.returncode == 0, out.stderr
+    via_file = farm.agent("tok-file", "127.0.0.3")
+    token_file = via_file.dir / "cluster-token"
+    token_file.write_text(token + "\n")
+    out = via_file.ctl("join", gcs, "--node-ip", "127.0.0.3", "--token-file", str(token_file))
+    assert out.returncode == 0, out.stderr
+    wait_for(lambda: sorted(n.node_ip for n in head.status().nodes if n.state == "ALIVE")
+             == ["127.0.0.1", "127.0.0.2", "127.0.0.3"], 45, message="three alive nodes")
+    for a in (via_env, via_file, head):
+        assert a.ctl("stop").returncode == 0
+    for a in (via_env, via_file, head):
+        wait_for(lambda a=a: not os.path.exists(a.socket), 30, message=f"{a.name} to exit")
+
+
+def test_agent_refuses_bad_tokens_from_its_config_and_state(farm):
+    """A token_file in agent.toml, or a saved token, that is not a valid token: the
+    agent starts, says what is wrong in its status, and runs nothing."""
+    cfg_agent = farm.agent("tok-cfg", "127.0.0.1", extra_config="""
+[node]
+role = "worker"
+head_address = "127.0.0.1:1"
+token_file = "TOKEN_FILE"
+""")
+    token_file = cfg_agent.dir / "token.txt"
+    token_file.write_text("tooshort\n")
+    cfg_path = cfg_agent.config
+    with open(cfg_path) as fh:
+        text = fh.read().replace("TOKEN_FILE", str(token_file))
+    with open(cfg_path, "w") as fh:
+        fh.write(text)
+    cfg_agent.start_daemon()
+    st = wait_for(lambda: (lambda s: s if s.phase == "failed" else None)(cfg_agent.status()),
+                  20, message="the agent to refuse its configured token")
+    assert f"from {token_file} is 8 characters long" in st.message, st.message
+    assert "token_file" in st.message and not st.processes
+
+    saved = farm.agent("tok-saved", "127.0.0.1")
+    os.makedirs(saved.state_dir, mode=0o700)
+    with open(os.path.join(saved.state_dir, "state.json"), "w") as fh:
+        json.dump({"role": "head", "options": {"node_ip": "127.0.0.1"}}, fh)
+    with open(os.path.join(saved.state_dir, "token"), "w") as fh:
+        fh.write("tooshort\n")
+    saved.start_daemon()
+    st = wait_for(lambda: (lambda s: s if s.phase == "failed" else None)(saved.status()),
+                  20, message="the agent to refuse its saved token")
+    assert "saved cluster token" in st.message and "8 characters long" in st.message, st.message
+    assert not st.processes
+
+
+# ---- private directories ----------------------------------------------------------------
+
+
+def test_agent_refuses_a_socket_or_state_dir_others_can_write(tmp_path):
+    """Whoever can write the socket's directory could put their socket in its place;
+    whoever can write the state dir could read or replace the token."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    private = tmp_path / "private"
+    proc = subprocess.run(["node-agent", "--state-dir", str(private / "state"), "--socket",
+                           str(shared / "agent.sock")], capture_output=True, text=True,
+                          env=clean_env(), cwd=str(tmp_path), timeout=60)
+    assert proc.returncode == 1
+    assert f"{shared} is writable by others (mode 0777)" in proc.stderr, proc.stderr
+    assert not (shared / "agent.sock").exists()
+    proc = subprocess.run(["node-agent", "--state-dir", str(shared), "--socket",
+                           str(private / "agent.sock")], capture_output=True, text=True,
+                          env=clean_env(), cwd=str(tmp_path), timeout=60)
+    assert proc.returncode == 1
+    assert "unsafe state dir" in proc.stderr and "writable by others" in proc.stderr, proc.stderr
+    # What the agent creates itself is private from the start.
+    assert stat.S_IMODE(os.stat(private).st_mode) == 0o700

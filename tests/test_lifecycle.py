@@ -28,14 +28,12 @@ import runtime as ray
 from runtime.protocol import (common_pb2, core_worker_pb2, core_worker_pb2_grpc, gcs_pb2_grpc,
                               object_store_pb2_grpc, raylet_pb2_grpc)
 
+from helpers.env import scrubbed_env
 from helpers.gates import await_path, meet
 from conftest import assert_all_gone, cluster_pids, wait_for
 
-REPO = str(Path(__file__).resolve().parent.parent)
 SCRIPT = str(Path(__file__).resolve().parent / "scripts" / "driver.py")
 COMPONENTS = ("runtime.gcs", "runtime.object_store", "runtime.raylet", "runtime.worker")
-TOKEN_ENVS = ("RUNTIME_ADDRESS", "NODE_AGENT_TOKEN", "NODE_AGENT_TOKEN_FILE",
-              "RUNTIME_CLUSTER_TOKEN")
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -98,7 +96,7 @@ class Drivers:
     def __init__(self, tmp_path: Path) -> None:
         self.tmp = tmp_path
         self.root = str(tmp_path / "root")
-        os.makedirs(self.root, exist_ok=True)
+        os.makedirs(self.root, mode=0o700, exist_ok=True)
         self.procs: list = []
         self.pids: set = set()
 
@@ -106,14 +104,15 @@ class Drivers:
               root: str | None = None) -> subprocess.Popen:
         n = len(self.procs) + 1
         out, log = str(self.tmp / f"driver-{n}.json"), str(self.tmp / f"driver-{n}.log")
-        env = {k: v for k, v in os.environ.items() if k not in TOKEN_ENVS}
-        env["RUNTIME_SESSION_ROOT"] = root or self.root
-        env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+        # A user's plain environment: nothing of ours (no token, no PYTHONPATH; the
+        # project is installed), only what this driver is meant to see.
+        env = scrubbed_env(RUNTIME_SESSION_ROOT=root or self.root)
         if token is not None:
             env["NODE_AGENT_TOKEN"] = token
         argv = [sys.executable, SCRIPT, out, mode] + ([address] if address else [])
         with open(log, "w") as fh:
-            proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(argv, cwd=str(self.tmp), env=env, stdout=fh,
+                                    stderr=subprocess.STDOUT)
         proc.out, proc.log = out, log  # type: ignore[attr-defined]
         self.procs.append(proc)
         return proc

@@ -164,3 +164,105 @@ def test_draining_node_sends_new_work_elsewhere_or_rejects_it():
     (spill,) = [a for a in s.schedule() if not isinstance(a, StartWorkers)]
     assert isinstance(spill, Spillback) and spill.raylet_address == "127.0.0.3:7000"
     assert running.lease_id in s.leases  # work already running is left alone
+
+
+# -- SPREAD ---------------------------------------------------------------------------------------
+def spread(client, rid, grant_or_reject=False, **res):
+    return PendingRequest(client, rid, {k: float(v) for k, v in res.items()}, strategy="SPREAD",
+                          grant_or_reject=grant_or_reject)
+
+
+def with_other_node(s, cpus=2.0, node_id=b"o" * 28, address="127.0.0.2:7000", **extra):
+    total = {"CPU": cpus, **extra}
+    s.remote_nodes[node_id] = RemoteNode(node_id, address, dict(total), dict(total))
+    return s.remote_nodes[node_id]
+
+
+def placed(actions):
+    """Where each request went: 'here' (granted) or the raylet address it was spilled to."""
+    out = {}
+    for a in actions:
+        if isinstance(a, Grant):
+            out[a.request_id] = "here"
+        elif isinstance(a, Spillback):
+            out[a.request_id] = a.raylet_address
+    return out
+
+
+def test_spread_alternates_between_the_nodes_that_have_room():
+    s = make(cpus=4, workers=4)
+    with_other_node(s, cpus=4)
+    for i in range(4):
+        s.request_lease(spread(1, i, CPU=1))
+    where = placed(s.schedule())
+    assert sorted(where.values()) == ["127.0.0.2:7000"] * 2 + ["here"] * 2
+    assert where[0] != where[1] and where[1] != where[2] and where[2] != where[3]
+    # DEFAULT keeps the same work on this node, which can run it.
+    d = make(cpus=4, workers=4)
+    with_other_node(d, cpus=4)
+    for i in range(4):
+        d.request_lease(req(1, i, CPU=1))
+    assert set(placed(d.schedule()).values()) == {"here"}
+
+
+def test_spread_charges_what_it_spilled_to_its_view_of_the_other_node():
+    s = make(cpus=4, workers=4)
+    other = with_other_node(s, cpus=1)
+    for i in range(4):
+        s.request_lease(spread(1, i, CPU=1))
+    where = placed(s.schedule())
+    # The other node has one free CPU: once it took one request, the rest stay here.
+    assert list(where.values()).count("127.0.0.2:7000") == 1
+    assert list(where.values()).count("here") == 3
+    assert other.available["CPU"] == 0.0
+
+
+def test_spread_falls_back_to_busy_nodes_when_none_has_room():
+    s = make(cpus=1, workers=1)
+    with_other_node(s, cpus=1)
+    s.request_lease(req(9, 0, CPU=1))
+    grants(s.schedule())  # this node is now full
+    s.remote_nodes[b"o" * 28].available["CPU"] = 0.0  # and so is the other one
+    for i in range(1, 5):
+        s.request_lease(spread(1, i, CPU=1))
+    where = placed(s.schedule())
+    assert list(where.values()) == ["127.0.0.2:7000"] * 2  # half spilled, half wait here
+    assert [k for k in s.pending] in ([(1, 1), (1, 3)], [(1, 2), (1, 4)])
+
+
+def test_spread_request_is_placed_once_and_then_waits_where_it_was_placed():
+    s = make(cpus=1, workers=1)
+    with_other_node(s, cpus=1)
+    s.request_lease(req(9, 0, CPU=1))
+    (busy,) = grants(s.schedule())
+    s.request_lease(spread(1, 1, CPU=1))
+    s.request_lease(spread(1, 2, CPU=1))
+    first = placed(s.schedule())
+    assert list(first.values()) == ["127.0.0.2:7000"]
+    (waiting,) = [k for k in s.pending if k[0] == 1]
+    for _ in range(3):  # later passes neither spill it nor spin the round-robin
+        assert placed(s.schedule()) == {}
+    s.return_lease(busy.lease_id)
+    assert placed(s.schedule()) == {waiting[1]: "here"}
+
+
+def test_spread_only_over_nodes_with_the_resource_and_never_twice():
+    s = make(cpus=2, workers=2)
+    with_other_node(s, cpus=2, tpu=1)
+    with_other_node(s, cpus=2, tpu=1, node_id=b"p" * 28, address="127.0.0.3:7000")
+    for i in range(4):
+        s.request_lease(spread(1, i, CPU=1, tpu=1))
+    where = list(placed(s.schedule()).values())
+    assert sorted(where) == ["127.0.0.2:7000"] * 2 + ["127.0.0.3:7000"] * 2
+    assert where[0] != where[1]
+    # On the chosen node a spilled request (grant_or_reject) is decided there, never re-spread;
+    # with no other node SPREAD runs here.
+    t = make(cpus=2, workers=2)
+    with_other_node(t, cpus=2)
+    for i in range(4):
+        t.request_lease(spread(1, i, grant_or_reject=True, CPU=1))
+    assert list(placed(t.schedule()).values()) == ["here", "here"]
+    u = make(cpus=2, workers=2)
+    for i in range(2):
+        u.request_lease(spread(1, i, CPU=1))
+    assert list(placed(u.schedule()).values()) == ["here", "here"]

@@ -7,7 +7,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import uuid
 
@@ -155,14 +154,17 @@ def test_unit_file_passes_systemd_analyze_verify(tmp_path):
                 "LogsDirectory=node-agent"):
         assert key in unit
     assert "PrivateDevices=yes" not in unit and "DynamicUser=yes" not in unit
-    # /usr/bin/node-agent exists once the package is installed; here, point it at
-    # the source tree (verify fails on an ExecStart that does not exist).
-    local = unit.replace("ExecStart=/usr/bin/node-agent", f"ExecStart={sys.executable} -m agent.daemon")
+    # /usr/bin/node-agent exists once the package is installed system-wide; here,
+    # point it at the venv's console script (verify fails on an ExecStart that does
+    # not exist).
+    script = shutil.which("node-agent", path=clean_env()["PATH"])
+    assert script, "the node-agent console script is not installed in the venv"
+    local = unit.replace("ExecStart=/usr/bin/node-agent", f"ExecStart={script}")
     assert local != unit
     path = tmp_path / "node-agent.service"
     path.write_text(local)
     proc = subprocess.run([exe, "verify", "--man=no", str(path)], capture_output=True, text=True,
-                          timeout=60)
+                          timeout=60, env=clean_env(), cwd=str(tmp_path))
     # Unknown keys are warnings with exit status 0: any output is a failure.
     assert proc.returncode == 0 and not (proc.stdout + proc.stderr).strip(), \
         proc.stdout + proc.stderr

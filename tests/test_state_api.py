@@ -139,7 +139,7 @@ def test_list_actors_filters_limit_and_get(cluster):
         for h in probes + [other]:
             ray.kill(h)
     for pid in pids:
-        wait_for(lambda: pid_gone(pid), 15, message=f"actor process {pid} to exit")
+        wait_for(lambda pid=pid: pid_gone(pid), 15, message=f"actor process {pid} to exit")
 
 
 # -- tasks --------------------------------------------------------------------------------------

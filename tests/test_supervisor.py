@@ -20,6 +20,8 @@ from typing import Callable
 import psutil
 import pytest
 
+from helpers.env import scrubbed_env
+from runtime import component
 from runtime.supervisor import (
     ComponentStartError,
     ManagedProcess,
@@ -72,7 +74,7 @@ def wait_monitor_cycles(sup: Supervisor, n: int = 3) -> None:
     """Wait until the monitor has run n more iterations (to check nothing happens)."""
     for _ in range(n):
         mark = sup.heartbeat()
-        wait_until(lambda: sup.heartbeat() > mark, 5.0, "a monitor iteration")
+        wait_until(lambda mark=mark: sup.heartbeat() > mark, 5.0, "a monitor iteration")
 
 
 def reaped(pid: int) -> bool:
@@ -201,6 +203,11 @@ def test_unexecutable_argv(tmp_path: Path, sup: Supervisor) -> None:
                        log_path=str(tmp_path / "bad.log"))
     with pytest.raises(ComponentStartError, match="bad could not be started"):
         sup.spawn(spec)
+    spec = ProcessSpec(name="bare", argv=["no-such-program-anywhere"],
+                       log_path=str(tmp_path / "bare.log"), env={"PATH": str(tmp_path)})
+    with pytest.raises(ComponentStartError, match="bare could not be started.*not on PATH"):
+        sup.spawn(spec)
+    assert sup.processes() == []
 
 
 def test_stop_sigterm(tmp_path: Path, sup: Supervisor, events: Events) -> None:
@@ -323,33 +330,119 @@ def test_spawn_from_short_lived_thread_survives_thread_exit(tmp_path: Path,
     assert proc.poll() is None and proc.state is ProcessState.RUNNING
 
 
-def test_grandchild_dies_with_sigkilled_parent(tmp_path: Path) -> None:
+def test_spawn_runs_no_fork_handlers(tmp_path: Path, sup: Supervisor) -> None:
+    """Children are spawned with vfork+exec: no at-fork handler runs (gRPC registers
+    some; run in a child that copied gRPC's busy threads, they crash it)."""
+    forks: list[int] = []
+    os.register_at_fork(before=lambda: forks.append(1))  # stays registered: harmless
+    procs = [sup.spawn(server_spec(tmp_path, name=f"c{i}"), wait_ready=10) for i in range(3)]
+    assert all(p.state is ProcessState.RUNNING for p in procs)
+    assert forks == [], "the supervisor forked (a preexec_fn?) instead of vfork+exec"
+
+
+PDEATHSIG_CHILD = r"""
+import ctypes, json, os, sys
+sig = ctypes.c_int(0)
+ctypes.CDLL(None).prctl(2, ctypes.byref(sig), 0, 0, 0)  # PR_GET_PDEATHSIG
+with open(sys.argv[1] + ".tmp", "w") as fh:
+    json.dump({"pid": os.getpid(), "pdeathsig": sig.value}, fh)
+os.replace(sys.argv[1] + ".tmp", sys.argv[1])
+import time
+time.sleep(60)
+"""
+
+
+def test_generic_child_has_parent_death_signal(tmp_path: Path, sup: Supervisor) -> None:
+    """A child that is not one of our components (no die_with_parent() of its own)
+    still gets PR_SET_PDEATHSIG=SIGKILL, armed before its argv runs; die_with_parent
+    =False gets none."""
+    def spec(name: str, **kw) -> ProcessSpec:
+        ready = str(tmp_path / f"{name}.ready")
+        return ProcessSpec(name=name, argv=[sys.executable, "-c", PDEATHSIG_CHILD, ready],
+                           log_path=str(tmp_path / f"{name}.log"), ready_file=ready, **kw)
+
+    armed = sup.spawn(spec("armed"), wait_ready=10)
+    assert armed.info["pdeathsig"] == signal.SIGKILL
+    assert armed.info["pid"] == armed.pid  # setpriv execs in place: same pid
+    free = sup.spawn(spec("free", die_with_parent=False), wait_ready=10)
+    assert free.info["pdeathsig"] == 0
+
+
+def test_without_setpriv_components_still_arm_the_signal(tmp_path: Path, sup: Supervisor,
+                                                        monkeypatch) -> None:
+    """Where no setpriv can arm the signal, a generic child goes without it, but a
+    component (die_with_parent()) arms it itself."""
+    import runtime.supervisor as supervisor_module
+
+    monkeypatch.setattr(supervisor_module, "_setpriv_checked", True)
+    monkeypatch.setattr(supervisor_module, "_setpriv_prefix", [])
+    generic_ready = str(tmp_path / "generic.ready")
+    generic = sup.spawn(ProcessSpec(name="generic", argv=[sys.executable, "-c", PDEATHSIG_CHILD,
+                                                          generic_ready],
+                                    log_path=str(tmp_path / "generic.log"),
+                                    ready_file=generic_ready), wait_ready=10)
+    assert generic.info["pdeathsig"] == 0
+    comp_ready = str(tmp_path / "comp.ready")
+    code = ("import sys, time; from runtime import component; component.die_with_parent(); "
+            "component.announce_ready(sys.argv[1], pdeathsig=component.parent_death_signal()); "
+            "time.sleep(60)")
+    comp = sup.spawn(ProcessSpec(name="comp", argv=[sys.executable, "-c", code, comp_ready],
+                                 log_path=str(tmp_path / "comp.log"), ready_file=comp_ready),
+                     wait_ready=30)
+    assert comp.info["pdeathsig"] == signal.SIGKILL
+
+
+def test_component_arms_parent_death_signal_itself(tmp_path: Path) -> None:
+    """die_with_parent() arms PR_SET_PDEATHSIG in the component (for machines without
+    setpriv), and exits at once when its parent is already gone."""
+    code = ("import json; from runtime import component; before = "
+            "component.parent_death_signal(); component.die_with_parent(); "
+            "print(json.dumps([before, component.parent_death_signal()]))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, cwd=str(tmp_path),
+                          env=scrubbed_env({PARENT_PID_ENV: str(os.getpid())}))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == [0, signal.SIGKILL]
+    # Started by a parent that is not the one named: as if ours died before we armed.
+    orphan = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, cwd=str(tmp_path),
+                            env=scrubbed_env({PARENT_PID_ENV: "1"}))
+    assert orphan.returncode == 1 and orphan.stdout == "", (orphan.stdout, orphan.stderr)
+
+
+def test_arm_parent_death_signal_in_this_process() -> None:
+    assert component.arm_parent_death_signal(signal.SIGKILL) is True
+
+
+def _grandchild_case(tmp_path: Path, grandchild_argv: str) -> None:
+    """A middle process (plain environment, gRPC imported first) supervises a
+    grandchild; SIGKILL the middle: the grandchild must die too."""
     report = tmp_path / "report.json"
     middle_code = f"""
 import json, os, sys, time
-sys.path.insert(0, {REPO!r})
+import grpc
 from runtime.supervisor import ProcessSpec, Supervisor
 sup = Supervisor()
-proc = sup.spawn(ProcessSpec(name="grandchild",
-                             argv=[sys.executable, "-c", {SERVER!r}, {str(tmp_path / 'gc.ready')!r}],
+proc = sup.spawn(ProcessSpec(name="grandchild", argv={grandchild_argv},
                              log_path={str(tmp_path / 'gc.log')!r},
-                             ready_file={str(tmp_path / 'gc.ready')!r}), wait_ready=10)
+                             ready_file={str(tmp_path / 'gc.ready')!r}), wait_ready=30)
 with open({str(report) + '.tmp'!r}, "w") as fh:
-    json.dump({{"grandchild": proc.pid, "parent_env": proc.info["parent_env"]}}, fh)
+    json.dump({{"grandchild": proc.pid, "info": proc.info}}, fh)
 os.replace({str(report) + '.tmp'!r}, {str(report)!r})
 while True:
     time.sleep(1)
 """
     with open(tmp_path / "middle.log", "ab") as log:
         middle = subprocess.Popen([sys.executable, "-c", middle_code], stdout=log,
-                                  stderr=subprocess.STDOUT)
+                                  stderr=subprocess.STDOUT, cwd=str(tmp_path),
+                                  env=scrubbed_env(GRPC_ENABLE_FORK_SUPPORT="true"))
     grandchild = None
     try:
-        wait_until(lambda: report.exists() or middle.poll() is not None, 15, "middle's report")
+        wait_until(lambda: report.exists() or middle.poll() is not None, 30, "middle's report")
         assert report.exists(), (tmp_path / "middle.log").read_text()
         data = json.loads(report.read_text())
         grandchild = data["grandchild"]
-        assert data["parent_env"] == str(middle.pid)
+        assert data["info"].get("parent_env", str(middle.pid)) == str(middle.pid)
         assert not dead(grandchild)
         middle.kill()
         middle.wait(5)
@@ -360,6 +453,20 @@ while True:
             middle.wait(5)
         if grandchild is not None and not dead(grandchild):
             os.kill(grandchild, signal.SIGKILL)
+
+
+def test_grandchild_dies_with_sigkilled_parent(tmp_path: Path) -> None:
+    """A generic child (python -c): killed through the signal setpriv armed."""
+    ready = str(tmp_path / "gc.ready")
+    _grandchild_case(tmp_path, repr([sys.executable, "-c", SERVER, ready]))
+
+
+def test_component_grandchild_dies_with_sigkilled_parent(tmp_path: Path) -> None:
+    """A component-like child that calls die_with_parent() and then idles."""
+    ready = str(tmp_path / "gc.ready")
+    code = ("import os, time; from runtime import component; component.die_with_parent(); "
+            f"component.announce_ready({ready!r}, port=1); time.sleep(120)")
+    _grandchild_case(tmp_path, repr([sys.executable, "-c", code]))
 
 
 def test_log_rotation(tmp_path: Path) -> None:

@@ -3,6 +3,8 @@ import subprocess
 import sys
 import textwrap
 
+from helpers.env import scrubbed_env
+
 SCRIPT = textwrap.dedent("""
     import sys
     import runtime as ray
@@ -29,7 +31,8 @@ def run_driver(tmp_path, log_to_driver: bool):
     script = tmp_path / "driver.py"
     script.write_text(SCRIPT.format(log=log_to_driver))
     proc = subprocess.run([sys.executable, str(script), str(tmp_path / "sessions")],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, env=scrubbed_env(),
+                          cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 

@@ -12,14 +12,24 @@ calls concurrently on their own loop or pool, and tasks never come here. The
 port goes to the GCS in the creation result; the GCS publishes it in the actor's
 address (`Address.task_port`) and callers connect to it. Cancels, borrower
 updates and everything else still use the worker's gRPC port.
+
+A peer gets a thread only once its hello carried the cluster token. Until then
+one thread (`actor-calls`) holds every connection in a selector: it accepts, reads
+exactly the hello's bytes (never what is pipelined behind them), and closes a
+connection whose hello is not complete by its deadline, is over the size limit,
+or does not match. At most `frames.MAX_UNAUTHENTICATED` connections wait there;
+beyond that new ones are closed unread. So an unauthenticated peer costs a
+socket and at most a KiB, for at most `frames.HANDSHAKE_TIMEOUT_S`, and can make
+the actor log one line per `REFUSAL_LOG_INTERVAL_S` at most.
 """
 from __future__ import annotations
 
 import logging
+import selectors
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
 from google.protobuf.message import DecodeError
 
@@ -32,6 +42,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("runtime.worker")
 # A long batch of calls sends back what has finished at least this often.
 PARTIAL_RESULTS_S = 0.002
+# Refused connections are logged at most once per this many seconds, with a count of the rest.
+REFUSAL_LOG_INTERVAL_S = 10.0
+_HEADER_SIZE = 4
 
 
 class _CallStream:
@@ -43,39 +56,203 @@ class _CallStream:
         self.job: Optional[common_pb2.JobConfig] = None
 
 
+class RateLimitedLog:
+    """One WARNING per `interval` seconds at most; what comes in between is counted and
+    reported with the next line (or by `flush` once the interval has passed)."""
+
+    def __init__(self, what: str, interval: float = REFUSAL_LOG_INTERVAL_S) -> None:
+        self._what = what
+        self._interval = interval
+        self._next = 0.0
+        self._suppressed = 0
+        self._last = ""
+
+    def note(self, detail: str, now: Optional[float] = None) -> None:
+        now = time.monotonic() if now is None else now
+        self._last = detail
+        if now < self._next:
+            self._suppressed += 1
+            return
+        more = (f" ({self._suppressed} more in the last {self._interval:.0f}s not logged)"
+                if self._suppressed else "")
+        log.warning("%s: %s%s", self._what, detail, more)
+        self._suppressed = 0
+        self._next = now + self._interval
+
+    def flush(self, now: float) -> Optional[float]:
+        """Log the count of what was held back once the interval is over; returns when
+        to call again (None: nothing held back)."""
+        if not self._suppressed:
+            return None
+        if now < self._next:
+            return self._next
+        log.warning("%s: %d more in the last %.0fs, the latest: %s", self._what,
+                    self._suppressed, self._interval, self._last)
+        self._suppressed = 0
+        self._next = now + self._interval
+        return None
+
+
+class _Hello:
+    """A connection that has not authenticated yet: its peer, deadline and the bytes of
+    its hello read so far."""
+
+    __slots__ = ("peer", "deadline", "buf", "need")
+
+    def __init__(self, peer: Any, deadline: float) -> None:
+        self.peer = peer
+        self.deadline = deadline
+        self.buf = bytearray()
+        self.need = _HEADER_SIZE  # bytes still to read of the header, then of the payload
+
+
 class ActorCallServer:
-    def __init__(self, executor: "Executor") -> None:
+    def __init__(self, executor: "Executor", handshake_timeout_s: float = frames.HANDSHAKE_TIMEOUT_S,
+                 max_unauthenticated: int = frames.MAX_UNAUTHENTICATED) -> None:
         cw = executor.cw
         self.executor = executor
         self.token = cw.token
+        self.handshake_timeout_s = handshake_timeout_s
+        self.max_unauthenticated = max_unauthenticated
         family, kind, proto, _name, addr = socket.getaddrinfo(
             cw.node_ip, 0, type=socket.SOCK_STREAM)[0]
         self.sock = socket.socket(family, kind, proto)
         self.sock.bind(addr)
         self.sock.listen(128)
+        self.sock.setblocking(False)
         self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, name="actor-calls", daemon=True).start()
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self.sock, selectors.EVENT_READ, None)
+        self._pending: Dict[socket.socket, _Hello] = {}
+        self._refusals = RateLimitedLog("refused actor call connections")
+        self._errors = RateLimitedLog("actor call port")
+        try:
+            threading.Thread(target=self._run, name="actor-calls", daemon=True).start()
+        except BaseException:
+            self._selector.close()
+            self.sock.close()
+            raise
 
-    def _accept(self) -> None:
+    # -- the handshake thread ------------------------------------------------------------------------
+    def _run(self) -> None:
         while True:
             try:
-                conn, peer = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn, peer), name="actor-caller",
-                             daemon=True).start()
+                if not self._turn():
+                    return
+            except Exception as exc:  # never let one bad connection close the port
+                self._errors.note(f"unexpected error, port still open: {exc!r}")
+                time.sleep(0.01)
 
-    def _serve(self, sock: socket.socket, peer) -> None:
-        try:
-            frames.tune(sock)
-            sock.settimeout(frames.HANDSHAKE_TIMEOUT_S)
-            payload = frames.recv_frame(sock, limit=frames.MAX_HELLO_BYTES)
-            reason = "no hello" if payload is None else frames.check_hello(payload, self.token)
-            if reason is not None:
-                log.warning("refused an actor call connection from %s: %s", peer, reason)
-                sock.sendall(frames.frame(reason.encode()))
+    def _turn(self) -> bool:
+        """One select and what it found; False once the listening socket is closed."""
+        now = time.monotonic()
+        wake = [h.deadline for h in self._pending.values()]
+        for limiter in (self._refusals, self._errors):
+            at = limiter.flush(now)
+            if at is not None:
+                wake.append(at)
+        timeout = max(0.0, min(wake) - now) if wake else None
+        for key, _mask in self._selector.select(timeout):
+            if key.data is None:
+                if not self._accept():
+                    return False
+            else:
+                self._read_hello(key.fileobj, key.data)
+        now = time.monotonic()
+        for sock, h in list(self._pending.items()):
+            if now >= h.deadline:
+                self._refuse(sock, h.peer, f"no complete hello within {self.handshake_timeout_s:g}s")
+        return True
+
+    def _accept(self) -> bool:
+        while True:
+            try:
+                sock, peer = self.sock.accept()
+            except BlockingIOError:
+                return True
+            except OSError as exc:
+                if self.sock.fileno() < 0:
+                    return False  # closed: the worker is going away
+                # Out of fds or memory, a peer gone before it was accepted: none of it is
+                # a reason to stop serving; try again shortly.
+                self._errors.note(f"accept failed ({exc}); trying again")
+                time.sleep(0.05)
+                return True
+            if len(self._pending) >= self.max_unauthenticated:
+                sock.close()
+                self._refusals.note(f"{peer}: {self.max_unauthenticated} connections already "
+                                    f"waiting to authenticate")
+                continue
+            sock.setblocking(False)
+            h = _Hello(peer, time.monotonic() + self.handshake_timeout_s)
+            self._pending[sock] = h
+            self._selector.register(sock, selectors.EVENT_READ, h)
+            self._read_hello(sock, h)  # the hello often came with the connection
+
+    def _read_hello(self, sock: socket.socket, h: _Hello) -> None:
+        while True:
+            try:
+                chunk = sock.recv(h.need)  # never more than the hello: calls may follow it
+            except BlockingIOError:
                 return
-            sock.settimeout(None)
+            except OSError as exc:
+                self._drop(sock)
+                log.debug("actor call connection from %s ended before its hello: %s", h.peer, exc)
+                return
+            if not chunk:
+                self._refuse(sock, h.peer, "closed before a complete hello", answer=False)
+                return
+            h.buf += chunk
+            h.need -= len(chunk)
+            if h.need:
+                return
+            if len(h.buf) != _HEADER_SIZE:
+                break
+            n = int.from_bytes(h.buf, "little")
+            if n > frames.MAX_HELLO_BYTES:
+                self._refuse(sock, h.peer, f"a hello of {n} bytes is over the "
+                                           f"{frames.MAX_HELLO_BYTES}-byte limit", answer=False)
+                return
+            h.need = n
+            if not n:
+                break
+        reason = frames.check_hello(bytes(h.buf[_HEADER_SIZE:]), self.token)
+        if reason is not None:
+            self._refuse(sock, h.peer, reason)
+            return
+        self._drop(sock, close=False)
+        try:
+            threading.Thread(target=self._serve, args=(sock, h.peer), name="actor-caller",
+                             daemon=True).start()
+        except RuntimeError as exc:  # "can't start new thread": refuse this one, keep the port
+            sock.close()
+            self._errors.note(f"cannot serve the caller at {h.peer}: {exc}")
+
+    def _drop(self, sock: socket.socket, close: bool = True) -> None:
+        self._pending.pop(sock, None)
+        try:
+            self._selector.unregister(sock)
+        except (KeyError, ValueError):
+            pass
+        if close:
+            sock.close()
+
+    def _refuse(self, sock: socket.socket, peer: Any, reason: str, answer: bool = True) -> None:
+        """Close a connection that did not authenticate, with the reason when it can take
+        it without waiting (the answer is small and the socket fresh)."""
+        if answer:
+            try:
+                sock.send(frames.frame(reason.encode()[:frames.MAX_HELLO_BYTES]))
+            except OSError:
+                pass
+        self._drop(sock)
+        self._refusals.note(f"{peer}: {reason}")
+
+    # -- one authenticated caller, on its own thread -------------------------------------------------
+    def _serve(self, sock: socket.socket, peer: Any) -> None:
+        try:
+            sock.setblocking(True)
+            frames.tune(sock)
             sock.sendall(frames.frame(b""))
             self._calls(sock)
         except (OSError, frames.FrameError, DecodeError) as exc:

@@ -24,7 +24,7 @@ from runtime.core_worker.submitter import (PendingTask, new_task, push, record_r
                                            resolve_slots, return_refs)
 from runtime.core_worker.task_args import prepare_args
 from runtime.core_worker.worker_connection import Connection, WorkerConnection
-from runtime.exceptions import ActorDiedError, RayActorError
+from runtime.exceptions import ActorDiedError, RayActorError, RayletDiedError, RayTaskError
 from runtime.object_ref import ObjectRef
 from runtime.options import placed_resources, strategy_proto, task_resources
 from runtime.protocol import common_pb2, gcs_pb2, gcs_pb2_grpc
@@ -64,11 +64,19 @@ class ActorSubmitter:
         self.handle_objects: Dict[bytes, tuple] = {}  # handle oid -> (actor_id, detached, pinned)
 
     def gcs(self) -> gcs_pb2_grpc.GcsStub:
-        return gcs_pb2_grpc.GcsStub(self.cw.channel(self.cw.gcs_address))
+        return self.cw.gcs_stub()
+
+    def _cluster_gone(self) -> Optional[RayletDiedError]:
+        """The error to fail actor work with once a private cluster lost its raylet."""
+        err = self.cw.raylet_error
+        return err if err is not None and self.cw.owns_cluster else None
 
     # -- creation (user thread) ------------------------------------------------------------------
     def create(self, ac: ActorClass, args: tuple, kwargs: dict, opts: Dict[str, Any]) -> ActorHandle:
         cw = self.cw
+        gone = self._cluster_gone()
+        if gone is not None:
+            raise RayletDiedError(str(gone), address=gone.address, pid=gone.pid)
         actor_id = ids.random_id(ids.ACTOR_ID_SIZE)
         others = task_resources({k: v for k, v in opts.items() if k != "num_cpus"})
         others.pop("CPU", None)
@@ -103,7 +111,7 @@ class ActorSubmitter:
             placement_resources=place, hold_resources=hold,
             strategy=strategy, job_config=cw.job_config,
             is_async=ac._is_async, method_names=ac._methods, max_task_retries=max_task_retries)
-        reply = cw.call(lambda: self.gcs().RegisterActor(spec, timeout=30))
+        reply = cw.gcs_call("RegisterActor", spec, doing=f"creating actor {ac._name}")
         if not reply.ok:
             if reply.HasField("existing"):
                 return self.handle_from_info(reply.existing, ac)
@@ -172,6 +180,10 @@ class ActorSubmitter:
         a = self.actors.get(actor_id)
         if a is None:
             a = self.actors[actor_id] = _Actor(actor_id)
+            gone = self._cluster_gone()
+            if gone is not None:
+                a.death = Value(serialize_error(gone).to_bytes(), is_error=True)
+                a.state = "DEAD"
         return a
 
     def _submit(self, task: PendingTask) -> None:
@@ -228,7 +240,8 @@ class ActorSubmitter:
                 except grpc.RpcError as exc:
                     if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                         continue
-                    self._dead(a, f"the GCS is unreachable ({exc.code().name})", b"")
+                    self._dead(a, f"its state cannot be learnt: the GCS at {self.cw.gcs_address} "
+                                  f"is unreachable ({exc.code().name}: {exc.details()})", b"")
                     return
                 if not reply.found:
                     self._dead(a, "the actor is unknown to the GCS", b"")
@@ -275,14 +288,21 @@ class ActorSubmitter:
 
     def _dead(self, a: _Actor, cause: str, error: bytes) -> None:
         original = None
+        detail = ""
         if error:
             try:
-                _k, original = parse(error)
-                original = getattr(original, "cause", None) or original
+                _k, raised = parse(error)
             except Exception:
-                original = None
-        err = ActorDiedError(f"The actor {a.actor_id.hex()} is dead: {cause}",
-                             actor_id=a.actor_id.hex(), cause=original)
+                raised = None
+            if raised is not None:
+                original = getattr(raised, "cause", None) or raised
+                # The constructor's error, with its remote traceback when there is one.
+                detail = str(raised) if isinstance(raised, RayTaskError) else (
+                    f"{type(original).__name__}: {original}")
+        msg = f"The actor {a.actor_id.hex()} is dead: {cause}"
+        if detail:
+            msg += f":\n{detail}"
+        err = ActorDiedError(msg, actor_id=a.actor_id.hex(), cause=original)
         a.death = Value(serialize_error(err).to_bytes(), is_error=True)
         a.state = "DEAD"
         pending = a.limbo + list(a.queue)
@@ -300,6 +320,23 @@ class ActorSubmitter:
             a.conn.close()
             a.conn = None
         self._dead(a, reason, b"")
+
+    def on_cluster_gone(self, error: Exception) -> None:
+        """Loop thread: the private cluster lost its raylet, and with it every actor's
+        worker: fail the calls in flight and pending, now and from now on."""
+        death = Value(serialize_error(error).to_bytes(), is_error=True)
+        for a in self.actors.values():
+            if a.conn is not None:
+                a.limbo.extend(a.conn.inflight.values())
+                a.conn.inflight.clear()
+                a.conn.close()
+                a.conn = None
+            a.death = death
+            a.state = "DEAD"
+            pending = a.limbo + list(a.queue)
+            a.limbo, a.queue = [], deque()
+            for task in pending:
+                self.cw.submitter.finish_task(task, [death] * len(task.return_ids))
 
     def close(self) -> None:
         for a in self.actors.values():

@@ -5,6 +5,13 @@ during one turn of the event loop go out as one TaskBatch frame, results come
 back as ResultBatch frames in order. It looks to the actor submitter exactly
 like a gRPC WorkerConnection: `send`, `inflight`, `dead`, `close`, and the same
 handler callbacks.
+
+The hello has a deadline (`frames.HANDSHAKE_TIMEOUT_S`, from connect to answer): a
+port that accepts and never answers fails the connection with an error naming it,
+and so does one whose answer is larger than a hello's answer can be. Calls are
+written right behind the hello (the server reads nothing past the hello until it
+matches); `handshake_error` tells the handler when the connection failed before the
+port accepted it, so none of them ran.
 """
 from __future__ import annotations
 
@@ -21,23 +28,40 @@ log = logging.getLogger("runtime.core_worker")
 
 class CallConnection(Connection, asyncio.Protocol):
     def __init__(self, handler, address: str, worker_id: bytes, job_config: common_pb2.JobConfig,
-                 token: str, control_address: str) -> None:
+                 token: str, control_address: str,
+                 handshake_timeout_s: float = frames.HANDSHAKE_TIMEOUT_S) -> None:
         super().__init__(handler, address, worker_id, job_config, control_address)
         self.transport: Optional[asyncio.Transport] = None
         self._token = token
-        self._frames = frames.FrameBuffer()
+        self._frames = frames.FrameBuffer(first_limit=frames.MAX_HELLO_BYTES)
         self._accepted = False
+        # Set when the connection failed before the port accepted it: nothing sent ran.
+        self.handshake_error: Optional[str] = None
         self._flush_scheduled = False
         self._closed = False
         self._loop = asyncio.get_running_loop()
+        self._handshake_timeout_s = handshake_timeout_s
+        self._handshake_timer: Optional[asyncio.TimerHandle] = self._loop.call_later(
+            handshake_timeout_s, self._handshake_expired)
         self._connecting = asyncio.ensure_future(self._connect())
+
+    def _describe(self) -> str:
+        return (f"the actor's call port at {self.address} (worker {self.worker_id.hex()[:8]}, "
+                f"control port {self.control_address})")
+
+    def _handshake_expired(self) -> None:
+        self._handshake_timer = None
+        if not self._accepted:
+            self._lost(f"{self._describe()} did not answer the hello within "
+                       f"{self._handshake_timeout_s:g}s; is something else listening there, or "
+                       f"is the actor's process stuck?")
 
     async def _connect(self) -> None:
         host, _, port = self.address.rpartition(":")
         try:
             await self._loop.create_connection(lambda: self, host.strip("[]"), int(port))
         except OSError as exc:
-            self._lost(f"cannot connect to the actor's call port {self.address}: {exc}")
+            self._lost(f"cannot connect to {self._describe()}: {exc}")
 
     # -- asyncio.Protocol ----------------------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -54,18 +78,25 @@ class CallConnection(Connection, asyncio.Protocol):
             for payload in self._frames.feed(data):
                 if not self._accepted:
                     if payload:
-                        self._lost(payload.decode(errors="replace"))
+                        self._lost(f"{self._describe()} refused the connection: "
+                                   f"{payload.decode(errors='replace')}")
                         return
                     self._accepted = True
+                    if self._handshake_timer is not None:
+                        self._handshake_timer.cancel()
+                        self._handshake_timer = None
                     continue
                 for result in core_worker_pb2.ResultBatch.FromString(payload).results:
                     self.handler.on_result(self, result)
+        except frames.FrameError as exc:
+            self._lost(f"{self._describe()} broke the framing: {exc}")
         except Exception as exc:
             log.exception("bad results from %s", self.address)
-            self._lost(f"bad results from the actor's call port: {exc!r}")
+            self._lost(f"bad results from {self._describe()}: {exc!r}")
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
-        self._lost(f"the actor's call connection to {self.address} closed"
+        when = "" if self._accepted else " before answering the hello"
+        self._lost(f"{self._describe()} closed the connection{when}"
                    f"{': ' + str(exc) if exc else ''}")
 
     # -- sending ---------------------------------------------------------------------------------------
@@ -86,6 +117,11 @@ class CallConnection(Connection, asyncio.Protocol):
         if self.dead:
             return
         self.dead = True
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+        if not self._accepted:
+            self.handshake_error = error
         if self.transport is not None:
             self.transport.close()
         if not self._closed:
@@ -94,6 +130,9 @@ class CallConnection(Connection, asyncio.Protocol):
     def close(self) -> None:
         self._closed = True
         self.dead = True
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
         self._connecting.cancel()
         if self.transport is not None:
             self.transport.close()

@@ -6,12 +6,20 @@ stream, task streams to workers, object-store calls. User threads hand work to
 the loop through a batched inbox (one wake-up for many submissions) and block
 on concurrent futures; values already in the memory store are returned
 without touching the loop at all.
+
+When a driver's raylet stream breaks, the driver reconnects (a node agent
+restarts a dead raylet at the same address, as a new node) for up to
+RECONNECT_TIMEOUT_S, asking for its leases again once it is back. If the raylet
+does not come back, or is known dead for good (a private cluster's raylet, which
+nobody restarts), everything waiting for it fails with RayletDiedError naming
+its address and pid. A worker simply exits: its raylet ran it.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
 import concurrent.futures
+import dataclasses
 import logging
 import os
 import threading
@@ -20,16 +28,20 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import grpc
 
 from runtime import config, ids, rpc
+from runtime.core_worker import task_context
 from runtime.core_worker.borrowers import BorrowerNotifier
 from runtime.core_worker.memory_store import MemoryStore, Value
 from runtime.core_worker.raylet_client import RayletClient
 from runtime.core_worker.reference_table import ReferenceTable, RefEntry
 from runtime.core_worker.submitter import PendingTask, TaskSubmitter
-from runtime.exceptions import (GetTimeoutError, ObjectLostError, OwnerDiedError, RayTaskError)
+from runtime.exceptions import (GetTimeoutError, ObjectLostError, OwnerDiedError, RayletDiedError,
+                                RayTaskError)
 from runtime.object_ref import ObjectRef
 from runtime.object_store.client import StoreClient, map_object, write_object
 from runtime.object_store.store import object_file_name
-from runtime.protocol import (common_pb2, core_worker_pb2, core_worker_pb2_grpc, raylet_pb2)
+from runtime.protocol import (common_pb2, core_worker_pb2, core_worker_pb2_grpc, gcs_pb2_grpc,
+                              raylet_pb2)
+from runtime.rpc_errors import gcs_error
 from runtime.serialization import KIND_ERROR, Serialized, parse, serialize, serialize_error
 
 log = logging.getLogger("runtime.core_worker")
@@ -37,10 +49,23 @@ log = logging.getLogger("runtime.core_worker")
 DRIVER = "driver"
 WORKER = "worker"
 Owner = Tuple[str, int, bytes]
+# How long a driver waits for a component that went away to come back: it tries to
+# reconnect to its raylet (the node agent restarts a dead raylet at the same address
+# within a few seconds) before it fails what waits for it with RayletDiedError; a
+# placement group's ready() waits this long for an unreachable GCS.
+RECONNECT_TIMEOUT_S = float(os.environ.get("RUNTIME_RECONNECT_TIMEOUT_S", "7"))
 
 
 async def _await(make):
     return await make()
+
+
+def _describe_connect_error(exc: BaseException) -> str:
+    if isinstance(exc, grpc.RpcError) and callable(getattr(exc, "code", None)):
+        return f"{exc.code().name}: {exc.details()}"
+    if isinstance(exc, asyncio.TimeoutError):
+        return "registration timed out"
+    return str(exc) or type(exc).__name__
 
 
 class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
@@ -59,7 +84,7 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         self.job_id = job_id
         self.worker_id = worker_id or ids.random_id(ids.WORKER_ID_SIZE)
         self.startup_token = startup_token
-        self.namespace = namespace
+        self._namespace = namespace
         self.job_config = common_pb2.JobConfig(job_id=job_id, namespace=namespace)
         self.port = 0
         self.address: Owner = (node_ip, 0, self.worker_id)
@@ -89,20 +114,83 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         self.raylet: RayletClient = None  # type: ignore[assignment]
         self.server: Optional[grpc.aio.Server] = None
         self.executor = None  # set on workers (runtime/core_worker/executor.py)
-        self.current_task_id: Optional[bytes] = None
-        self.current_task_name = ""
         self.output = None  # OutputForwarder on workers (runtime/core_worker/task_output.py)
-        self.current_gpu_ids: List[int] = []
         self.connected = False
-        self.on_raylet_lost: Optional[Callable[[str], None]] = None
+        self.on_raylet_lost: Optional[Callable[[str], None]] = None  # workers: exit
+        # Drivers: what is known of the raylet, for errors that name it. raylet_exit
+        # (private clusters) says how the raylet ended, or None while it runs; there
+        # nobody restarts it, so the driver does not wait for it to come back.
+        self.raylet_pid: Optional[int] = None
+        self.raylet_exit: Optional[Callable[[], Optional[str]]] = None
+        self.owns_cluster = False  # a private cluster: nothing runs once its raylet is gone
+        self.raylet_up = False
+        self.raylet_error: Optional[RayletDiedError] = None
+        self._raylet_recovery: Optional[asyncio.Task] = None
+        self._store_node_hex = node_id.hex()  # the store names its files after it
+        self._closing = False
         self._blocked_depth = 0
         self._shm_dir = ""
         self._pulls: Dict[bytes, asyncio.Future] = {}
+        self._pg_waits: Dict[bytes, asyncio.Task] = {}  # placement groups' ready() refs
+
+    # -- the task this thread / asyncio task runs (runtime/core_worker/task_context.py) -----------
+    @property
+    def current_task_id(self) -> Optional[bytes]:
+        return task_context.current.get().task_id
+
+    @current_task_id.setter
+    def current_task_id(self, task_id: Optional[bytes]) -> None:
+        ctx = task_context.current.get()
+        task_context.current.set(dataclasses.replace(ctx, task_id=task_id))
+
+    @property
+    def current_task_name(self) -> str:
+        return task_context.current.get().name
+
+    @current_task_name.setter
+    def current_task_name(self, name: str) -> None:
+        ctx = task_context.current.get()
+        task_context.current.set(dataclasses.replace(ctx, name=name))
+
+    @property
+    def current_gpu_ids(self) -> List[int]:
+        return list(task_context.current.get().gpu_ids)
+
+    @current_gpu_ids.setter
+    def current_gpu_ids(self, gpu_ids: Sequence[int]) -> None:
+        ctx = task_context.current.get()
+        task_context.current.set(dataclasses.replace(ctx, gpu_ids=tuple(gpu_ids)))
+
+    @property
+    def namespace(self) -> str:
+        """The job's namespace: the driver's own, or (in a worker) that of the job whose
+        task or actor runs now, from the job config that came with it."""
+        return self._namespace or self.job_config.namespace
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def _run_loop(self) -> None:
         asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
+        try:
+            self.loop.run_forever()
+        finally:
+            self._close_loop()
+
+    def _close_loop(self) -> None:
+        """Loop thread, after the loop stopped: end what is left on it and close it, so
+        its selector and self-pipe (3 fds) do not outlive the core worker."""
+        loop = self.loop
+        try:
+            left = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for task in left:
+                task.cancel()
+            if left:
+                loop.run_until_complete(asyncio.wait(left, timeout=1.0))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        except Exception:
+            log.debug("core worker loop did not wind down cleanly", exc_info=True)
+        finally:
+            loop.close()
 
     def start(self, timeout: float = 30.0) -> None:
         self._thread.start()
@@ -120,9 +208,8 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         self.refs = ReferenceTable(self.address, self._on_free, self._on_release, self._on_borrow)
         self.raylet = RayletClient(self.channel(self.raylet_address), self.submitter.on_grant,
                                    self._raylet_lost)
-        await self.raylet.connect(raylet_pb2.RegisterClient(
-            worker_id=self.worker_id, is_driver=self.mode == DRIVER, pid=os.getpid(), port=self.port,
-            job_id=self.job_id, startup_token=self.startup_token))
+        await self.raylet.connect(self._registration())
+        self.raylet_up = True
         self.task_events.start()
         try:
             self._shm_dir = (await self.store_client(self.store_address).stats()).shm_dir
@@ -130,25 +217,126 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
             log.debug("object store stats unavailable", exc_info=True)
         self.connected = True
 
+    def _registration(self) -> raylet_pb2.RegisterClient:
+        return raylet_pb2.RegisterClient(
+            worker_id=self.worker_id, is_driver=self.mode == DRIVER, pid=os.getpid(),
+            port=self.port, job_id=self.job_id, startup_token=self.startup_token)
+
+    # -- the raylet going away (drivers) -------------------------------------------------------
     def _raylet_lost(self, reason: str) -> None:
+        """Loop thread: the raylet stream broke. A worker exits (its raylet ran it); a
+        driver reconnects, and fails what waits for the raylet if it cannot."""
         self.connected = False
-        if self.on_raylet_lost is not None:
-            self.on_raylet_lost(reason)
+        self.raylet_up = False
+        if self.mode != DRIVER or self.on_raylet_lost is not None:
+            if self.on_raylet_lost is not None:
+                self.on_raylet_lost(reason)
+            else:
+                log.error("%s", reason)
+            return
+        if self._closing:
+            return
+        self.submitter.on_raylet_lost(self.raylet)
+        log.warning("lost the raylet at %s (%s); reconnecting", self.raylet_address, reason)
+        self._raylet_recovery = asyncio.ensure_future(self._recover_raylet(reason))
+
+    async def _recover_raylet(self, reason: str) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RECONNECT_TIMEOUT_S
+        delay = 0.05
+        last = reason
+        while not self._closing:
+            ended = self.raylet_exit() if self.raylet_exit is not None else None
+            if ended is not None:
+                self._raylet_gone(f"died ({ended})")
+                return
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            try:
+                await self._reconnect_raylet(min(left, 2.0))
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                last = _describe_connect_error(exc)
+            await asyncio.sleep(max(0.0, min(delay, deadline - loop.time())))
+            delay = min(delay * 2, 0.5)
+        if not self._closing:
+            self._raylet_gone(f"is unreachable ({last}) and did not come back within "
+                              f"{RECONNECT_TIMEOUT_S:g}s")
+
+    async def _reconnect_raylet(self, timeout: float) -> None:
+        old = self.raylet
+        await old.close()
+        # A fresh channel connects at once; the old one would wait out gRPC's reconnect backoff.
+        channel = self._channels.pop(self.raylet_address, None)
+        if channel is not None:
+            await channel.close()
+        client = RayletClient(self.channel(self.raylet_address), self.submitter.on_grant,
+                              self._raylet_lost)
+        try:
+            ack = await client.connect(self._registration(), timeout)
+        except BaseException:
+            await client.close()
+            raise
+        self.raylet = client
+        if ack.node_id and ack.node_id != self.node_id:
+            # A restarted raylet is a new node (its workers died with the old one).
+            self.node_id = ack.node_id
+            self.address_proto.node_id = ack.node_id
+        self.raylet_up = True
+        self.connected = True
+        log.warning("reconnected to the raylet at %s (node %s)", self.raylet_address,
+                    self.node_id.hex()[:8])
+        self.submitter.on_raylet_restored()
+
+    def _raylet_gone(self, what: str) -> None:
+        """Loop thread: the raylet is not coming back. Fail what waits for it, and (in a
+        private cluster, where nothing can run any more) everything still pending."""
+        pid = f" (pid {self.raylet_pid})" if self.raylet_pid else ""
+        if self.owns_cluster:
+            todo = ("It ran this driver's private cluster, which cannot run tasks or actors "
+                    "any more: call runtime.shutdown(), then runtime.init() for a new cluster.")
         else:
-            log.error("%s", reason)
+            todo = ("Tasks from this driver cannot be scheduled any more; check the node "
+                    "(`agentctl status`, the raylet's log in the node's session directory) and "
+                    "start the driver again.")
+        msg = f"The raylet at {self.raylet_address}{pid} {what}. {todo}"
+        log.error("%s", msg)
+        self.raylet_error = RayletDiedError(msg, address=self.raylet_address, pid=self.raylet_pid)
+        self.submitter.on_raylet_gone(self.raylet_error)
+        if self.owns_cluster:
+            self.actors.on_cluster_gone(self.raylet_error)
+            for oid, task in list(self._pg_waits.items()):
+                task.cancel()
+                self._fail_value(oid, self.raylet_error)
 
     def shutdown(self, timeout: float = 5.0) -> None:
         if not self._thread.is_alive():
+            if self._thread.ident is None and not self.loop.is_closed():
+                self.loop.close()  # never started
             return
         try:
             self.run(self._shutdown(), timeout)
         except Exception:
             log.debug("core worker shutdown did not finish cleanly", exc_info=True)
-        self.loop.call_soon_threadsafe(self.loop.stop)
+        try:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        except RuntimeError:  # already closed
+            pass
         self._thread.join(timeout)
 
     async def _shutdown(self) -> None:
+        self._closing = True
         self.connected = False
+        recovery = self._raylet_recovery
+        if recovery is not None and not recovery.done():
+            recovery.cancel()
+            try:
+                await recovery
+            except BaseException:  # cancelled: that is the point
+                pass
         if self._exit_event is not None:
             self._exit_event.set()
         await self.task_events.flush()
@@ -198,6 +386,17 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
                 fn(*args)
             except Exception:
                 log.exception("error in core worker callback %r", fn)
+
+    def gcs_stub(self) -> gcs_pb2_grpc.GcsStub:
+        return gcs_pb2_grpc.GcsStub(self.channel(self.gcs_address))
+
+    def gcs_call(self, method: str, request: Any, timeout: float = 30.0, doing: str = "") -> Any:
+        """User thread: one GCS call (made on the loop); a failure raises an error from
+        runtime.exceptions naming the GCS and its address, never a raw gRPC error."""
+        try:
+            return self.call(lambda: getattr(self.gcs_stub(), method)(request, timeout=timeout))
+        except grpc.RpcError as exc:
+            raise gcs_error(self.gcs_address, exc, doing) from None
 
     def channel(self, address: str) -> grpc.aio.Channel:
         ch = self._channels.get(address)
@@ -291,7 +490,11 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
                         return
                     if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                         continue
-                    raise
+                    err = ObjectLostError(oid.hex(), (
+                        f"Object {oid.hex()} cannot be fetched from its owner at "
+                        f"{owner[0]}:{owner[1]}: {exc.code().name}: {exc.details()}"))
+                    self.memory.put(oid, Value(serialize_error(err).to_bytes(), is_error=True))
+                    return
                 if reply.objects:
                     self.memory.put(oid, Value.from_proto(reply.objects[0]))
                     return
@@ -305,14 +508,21 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
             self._fetching.discard(oid)
 
     def _wait_ready(self, refs: Sequence[ObjectRef], num: int, fut: concurrent.futures.Future,
-                    registered: list) -> None:
-        """Loop thread: resolve fut once `num` of refs are ready."""
+                    registered: list, abort_on_error: bool = False) -> None:
+        """Loop thread: resolve fut once `num` of refs are ready, or (for get) as soon as
+        one of them is an error, which get() raises without waiting for the rest."""
         state = {"left": num}
 
         def cb(oid: bytes, value: Value) -> None:
             state["left"] -= 1
-            if state["left"] == 0 and not fut.done():
+            if fut.done():
+                return
+            if state["left"] == 0:
                 fut.set_result(None)
+            elif abort_on_error and value.is_error:
+                fut.set_result(None)
+                # After _wait_ready returns: drop the waiters of the refs still pending.
+                self.loop.call_soon(self._unregister, registered)
 
         for ref in refs:
             if fut.done():
@@ -419,15 +629,21 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         values = [memory.get(r._id) for r in refs]
         missing = [r for r, v in zip(refs, values) if v is None]
         if missing:
-            self._block_until(missing, len(missing), timeout)
-            values = [memory.get(r._id) for r in refs]
+            if not any(v is not None and v.is_error for v in values):
+                self._block_until(missing, len(missing), timeout, abort_on_error=True)
+                values = [memory.get(r._id) for r in refs]
+            if any(v is None for v in values):
+                # Woken early by a failure: raise it (the first in the list), as Ray does.
+                for r, v in zip(refs, values):
+                    if v is not None and v.is_error:
+                        self._materialize(r._id, v)
         return [self._materialize(r._id, v) for r, v in zip(refs, values)]
 
     def _block_until(self, refs: Sequence[ObjectRef], num: int, timeout: Optional[float],
-                     for_get: bool = True) -> bool:
+                     for_get: bool = True, abort_on_error: bool = False) -> bool:
         fut: concurrent.futures.Future = concurrent.futures.Future()
         registered: list = []
-        self.post(self._wait_ready, refs, num, fut, registered)
+        self.post(self._wait_ready, refs, num, fut, registered, abort_on_error)
         blocked = self.mode == WORKER and self.current_task_id is not None
         if blocked:
             self._set_blocked(True)
@@ -468,15 +684,18 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         return value
 
     def map_from_store(self, oid: bytes, v: Value) -> memoryview:
-        if self._shm_dir and (not v.node_id or v.node_id == self.node_id):
+        # Local: in this node's store (the node id changes when the raylet restarts;
+        # the store, and its address, stay).
+        local = not v.node_id or v.node_id == self.node_id or v.store_address == self.store_address
+        if self._shm_dir and local:
             # Fast path: sealed objects live at a known path; map it without asking the
             # store. A spilled object is not there: then the store restores it.
             try:
                 return map_object(os.path.join(self._shm_dir, object_file_name(
-                    self.node_id.hex(), oid)), v.size)
+                    self._store_node_hex, oid)), v.size)
             except (FileNotFoundError, ValueError):
                 pass
-        if v.node_id and v.node_id != self.node_id:
+        if not local:
             path, size = self.run(self._pull(oid, v))
             return map_object(path, size)
         store = self.store_client(self.store_address)
@@ -539,22 +758,41 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         """An owned ref that gets `pg` as its value once the GCS reports it CREATED."""
         oid = ids.new_put_id()
         ref = ObjectRef(oid, self.address, self)
-        self.post(lambda: asyncio.ensure_future(self._await_pg(oid, pg)))
+        self.post(self._start_pg_wait, oid, pg)
         return ref
+
+    def _start_pg_wait(self, oid: bytes, pg) -> None:
+        if self.owns_cluster and self.raylet_error is not None:
+            self._fail_value(oid, self.raylet_error)  # nothing can be placed any more
+            return
+        task = self._pg_waits[oid] = asyncio.ensure_future(self._await_pg(oid, pg))
+        task.add_done_callback(lambda _t: self._pg_waits.pop(oid, None))
+
+    def _fail_value(self, oid: bytes, error: Exception) -> None:
+        self.memory.put(oid, Value(serialize_error(error).to_bytes(), is_error=True))
 
     async def _await_pg(self, oid: bytes, pg) -> None:
         from runtime.exceptions import PlacementGroupSchedulingError
-        from runtime.protocol import gcs_pb2, gcs_pb2_grpc
+        from runtime.protocol import gcs_pb2
 
-        stub = gcs_pb2_grpc.GcsStub(self.channel(self.gcs_address))
+        stub = self.gcs_stub()
         version = 0
+        unreachable_since: Optional[float] = None
         while oid in self.refs:
             try:
                 reply = await stub.GetPlacementGroup(gcs_pb2.PlacementGroupRequest(
                     placement_group_id=pg.id.binary(), newer_than=version, timeout_s=30), timeout=60)
-            except grpc.RpcError:
-                await asyncio.sleep(1.0)
+            except grpc.RpcError as exc:
+                now = self.loop.time()
+                unreachable_since = unreachable_since or now
+                if now - unreachable_since > RECONNECT_TIMEOUT_S:
+                    err = gcs_error(self.gcs_address, exc,
+                                    f"waiting for placement group {pg.id.hex()}")
+                    self.memory.put(oid, Value(serialize_error(err).to_bytes(), is_error=True))
+                    return
+                await asyncio.sleep(0.5)
                 continue
+            unreachable_since = None
             info = reply.info
             if not reply.found or info.state == "REMOVED":
                 err = PlacementGroupSchedulingError(

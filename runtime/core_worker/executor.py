@@ -9,6 +9,18 @@ acknowledged, so the owner never frees an object the worker still holds.
 Calls to a sync actor are the exception: they arrive on the actor's call port
 and run on the thread that reads the caller's connection
 (runtime/core_worker/actor_call_server.py), one at a time under `actor_lock`.
+Threaded actors run calls on a pool, async actors on an event loop of their own.
+
+Whichever thread or asyncio task runs a task holds its identity in a context
+variable (runtime/core_worker/task_context.py), set here before the task's code
+runs and reset after it, so concurrent calls each see their own task.
+
+Cancelling a running task interrupts only that task: the SIGINT carries no
+identity, so the handler raises KeyboardInterrupt only while the task it was
+sent for still runs on the main thread (a late signal is dropped, never turned
+into the cancel of the next task). A running async actor call is cancelled as
+its asyncio task; running sync and threaded actor calls are not interrupted
+(actors have state), as in Ray.
 """
 from __future__ import annotations
 
@@ -21,9 +33,10 @@ import signal
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from runtime import config
+from runtime.core_worker import task_context
 from runtime.core_worker.memory_store import Value
 from runtime.actor import ActorExitRequested
 from runtime.exceptions import ActorDiedError, RayTaskError, TaskCancelledError
@@ -70,13 +83,21 @@ class Executor:
         self.tasks: "queue.SimpleQueue" = queue.SimpleQueue()
         self.functions: Dict[bytes, Any] = {}
         self.jobs_applied: set = set()
+        # The task whose code runs on the main thread now: the only one a SIGINT may stop.
         self.running: Optional[bytes] = None
-        self.cancel_requested: Optional[bytes] = None
+        # Actor calls running now; an async call's asyncio task, so a cancel can cancel it.
+        self.running_calls: Dict[bytes, Optional[asyncio.Task]] = {}
         self.queued_cancels: set = set()
+        self._interrupt_for: set = set()  # tasks a SIGINT was sent for
+        # A cancel and the start of the task it names never interleave: the cancel either
+        # finds the task running or leaves it in queued_cancels for its start to see.
+        self._start_lock = threading.Lock()
+        self._main_thread = threading.main_thread().ident
         self._exit = False
         self._base_cuda = os.environ.get("CUDA_VISIBLE_DEVICES")
         self.pid = os.getpid()
         self.actor: Any = None
+        self.actor_gpu_ids: Tuple[int, ...] = ()
         self.actor_loop: Optional[asyncio.AbstractEventLoop] = None
         self.actor_pool = None
         self.actor_semaphore: Optional[asyncio.Semaphore] = None
@@ -140,17 +161,37 @@ class Executor:
         stream.add(result)
 
     def cancel(self, task_id: bytes, force: bool) -> bool:
-        if self.running == task_id:
-            if self.actor is not None:  # as in Ray: an actor has state, its calls run to the end
-                log.info("cancel of %s: a running actor call, not interrupted", task_id.hex())
-                return True
-            log.info("cancel of %s: interrupting it", task_id.hex())
-            self.cancel_requested = task_id
-            os.kill(os.getpid(), signal.SIGINT)  # KeyboardInterrupt in the main thread
-            return True
-        log.info("cancel of %s: not running here, it will not run", task_id.hex())
-        self.queued_cancels.add(task_id)
+        """Loop thread (CancelTask). A running task on the main thread is interrupted, a
+        running async actor call has its asyncio task cancelled, a running sync or
+        threaded actor call runs to its end (as in Ray: an actor has state), and a task
+        not started yet is dropped when it comes up."""
+        with self._start_lock:
+            if task_id in self.running_calls:
+                call = self.running_calls[task_id]
+                if call is not None and self.actor_loop is not None:
+                    self.actor_loop.call_soon_threadsafe(call.cancel)
+                    how = "a running async actor call, cancelling its asyncio task"
+                else:
+                    how = "a running actor call, not interrupted"
+            elif self.running == task_id:
+                self._interrupt_for.add(task_id)
+                signal.pthread_kill(self._main_thread, signal.SIGINT)
+                how = "interrupting it"
+            else:
+                self.queued_cancels.add(task_id)
+                how = "not running here, it will not run"
+        log.info("cancel of %s: %s", task_id.hex(), how)
         return True
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        """Main thread, between two bytecodes of whatever runs there. A cancel's SIGINT may
+        be handled after its task has ended (even inside the next task): it stops only the
+        task it was sent for, and only while that task's code still runs; any other SIGINT
+        is dropped (the raylet stops workers with SIGTERM/SIGKILL, never SIGINT)."""
+        task_id = self.running
+        if task_id is not None and task_id in self._interrupt_for:
+            self._interrupt_for.discard(task_id)
+            raise KeyboardInterrupt
 
     def request_exit(self) -> None:
         self._exit = True
@@ -158,12 +199,12 @@ class Executor:
 
     # -- main thread --------------------------------------------------------------------------------
     def run_forever(self) -> None:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, self._on_sigint)
         while True:
             try:
                 spec, stream = self.tasks.get()
             except KeyboardInterrupt:
-                continue  # a cancel that arrived after its task finished
+                continue  # only from a handler the user's code installed
             if spec is None:
                 return
             if self._dispatch_concurrent(spec, stream):
@@ -173,7 +214,7 @@ class Executor:
                     result = self.execute_call(spec, stream)
                 else:
                     result = self.execute(spec, stream)
-            except KeyboardInterrupt:
+            except KeyboardInterrupt:  # only from a handler the user's code installed
                 result = self._cancelled_result(spec)
             self.cw.post(self._post_result, stream, result)
 
@@ -183,37 +224,53 @@ class Executor:
             return self.execute(spec, stream)
 
     def execute(self, spec: common_pb2.TaskSpec, stream: _Stream) -> common_pb2.TaskResult:
-        cw = self.cw
-        if spec.task_id in self.queued_cancels:
-            self.queued_cancels.discard(spec.task_id)
-            return self._cancelled_result(spec)
+        """Run a task, an actor creation (main thread) or a sync or threaded actor call
+        (the thread it came on), in a task context of its own."""
+        task_id = spec.task_id
+        call = bool(spec.actor_id) and not spec.actor_creation
+        with self._start_lock:
+            if task_id in self.queued_cancels:
+                self.queued_cancels.discard(task_id)
+                return self._cancelled_result(spec)
+            if call:
+                self.running_calls[task_id] = None
+            else:
+                self._interrupt_for.clear()  # sent for tasks that have ended
+                self.running = task_id
+        token = task_context.enter(task_id, spec.name,
+                                   self.actor_gpu_ids if call else spec.gpu_ids,
+                                   bool(spec.actor_id))
         start = time.perf_counter()
         wall_start = time.time()
-        self.running = spec.task_id
-        cw.current_task_id = spec.task_id
         try:
             try:
-                fn, args, kwargs = self._prepare(spec, stream)
-                value = fn(*args, **kwargs)
+                fn, args, kwargs = self._prepare(spec, stream, call)
+                if call:
+                    value = fn(*args, **kwargs)
+                else:
+                    try:
+                        value = fn(*args, **kwargs)
+                    finally:
+                        self.running = None  # from here on a late SIGINT is dropped
                 if spec.actor_creation:
                     self._actor_created(spec, stream, value)
                     value = None
                 returns = self._returns(spec, value)
                 app_error = False
-            except KeyboardInterrupt:
-                if self.cancel_requested == spec.task_id:
-                    return self._cancelled_result(spec)
-                raise
+            except KeyboardInterrupt:  # a cancel (or the task's own), as in Ray
+                return self._cancelled_result(spec)
             except ActorExitRequested:
                 return self._actor_exit(spec)
             except Exception as exc:
                 returns = self._error_returns(spec, exc)
                 app_error = True
         finally:
-            self.running = None
-            self.cancel_requested = None
-            cw.current_task_id = None
-        return common_pb2.TaskResult(task_id=spec.task_id, returns=returns, app_error=app_error,
+            if call:
+                self.running_calls.pop(task_id, None)
+            else:
+                self.running = None
+            task_context.leave(token)
+        return common_pb2.TaskResult(task_id=task_id, returns=returns, app_error=app_error,
                                      exec_seconds=time.perf_counter() - start,
                                      attempt=spec.attempt, start_time=wall_start,
                                      end_time=time.time(), worker_pid=self.pid,
@@ -224,7 +281,7 @@ class Executor:
             return 0
         return self.call_server.port
 
-    def _prepare(self, spec: common_pb2.TaskSpec, stream: _Stream):
+    def _prepare(self, spec: common_pb2.TaskSpec, stream: _Stream, call: bool):
         """(callable, args, kwargs) for a task, an actor creation or an actor call."""
         cw = self.cw
         if self.actor_exiting and spec.actor_id:
@@ -235,21 +292,23 @@ class Executor:
             cw.job_config = job
             if job.job_id not in self.jobs_applied:
                 self._apply_job(job)
-        self._set_gpus(spec)
-        cw.current_task_name = (spec.name.split(".")[0] if spec.actor_id else spec.name)
-        cw.current_placement_group = ((spec.placement_group_id, True)
-                                      if spec.placement_group_id and spec.capture_child_tasks
-                                      else None)
-        if spec.actor_id and not spec.actor_creation:
+        if call:
             if self.actor is None or spec.actor_id != cw.current_actor_id:
                 raise RuntimeError(f"this worker does not host actor {spec.actor_id.hex()}")
             method = getattr(self.actor, spec.method_name)
             args, kwargs = self._args(spec)
             return method, args, kwargs
+        # Tasks run one at a time on the main thread, so the process-wide environment and
+        # placement group can follow the task; an actor's calls keep its creation's.
+        self._set_visible_gpus(spec.gpu_ids)
+        cw.current_placement_group = ((spec.placement_group_id, True)
+                                      if spec.placement_group_id and spec.capture_child_tasks
+                                      else None)
         fn = self._function(spec)
         args, kwargs = self._args(spec)
         if spec.actor_creation:
             cw.current_actor_id = spec.actor_id
+            self.actor_gpu_ids = tuple(spec.gpu_ids)
             self.creation_stream = stream
             self.creation_task_id = spec.task_id
         return fn, args, kwargs
@@ -296,31 +355,50 @@ class Executor:
         self.cw.post(self._post_result, stream, result)
 
     async def _execute_async(self, spec: common_pb2.TaskSpec, stream: _Stream) -> None:
-        if self.actor_semaphore is None:
-            self.actor_semaphore = asyncio.Semaphore(self.actor_limit)
-        async with self.actor_semaphore:
-            start = time.perf_counter()
-            wall_start = time.time()
-            self.cw.current_task_id = spec.task_id
-            try:
-                fn, args, kwargs = self._prepare(spec, stream)
-                value = fn(*args, **kwargs)
-                if inspect.isawaitable(value):
-                    value = await value
-                returns = self._returns(spec, value)
-                app_error = False
-            except ActorExitRequested:
-                self.cw.post(self._post_result, stream, self._actor_exit(spec))
+        """An async actor call, as an asyncio task of the actor's loop: cancel() cancels it
+        whether it waits for a slot (max_concurrency) or runs."""
+        task_id = spec.task_id
+        with self._start_lock:
+            if task_id in self.queued_cancels:
+                self.queued_cancels.discard(task_id)
+                self.cw.post(self._post_result, stream, self._cancelled_result(spec))
                 return
-            except Exception as exc:
-                returns = self._error_returns(spec, exc)
-                app_error = True
-            result = common_pb2.TaskResult(task_id=spec.task_id, returns=returns,
-                                           app_error=app_error,
-                                           exec_seconds=time.perf_counter() - start,
-                                           attempt=spec.attempt, start_time=wall_start,
-                                           end_time=time.time(), worker_pid=self.pid)
-            self.cw.post(self._post_result, stream, result)
+            self.running_calls[task_id] = asyncio.current_task()
+        try:
+            if self.actor_semaphore is None:
+                self.actor_semaphore = asyncio.Semaphore(self.actor_limit)
+            async with self.actor_semaphore:
+                result = await self._run_async(spec, stream)
+        except asyncio.CancelledError:  # while it waited for a slot
+            result = self._cancelled_result(spec)
+        finally:
+            self.running_calls.pop(task_id, None)
+        self.cw.post(self._post_result, stream, result)
+
+    async def _run_async(self, spec: common_pb2.TaskSpec, stream: _Stream) -> common_pb2.TaskResult:
+        token = task_context.enter(spec.task_id, spec.name, self.actor_gpu_ids, True)
+        start = time.perf_counter()
+        wall_start = time.time()
+        try:
+            fn, args, kwargs = self._prepare(spec, stream, True)
+            value = fn(*args, **kwargs)
+            if inspect.isawaitable(value):
+                value = await value
+            returns = self._returns(spec, value)
+            app_error = False
+        except asyncio.CancelledError:  # cancel(), as asyncio cancels: the coroutine saw it
+            return self._cancelled_result(spec)
+        except ActorExitRequested:
+            return self._actor_exit(spec)
+        except Exception as exc:
+            returns = self._error_returns(spec, exc)
+            app_error = True
+        finally:
+            task_context.leave(token)
+        return common_pb2.TaskResult(task_id=spec.task_id, returns=returns, app_error=app_error,
+                                     exec_seconds=time.perf_counter() - start,
+                                     attempt=spec.attempt, start_time=wall_start,
+                                     end_time=time.time(), worker_pid=self.pid)
 
     def _actor_exit(self, spec: common_pb2.TaskSpec) -> common_pb2.TaskResult:
         """exit_actor(): fail this call, tell the GCS not to restart, then exit the process."""
@@ -380,11 +458,12 @@ class Executor:
             raise value
         return value
 
-    def _set_gpus(self, spec: common_pb2.TaskSpec) -> None:
-        ids = list(spec.gpu_ids)
-        self.cw.current_gpu_ids = ids
-        if ids:
-            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in ids)
+    def _set_visible_gpus(self, gpu_ids) -> None:
+        """CUDA_VISIBLE_DEVICES is process-wide: it follows the task on the main thread (one
+        at a time), and an actor's process keeps the GPUs of its lease for all its calls
+        (as Ray sets it per worker), so concurrent calls never rewrite it."""
+        if gpu_ids:
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in gpu_ids)
         elif self._base_cuda is None:
             os.environ.pop("CUDA_VISIBLE_DEVICES", None)
         else:

@@ -24,6 +24,7 @@ class RayletClient:
         self._call = None
         self._reader: Optional[asyncio.Task] = None
         self._writer: Optional[asyncio.Task] = None
+        self._connecting: Optional[asyncio.Task] = None
         self.registered: Optional[raylet_pb2.RegisterAck] = None
         self.closed = False
 
@@ -39,6 +40,26 @@ class RayletClient:
         self.registered = first.registered
         self._reader = asyncio.ensure_future(self._read())
         return first.registered
+
+    def start(self, register: raylet_pb2.RegisterClient, timeout: float = 30.0) -> None:
+        """Connect in the background (messages sent meanwhile wait in the outbox); a
+        raylet that cannot be reached is reported to on_lost like one that goes away."""
+        self._connecting = asyncio.ensure_future(self._connect_or_report(register, timeout))
+
+    async def _connect_or_report(self, register: raylet_pb2.RegisterClient, timeout: float) -> None:
+        try:
+            await self.connect(register, timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if isinstance(exc, grpc.RpcError):
+                reason = f"cannot connect: {exc.code().name}: {exc.details()}"
+            else:
+                reason = f"cannot connect: {exc!r}"
+            self._outbox.put_nowait(None)  # ends the writer, if it started
+            if not self.closed:
+                self.closed = True
+                self._on_lost(reason)
 
     async def _write(self) -> None:
         try:
@@ -67,6 +88,7 @@ class RayletClient:
         except Exception as exc:  # pragma: no cover - defensive
             log.exception("raylet stream reader failed")
             reason = repr(exc)
+        self._outbox.put_nowait(None)  # ends the writer
         if not self.closed:
             self.closed = True
             self._on_lost(reason)
@@ -91,7 +113,7 @@ class RayletClient:
     async def close(self) -> None:
         self.closed = True
         self._outbox.put_nowait(None)
-        for task in (self._reader, self._writer):
+        for task in (self._connecting, self._reader, self._writer):
             if task is not None and not task.done():
                 task.cancel()
                 try:

@@ -185,6 +185,9 @@ class TaskSubmitter:
         self._enqueue(task)
 
     def _enqueue(self, task: PendingTask) -> None:
+        if self.cw.raylet_error is not None:
+            self._fail(task, self.cw.raylet_error)
+            return
         ks = self.keys.get(task.key)
         if ks is None:
             ks = self.keys[task.key] = KeyState(task.resources, task.strategy, task.function_id,
@@ -220,9 +223,10 @@ class TaskSubmitter:
                 continue
             self._dispatch(task, best)
         if queue:
-            want = min(len(queue), MAX_LEASE_REQUESTS_PER_KEY) - len(ks.requests)
-            for _ in range(want):
-                self._request_lease(ks)
+            if self.cw.raylet_up:  # else they wait for the reconnection (on_raylet_restored)
+                want = min(len(queue), MAX_LEASE_REQUESTS_PER_KEY) - len(ks.requests)
+                for _ in range(want):
+                    self._request_lease(ks)
         elif ks.requests:
             for rid in list(ks.requests):
                 self.request_raylet.pop(rid, self.cw.raylet).cancel_request(rid)
@@ -252,12 +256,64 @@ class TaskSubmitter:
         client = self.remote_raylets.get(address)
         if client is None or client.closed:
             client = RayletClient(self.cw.channel(address), self.on_grant,
-                                  lambda reason, a=address: self.remote_raylets.pop(a, None))
+                                  lambda reason, a=address: self._remote_raylet_lost(a, reason))
             self.remote_raylets[address] = client
-            asyncio.ensure_future(client.connect(raylet_pb2.RegisterClient(
+            client.start(raylet_pb2.RegisterClient(
                 worker_id=self.cw.worker_id, is_driver=True, pid=os.getpid(), port=self.cw.port,
-                job_id=self.cw.job_id)))
+                job_id=self.cw.job_id))
         return client
+
+    def _remote_raylet_lost(self, address: str, reason: str) -> None:
+        """Another node's raylet went away: its pending requests are asked again locally
+        (its granted workers died with it; their streams report that)."""
+        client = self.remote_raylets.pop(address, None)
+        if client is not None:
+            log.warning("lost the raylet at %s (%s); its pending lease requests go back to "
+                        "the local raylet", address, reason)
+            self._forget_raylet(client)
+
+    # -- the local raylet going away and coming back (driver side of CoreWorker._raylet_lost) -----
+    def _forget_raylet(self, raylet) -> None:
+        """Drop the requests pending at `raylet` and the leases it granted, so nothing
+        waits for an answer that will never come and no task goes to its dying workers;
+        then ask again (the queues stay as they are)."""
+        touched = []
+        for rid in [rid for rid, r in self.request_raylet.items() if r is raylet]:
+            del self.request_raylet[rid]
+            ks = self.requests.pop(rid, None)
+            if ks is not None:
+                ks.requests.discard(rid)
+                ks.queued_requests.discard(rid)
+                touched.append(ks)
+        for ks in self.keys.values():
+            for lease in [lease for lease in ks.leases if lease.raylet is raylet]:
+                lease.dead = True
+                if lease.idle_timer is not None:
+                    lease.idle_timer.cancel()
+                    lease.idle_timer = None
+                ks.leases.remove(lease)
+                touched.append(ks)
+        for ks in {id(k): k for k in touched}.values():
+            self._pump(ks)
+
+    def on_raylet_lost(self, raylet) -> None:
+        self._forget_raylet(raylet)
+
+    def on_raylet_restored(self) -> None:
+        for ks in list(self.keys.values()):
+            if ks.queue:
+                self._pump(ks)
+
+    def on_raylet_gone(self, error: Exception) -> None:
+        """The local raylet is not coming back: fail every task still waiting for a
+        worker (tasks running on other nodes' workers finish as usual)."""
+        for ks in self.keys.values():
+            while ks.queue:
+                self._fail(ks.queue.popleft(), error)
+
+    def _fail(self, task: PendingTask, error: Exception) -> None:
+        err = Value(serialize_error(error).to_bytes(), is_error=True)
+        self.finish_task(task, [err] * len(task.return_ids))
 
     def on_grant(self, grant: raylet_pb2.LeaseGrant) -> None:
         ks = self.requests.get(grant.request_id)
@@ -355,7 +411,7 @@ class TaskSubmitter:
             self._requeue(task)
         else:
             values = [Value.from_proto(loc) for loc in result.returns]
-            for loc, v in zip(result.returns, values):
+            for loc in result.returns:
                 if loc.contained:
                     self.cw.refs.add_contained(loc.object_id, [
                         (c.object_id, (c.owner.ip, c.owner.port, c.owner.worker_id))
@@ -379,6 +435,9 @@ class TaskSubmitter:
     def _requeue(self, task: PendingTask) -> None:
         task.conn = None
         task.lease = None
+        if self.cw.raylet_error is not None:
+            self._fail(task, self.cw.raylet_error)
+            return
         ks = self.keys.get(task.key)
         if ks is None:
             self._enqueue(task)

@@ -6,6 +6,10 @@ every 100 ms, and always before the task's result, so a driver that has the
 result has shown what the task printed) to the driver of that task's job, which
 prints them prefixed with the task name and worker PID, as Ray does:
 ``(square pid=4242) hello``.
+
+Which task wrote a line is read from the writer's own task context
+(runtime/core_worker/task_context.py), and an unfinished line is kept per task, so
+the concurrent calls of a threaded or async actor never mix pieces of their lines.
 """
 from __future__ import annotations
 
@@ -14,10 +18,11 @@ import logging
 import os
 import sys
 import threading
-from typing import TYPE_CHECKING, Dict, List, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 import grpc
 
+from runtime.core_worker import task_context
 from runtime.protocol import core_worker_pb2, core_worker_pb2_grpc
 
 if TYPE_CHECKING:
@@ -26,6 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("runtime.core_worker")
 _FLUSH_S = 0.1
 _MAX_PENDING_LINES = 10_000
+_MAX_PARTIAL_TASKS = 1_000
 
 
 class TaskOutput:
@@ -35,18 +41,22 @@ class TaskOutput:
         self._inner = inner
         self._fwd = forwarder
         self._is_stderr = is_stderr
-        self._partial = ""
+        self._partial: Dict[bytes, str] = {}  # task id -> its unfinished line
         self._lock = threading.Lock()
 
     def write(self, s: str) -> int:
         n = self._inner.write(s)
-        if self._fwd.active():
+        ctx = task_context.current.get()
+        if ctx.task_id is not None and self._fwd.active():
             with self._lock:
-                text = self._partial + s
-                lines = text.split("\n")
-                self._partial = lines.pop()
+                lines = (self._partial.pop(ctx.task_id, "") + s).split("\n")
+                rest = lines.pop()
+                if rest:
+                    if len(self._partial) >= _MAX_PARTIAL_TASKS:
+                        self._partial.clear()  # tasks that ended mid-line; never unbounded
+                    self._partial[ctx.task_id] = rest
             if lines:
-                self._fwd.add(lines, self._is_stderr)
+                self._fwd.add(lines, self._is_stderr, ctx)
         return n
 
     def flush(self) -> None:
@@ -71,13 +81,16 @@ class OutputForwarder:
         sys.stderr = TaskOutput(sys.stderr, self, is_stderr=True)
 
     def active(self) -> bool:
-        cw = self.cw
-        return cw.current_task_id is not None and cw.job_config.driver.port != 0
+        """Whether lines printed now go to a driver (the caller checked it runs a task)."""
+        return self.cw.job_config.driver.port != 0
 
-    def add(self, lines: List[str], is_stderr: bool) -> None:
+    def add(self, lines: List[str], is_stderr: bool,
+            ctx: Optional[task_context.TaskContext] = None) -> None:
+        """Writer's thread: queue lines of the task in `ctx` (default: the current one)."""
         cw = self.cw
         d = cw.job_config.driver
-        key = (d.ip, d.port, cw.current_task_name or "task", is_stderr)
+        key = (d.ip, d.port, task_context.print_name(ctx or task_context.current.get()),
+               is_stderr)
         with self.lock:
             if self.count >= _MAX_PENDING_LINES:
                 self.dropped += len(lines)

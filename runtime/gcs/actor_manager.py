@@ -25,9 +25,10 @@ from runtime.core_worker.raylet_client import RayletClient
 from runtime.core_worker.worker_connection import WorkerConnection
 from runtime.gcs.versioned import ChangeSignal
 from runtime.protocol import (common_pb2, core_worker_pb2_grpc, gcs_pb2, raylet_pb2)
-from runtime.raylet.resources import missing
+from runtime.raylet.resources import add, missing, subtract
 
 log = logging.getLogger("runtime.gcs.actors")
+_DEFAULT = common_pb2.SchedulingStrategy(kind="DEFAULT")
 
 
 class _RayletLink:
@@ -99,6 +100,9 @@ class ActorManager:
         self.owner_watch: Dict[bytes, asyncio.Task] = {}
         self._channels: Dict[str, grpc.aio.Channel] = {}
         self._request_ids = itertools.count(1)
+        self._spread_next = 0  # round-robin position for SPREAD actors
+        # node id -> (report seq, resources SPREAD placed there since that report)
+        self._spread_charged: Dict[bytes, Tuple[int, dict]] = {}
 
     def channel(self, address: str) -> grpc.aio.Channel:
         ch = self._channels.get(address)
@@ -195,6 +199,10 @@ class ActorManager:
             if not s.soft:
                 return None
         place = dict(actor.spec.placement_resources)
+        if s.kind == "SPREAD":
+            node = self._spread_node(nodes, place)
+            if node is not None:
+                return node
         owner_node = actor.spec.owner.node_id
         ranked = sorted(nodes, key=lambda n: (n.node_id != owner_node,
                                               -n.resources_available.get("CPU", 0.0)))
@@ -202,6 +210,42 @@ class ActorManager:
             if not missing(dict(n.resources_total), place):
                 return n
         return ranked[0]  # infeasible everywhere: wait there (the raylet explains why)
+
+    def _spread_node(self, nodes, place: dict) -> Optional[gcs_pb2.NodeInfo]:
+        """SPREAD actors, as Ray places them: round-robin over the nodes in node-id order,
+        the next with `place` free now, else the next that has it at all (None: no node
+        has it; the caller then waits on one and the raylet explains why)."""
+        nodes = sorted(nodes, key=lambda n: n.node_id)
+        count = len(nodes)
+        for free_now in (True, False):
+            for i in range(count):
+                n = nodes[(self._spread_next + i) % count]
+                if missing(dict(n.resources_total), place):
+                    continue
+                if free_now and missing(self._free(n), place):
+                    continue
+                self._spread_next = (self._spread_next + i + 1) % count
+                self._charge(n, place)
+                return n
+        return None
+
+    def _free(self, node: gcs_pb2.NodeInfo) -> dict:
+        """The node's free resources as last reported, less what SPREAD placed there since."""
+        free = dict(node.resources_available)
+        charged = self._spread_charged.get(node.node_id)
+        if charged is not None:
+            if charged[0] == self.gcs.report_seq.get(node.node_id, 0):
+                subtract(free, charged[1])
+            else:  # a newer report counts them (or they hold nothing once created)
+                del self._spread_charged[node.node_id]
+        return free
+
+    def _charge(self, node: gcs_pb2.NodeInfo, place: dict) -> None:
+        seq = self.gcs.report_seq.get(node.node_id, 0)
+        charged = self._spread_charged.get(node.node_id)
+        if charged is None or charged[0] != seq:
+            charged = self._spread_charged[node.node_id] = (seq, {})
+        add(charged[1], place)
 
     async def _link(self, node: gcs_pb2.NodeInfo) -> _RayletLink:
         link = self.links.get(node.node_id)
@@ -228,8 +272,11 @@ class ActorManager:
                 link.pending[rid] = fut
                 actor.request = (link, rid)
                 self.by_request[rid] = actor
+                # The GCS has spread a SPREAD actor already: its raylet must not spread it
+                # again, so it asks as DEFAULT (which stays on a node that can run it).
+                strategy = (_DEFAULT if spec.strategy.kind == "SPREAD" else spec.strategy)
                 link.client.request_lease(raylet_pb2.LeaseRequest(
-                    request_id=rid, resources=spec.placement_resources, strategy=spec.strategy,
+                    request_id=rid, resources=spec.placement_resources, strategy=strategy,
                     function_name=f"actor {spec.class_name}", is_actor=True, hold_differs=True,
                     hold=spec.hold_resources, job_id=spec.job_id))
                 try:

@@ -8,6 +8,13 @@ for another spill, and a Get or Delete of it waits until the copy is done.
 Spills and restores (the only operations that make room) are serialized by one
 lock; a Create that already fits never waits for that lock.
 
+What dead processes leave is reclaimed (``reclaim.py``): the store holds its
+node's lock file while it runs, sweeps its own node's leftovers before serving
+and the files of dead stores periodically, and frees an unsealed object as soon
+as the process that created it exits (a pidfd per writer process, watched by
+the event loop: no polling, and nothing on the put path after a process's first
+Create).
+
 Run as ``python -m runtime.object_store --node-id HEX --session-dir DIR
 --capacity BYTES --host IP --port 0 --ready-file PATH``; see ``parse_args``.
 """
@@ -20,14 +27,16 @@ import glob
 import itertools
 import logging
 import os
+import select
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Awaitable, Iterable, Sequence, TypeVar
 
 import grpc
 
 from runtime import component, rpc
+from runtime.object_store import reclaim
 from runtime.object_store.store import (FILE_PREFIX, Entry, FileOps, ObjState, StoreState,
                                         format_bytes, object_file_name)
 from runtime.protocol import common_pb2, object_store_pb2, object_store_pb2_grpc
@@ -38,6 +47,8 @@ MAX_OBJECT_ID_BYTES = 64  # file names carry the hex id; keeps them far below NA
 # Freeing a file's tmpfs pages takes ~30 ms per 200 MiB; above this size it
 # happens in a thread so Delete never stalls the other requests.
 BACKGROUND_UNLINK_BYTES = 32 * 1024 * 1024
+#: How often a running store looks for files of dead stores in its shm dir.
+SWEEP_INTERVAL_S = 30.0
 _T = TypeVar("_T")
 
 
@@ -51,6 +62,38 @@ class CreateResult:
     full: bool = False
     exists: bool = False
     message: str = ""
+
+
+@dataclass
+class Creator:
+    """Who writes a new object: (pid, start time, pid namespace) as the client sent them."""
+
+    pid: int
+    start_time: int
+    pid_namespace: int
+
+
+@dataclass
+class _Watch:
+    """A writer process the store watches (its pidfd is readable once it has exited)."""
+
+    pid: int
+    start_time: int
+    pidfd: int
+    objects: set[bytes] = field(default_factory=set)  # its unsealed objects
+
+
+class CreatorGoneError(ValueError):
+    """The process that asked for a Create is no longer running."""
+
+
+def _exited(pidfd: int) -> bool:
+    """Whether the process of a pidfd has exited (its pidfd turns readable)."""
+    if pidfd < 0:
+        return True
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 @dataclass
@@ -69,6 +112,7 @@ class StoreService:
                  spill_dir: str | None, ops: FileOps | None = None) -> None:
         """spill_dir None disables spilling (a full store then rejects Creates at once)."""
         self.node_id_hex = node_id_hex
+        self.node_lock = reclaim.NodeLock(shm_dir, node_id_hex)
         self.shm_dir = shm_dir
         self.spill_dir = spill_dir
         self.state = StoreState(capacity)
@@ -78,6 +122,10 @@ class StoreService:
         self._seal_waiters: dict[bytes, set[asyncio.Future]] = {}
         self._background: set[asyncio.Future] = set()
         self._doomed_seq = itertools.count()
+        self._watches: dict[int, _Watch] = {}
+        self._pid_namespace = reclaim.pid_namespace()
+        self._pidfd_unavailable = False
+        self.reclaimed_objects = 0
 
     # ---- paths -------------------------------------------------------------------
     def shm_path(self, object_id: bytes) -> str:
@@ -94,32 +142,164 @@ class StoreService:
                              f"got {len(object_id)}")
 
     # ---- Create ------------------------------------------------------------------
-    async def create(self, object_id: bytes, size: int) -> CreateResult:
-        """Reserve `size` bytes (spilling LRU sealed objects if needed) and make the file."""
+    async def create(self, object_id: bytes, size: int,
+                     creator: Creator | None = None) -> CreateResult:
+        """Reserve `size` bytes (spilling LRU sealed objects if needed) and make the file.
+
+        With a creator, the object is freed again if that process exits before
+        sealing it.
+        """
         self._check_id(object_id)
         if size < 0:
             raise ValueError(f"object size must be >= 0, got {size}")
-        existing = self.state.get(object_id)
+        watch = self._watch(creator) if creator is not None else None
+        existing = self._existing(object_id, watch)
         if existing is not None:
             return CreateResult(path=existing.path, exists=True)
         if self.state.fits(size):
-            return self._create_file(object_id, size)
+            return self._create_file(object_id, size, watch)
         async with self._room_lock:
             reason = await self._make_room(size, frozenset())
             # A retry of this Create may have won while we waited or spilled.
-            existing = self.state.get(object_id)
+            existing = self._existing(object_id, watch)
             if existing is not None:
                 return CreateResult(path=existing.path, exists=True)
             if reason is not None:
                 message = self.state.full_message(object_id, size, reason)
                 log.warning("%s", message)
                 return CreateResult(full=True, message=message)
+            if watch is not None and watch.pidfd < 0:
+                raise CreatorGoneError(f"creator pid {watch.pid} exited while room was made")
             # No await between making room and reserving it: nobody can take it.
-            return self._create_file(object_id, size)
+            return self._create_file(object_id, size, watch)
 
-    def _create_file(self, object_id: bytes, size: int) -> CreateResult:
+    def _existing(self, object_id: bytes, watch: _Watch | None) -> Entry | None:
+        """The entry an idempotent Create returns, with the caller joined to its writers.
+
+        None if there is none, or if it was left unsealed by writers that have all
+        died, whose exits the loop has not handled yet: the new writer must write
+        it afresh, not seal bytes nobody finished writing.
+        """
+        entry = self.state.get(object_id)
+        if entry is None or entry.state is not ObjState.CREATED or entry.writers is None:
+            return entry
+        if watch is None or watch.pid not in entry.writers:
+            dead = [pid for pid in entry.writers
+                    if pid not in self._watches or _exited(self._watches[pid].pidfd)]
+            if len(dead) == len(entry.writers):
+                for pid in dead:
+                    self._creator_exited(pid)
+                entry = self.state.get(object_id)
+                if entry is None:
+                    return None
+        self._add_writer(entry, watch)
+        return entry
+
+    # ---- writers that die before sealing ---------------------------------------------
+    def _watch(self, creator: Creator) -> _Watch | None:
+        """The watch of a Create's writer process; None when it cannot be watched.
+
+        A writer outside our pid namespace, or one whose pid we cannot open, is not
+        watched (what it creates lives until Deleted, as before). A writer in our
+        namespace that is already gone gets a CreatorGoneError: it will never seal.
+        """
+        if creator.pid <= 0 or creator.pid == os.getpid() or not creator.start_time \
+                or not creator.pid_namespace or creator.pid_namespace != self._pid_namespace:
+            return None
+        watch = self._watches.get(creator.pid)
+        if watch is not None:
+            if watch.start_time == creator.start_time:
+                return watch
+            self._creator_exited(watch.pid)  # its pid was reused: the old one is dead
+        if self._pidfd_unavailable:
+            return None
+        try:
+            pidfd = os.pidfd_open(creator.pid)
+        except ProcessLookupError:
+            raise CreatorGoneError(f"creator pid {creator.pid} is not running") from None
+        except OSError as exc:  # e.g. ENOSYS: a kernel older than 5.3
+            self._pidfd_unavailable = True
+            log.warning("cannot watch writer processes (pidfd_open: %s): objects whose writer "
+                        "dies before sealing them are freed only when their owner deletes them",
+                        exc)
+            return None
+        # Checked after opening the pidfd, so the pidfd names the process we checked.
+        if reclaim.process_start_time(creator.pid) != creator.start_time:
+            os.close(pidfd)
+            raise CreatorGoneError(f"creator pid {creator.pid} is not running "
+                                   "(the pid now names another process)")
+        watch = _Watch(creator.pid, creator.start_time, pidfd)
+        self._watches[creator.pid] = watch
+        asyncio.get_running_loop().add_reader(pidfd, self._creator_exited, creator.pid)
+        return watch
+
+    def _add_writer(self, entry: Entry, watch: _Watch | None) -> None:
+        """Count a process as writing an unsealed object (a Create of it, or a retry)."""
+        if entry.state is not ObjState.CREATED or entry.writers is None:
+            return
+        if watch is None:
+            # A writer we cannot watch may still be writing when the others die.
+            self._unwatch_object(entry)
+            return
+        entry.writers.add(watch.pid)
+        watch.objects.add(entry.object_id)
+
+    def _creator_exited(self, pid: int) -> None:
+        """Free the unsealed objects whose writers have all exited, this one last."""
+        watch = self._watches.pop(pid, None)
+        if watch is None:
+            return
+        self._close_watch(watch)
+        freed = 0
+        count = 0
+        for object_id in watch.objects:
+            entry = self.state.get(object_id)
+            if entry is None or entry.state is not ObjState.CREATED or entry.writers is None:
+                continue
+            entry.writers.discard(pid)
+            if entry.writers:
+                continue  # another live process is writing it too
+            self.state.remove(object_id)
+            self._discard(entry.shm_path, entry.size)
+            freed += entry.size
+            count += 1
+        if count:
+            self.reclaimed_objects += count
+            log.warning("freed %d unsealed object%s (%s) of writer pid %d, which exited before "
+                        "sealing %s", count, "" if count == 1 else "s", format_bytes(freed), pid,
+                        "it" if count == 1 else "them")
+
+    @staticmethod
+    def _close_watch(watch: _Watch) -> None:
+        if watch.pidfd >= 0:
+            try:
+                asyncio.get_running_loop().remove_reader(watch.pidfd)
+            except RuntimeError:
+                pass  # no running loop (shutdown from another thread)
+            os.close(watch.pidfd)
+            watch.pidfd = -1
+
+    def _unwatch_object(self, entry: Entry) -> None:
+        """The object is sealed or gone (or has a writer we cannot watch): never reclaim it."""
+        if entry.writers is not None:
+            for pid in entry.writers:
+                watch = self._watches.get(pid)
+                if watch is not None:
+                    watch.objects.discard(entry.object_id)
+            entry.writers = None
+
+    def close_watches(self) -> None:
+        """Stop watching writer processes (the store is stopping)."""
+        for watch in self._watches.values():
+            self._close_watch(watch)
+        self._watches.clear()
+
+    def _create_file(self, object_id: bytes, size: int, watch: _Watch | None) -> CreateResult:
         path = self.shm_path(object_id)
-        self.state.add_created(object_id, size, path)
+        entry = self.state.add_created(object_id, size, path)
+        if watch is not None:
+            entry.writers = {watch.pid}
+            watch.objects.add(object_id)
         try:
             try:
                 self.ops.create(path, size)
@@ -129,6 +309,7 @@ class StoreService:
                 self.ops.unlink(path)
                 self.ops.create(path, size)
         except OSError as exc:
+            self._unwatch_object(entry)
             self.state.remove(object_id)
             if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EDQUOT):
                 message = self.state.full_message(
@@ -273,6 +454,7 @@ class StoreService:
                 if entry is None:
                     log.warning("seal of unknown object %s ignored", object_id.hex()[:16])
                 continue
+            self._unwatch_object(self.state.entries[object_id])
             for fut in self._seal_waiters.pop(object_id, ()):
                 if not fut.done():
                     fut.set_result(None)
@@ -346,6 +528,7 @@ class StoreService:
                 if entry.busy:
                     await self._transit[object_id].wait()
                     continue
+                self._unwatch_object(entry)
                 self.state.remove(object_id)
                 if entry.in_memory:
                     self._discard(entry.shm_path, entry.size)
@@ -377,13 +560,45 @@ class StoreService:
                         "fail with out-of-space errors before the store counts itself full",
                         self.shm_dir, format_bytes(free), format_bytes(self.state.capacity))
 
+    def claim_node(self) -> None:
+        """Take the node's lock and remove what a dead store of this node left.
+
+        Call before serving: with the lock held, every file of this node in the shm
+        and spill dirs belongs to a predecessor that died without cleaning up
+        (SIGKILL, or killed with its driver), e.g. a store the node agent restarts.
+        """
+        try:
+            self.node_lock.acquire()
+        except reclaim.NodeLockError as exc:
+            raise SystemExit(f"object store of node {self.node_id_hex[:12]}: {exc}") from None
+        except OSError as exc:
+            raise SystemExit(f"object store of node {self.node_id_hex[:12]}: cannot create its "
+                             f"lock file {self.node_lock.path}: {exc}; the shared-memory "
+                             f"directory must be writable (--shm-dir)") from None
+        dirs = [self.shm_dir] + ([self.spill_dir] if self.spill_dir else [])
+        reclaim.log_sweep(reclaim.sweep_own_files(dirs, self.node_id_hex),
+                          "left by a previous store of this node")
+
+    async def sweep_loop(self, interval_s: float = SWEEP_INTERVAL_S) -> None:
+        """Now and then, remove the files of dead stores (of any node) from the shm dir."""
+        while True:
+            try:
+                result = await asyncio.to_thread(reclaim.sweep_dead_stores, self.shm_dir,
+                                                 self.node_id_hex)
+            except OSError as exc:
+                log.warning("sweeping %s for files of dead stores failed: %s", self.shm_dir, exc)
+            else:
+                reclaim.log_sweep(result, "left by dead object stores")
+            await asyncio.sleep(interval_s)
+
     async def drain(self, timeout_s: float = 10.0) -> None:
         """Let in-flight spill/restore copies finish, so cleanup sees their files."""
         if self._background:
             await asyncio.wait(list(self._background), timeout=timeout_s)
 
     def cleanup_files(self) -> None:
-        """Delete every file of this store (shm and spill). Safe from any thread."""
+        """Delete every file of this store (shm and spill), then its lock file. Safe from
+        any thread."""
         paths = set()
         for entry in list(self.state.entries.values()):
             paths.add(entry.shm_path)
@@ -403,6 +618,7 @@ class StoreService:
                 os.rmdir(self.spill_dir)  # only when empty: never remove others' files
             except OSError:
                 pass
+        self.node_lock.release()
 
 
 # ---- gRPC ----------------------------------------------------------------------------
@@ -416,8 +632,12 @@ class ObjectStoreServicer(object_store_pb2_grpc.ObjectStoreServicer):
         self._svc = service
 
     async def Create(self, request, context):
+        creator = None
+        if request.HasField("creator"):
+            c = request.creator
+            creator = Creator(c.pid, c.start_time, c.pid_namespace)
         try:
-            result = await self._svc.create(request.object_id, request.size)
+            result = await self._svc.create(request.object_id, request.size, creator)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except StoreIOError as exc:
@@ -471,7 +691,9 @@ class ObjectStoreServicer(object_store_pb2_grpc.ObjectStoreServicer):
             capacity=s.capacity, used=s.used, num_objects=s.num_objects,
             spilled_bytes=s.spilled_bytes_total, spilled_objects=s.spilled_objects_total,
             restored_objects=s.restored_objects_total, num_spilled_now=s.num_spilled_now,
-            shm_dir=self._svc.shm_dir, spill_dir=self._svc.spill_dir or "")
+            shm_dir=self._svc.shm_dir, spill_dir=self._svc.spill_dir or "",
+            node_id=self._svc.node_id_hex, num_unsealed=s.num_unsealed,
+            reclaimed_objects=self._svc.reclaimed_objects)
 
 
 # ---- process ---------------------------------------------------------------------------
@@ -487,9 +709,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shm-dir", default="/dev/shm")
     p.add_argument("--spill-dir", default=None, help="default: SESSION_DIR/spill")
     p.add_argument("--no-spill", action="store_true", help="reject Creates instead of spilling")
+    p.add_argument("--sweep-interval-s", type=float, default=SWEEP_INTERVAL_S,
+                   help="how often to remove files of dead stores from the shm dir")
     args = p.parse_args(argv)
     if args.capacity < 0:
         p.error(f"--capacity must be >= 0, got {args.capacity}")
+    if args.sweep_interval_s <= 0:
+        p.error(f"--sweep-interval-s must be > 0, got {args.sweep_interval_s}")
     if args.no_spill:
         args.spill_dir = None
     elif args.spill_dir is None:
@@ -502,6 +728,7 @@ async def serve(args: argparse.Namespace, token: str) -> None:
     service = StoreService(node_id_hex=args.node_id, capacity=args.capacity,
                            shm_dir=args.shm_dir, spill_dir=args.spill_dir)
     service.prepare_dirs()
+    service.claim_node()
     component.die_with_parent(on_parent_death=service.cleanup_files)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -510,6 +737,7 @@ async def serve(args: argparse.Namespace, token: str) -> None:
     object_store_pb2_grpc.add_ObjectStoreServicer_to_server(ObjectStoreServicer(service), server)
     port = rpc.bind(server, args.host, args.port)
     await server.start()
+    sweeper = asyncio.ensure_future(service.sweep_loop(args.sweep_interval_s))
     try:
         component.announce_ready(args.ready_file, port=port)
         log.info("object store serving on %s:%d: capacity %s, shm dir %s, spill dir %s",
@@ -518,7 +746,10 @@ async def serve(args: argparse.Namespace, token: str) -> None:
         await stop.wait()
         log.info("stopping: deleting %d objects", len(service.state.entries))
     finally:
+        sweeper.cancel()
+        await asyncio.gather(sweeper, return_exceptions=True)
         await server.stop(grace=0.5)
+        service.close_watches()
         await service.drain()
         service.cleanup_files()
 

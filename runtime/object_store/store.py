@@ -45,6 +45,10 @@ class Entry:
     # immutable), so spilling the same object again costs no copy.
     spill_path: str | None = None
     busy: bool = False  # a spill or restore copy is in flight
+    # While CREATED: the pids of the processes writing it, all watched, so it is freed
+    # when the last of them exits unsealed; None when it is never reclaimed (sealed, or
+    # a writer the store cannot watch). See server.StoreService.
+    writers: set[int] | None = None
 
     @property
     def in_memory(self) -> bool:

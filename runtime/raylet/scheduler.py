@@ -15,7 +15,12 @@ Policy:
 * a worker blocked in ``get`` lends its lease's CPUs back to the node until it
   unblocks (so nested tasks cannot deadlock the node);
 * at most ``max_starting`` workers start at once (starting a Python process is
-  the expensive part on small machines).
+  the expensive part on small machines);
+* a SPREAD request is placed once, when first scheduled, by Ray's spread policy:
+  round-robin over the alive nodes in node-id order (this one included), taking
+  the next node that has the resources free now, else the next one that has them
+  at all; a remote choice is spilled back to that node's raylet (which must then
+  grant it) and charged to our view of that node until the GCS reports it again.
 """
 from __future__ import annotations
 
@@ -45,6 +50,7 @@ class PendingRequest:
     since: float = field(default_factory=time.monotonic)
     warned: bool = False
     told_queued: bool = False
+    spread_placed: bool = False  # SPREAD: its node is chosen (it waits here if this one)
 
 
 @dataclass
@@ -147,6 +153,7 @@ class Scheduler:
         self.removed_groups: set = set()
         self.draining = False
         self._lease_ids = itertools.count(1)
+        self._spread_next = 0  # round-robin position of the SPREAD policy
 
     # -- stimuli ---------------------------------------------------------------------------
     def request_lease(self, req: PendingRequest) -> None:
@@ -200,7 +207,7 @@ class Scheduler:
         for key in [k for k in self.pending if k[0] == client]:
             del self.pending[key]
         kills = []
-        for lease in [l for l in self.leases.values() if l.client == client]:
+        for lease in [ls for ls in self.leases.values() if ls.client == client]:
             kills.append(KillWorker(lease.worker_id, "its lease holder disconnected"))
         return kills
 
@@ -228,7 +235,7 @@ class Scheduler:
         # this, every queued request would ask for a worker of its own.
         spoken_for: Resources = {}
         for key, req in list(self.pending.items()):
-            target = self._placement(req)
+            target = self._placement(req, spoken_for)
             if isinstance(target, Reject):
                 del self.pending[key]
                 actions.append(target)
@@ -348,7 +355,7 @@ class Scheduler:
     def _feasible_here(self, res: Resources) -> bool:
         return not missing(self.total, res)
 
-    def _placement(self, req: PendingRequest):
+    def _placement(self, req: PendingRequest, spoken_for: Optional[Resources] = None):
         if self.draining:
             for node in self.remote_nodes.values():
                 if not missing(node.total, req.resources) and not req.grant_or_reject:
@@ -364,6 +371,12 @@ class Scheduler:
                 return Reject(req.client, req.request_id,
                               f"node {req.affinity_node.hex()} named by NodeAffinitySchedulingStrategy "
                               f"is not alive in the cluster (soft=False)")
+        if req.strategy == "SPREAD" and not req.grant_or_reject and not req.spread_placed:
+            req.spread_placed = True
+            node = self._spread_choice(req.resources, spoken_for or {})
+            if node is not None and node.node_id != self.node_id:
+                subtract(node.available, req.resources)
+                return Spillback(req.client, req.request_id, node.raylet_address)
         if self._feasible_here(req.resources):
             return "local"
         if not req.grant_or_reject:
@@ -371,6 +384,25 @@ class Scheduler:
                 if not missing(node.total, req.resources):
                     return Spillback(req.client, req.request_id, node.raylet_address)
         return "infeasible"
+
+    def _spread_choice(self, res: Resources, spoken_for: Resources) -> Optional[RemoteNode]:
+        """Ray's SpreadSchedulingPolicy: the next node in round-robin order with `res` free
+        now, else the next with `res` at all; None when no node could ever run it. This
+        node is a RemoteNode too, for uniformity (its node_id is ours)."""
+        here_free = dict(self.available)
+        subtract(here_free, spoken_for)
+        nodes = [RemoteNode(self.node_id, "", self.total, here_free)]
+        nodes += [n for n in self.remote_nodes.values() if n.node_id != self.node_id]
+        nodes.sort(key=lambda n: n.node_id)
+        count = len(nodes)
+        for free_now in (True, False):
+            for i in range(count):
+                node = nodes[(self._spread_next + i) % count]
+                if missing(node.total, res) or (free_now and not fits(node.available, res)):
+                    continue
+                self._spread_next = (self._spread_next + i + 1) % count
+                return node
+        return None
 
     def _infeasible_message(self, req: PendingRequest) -> str:
         miss = missing(self.total, req.resources)

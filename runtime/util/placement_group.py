@@ -2,6 +2,8 @@
 atomically, then schedule tasks and actors into them."""
 from __future__ import annotations
 
+import math
+import numbers
 import time
 from typing import Any, Dict, List, Optional
 
@@ -58,6 +60,9 @@ class PlacementGroup:
 
     def wait(self, timeout_seconds: float = 30) -> bool:
         """True once the group is created, False if timeout_seconds pass first."""
+        from runtime.api import check_timeout
+
+        check_timeout("timeout_seconds", timeout_seconds)
         deadline = time.monotonic() + timeout_seconds
         version = 0
         while True:
@@ -97,7 +102,8 @@ def _get(pg_id: bytes = b"", name: str = "", namespace: str = "", newer_than: in
     cw = _cw()
     req = gcs_pb2.PlacementGroupRequest(placement_group_id=pg_id, name=name, namespace=namespace,
                                         newer_than=newer_than, timeout_s=timeout_s)
-    reply = cw.call(lambda: cw.actors.gcs().GetPlacementGroup(req, timeout=timeout_s + 30))
+    reply = cw.gcs_call("GetPlacementGroup", req, timeout=timeout_s + 30,
+                        doing="reading a placement group")
     return reply.info if reply.found else None
 
 
@@ -114,9 +120,10 @@ def placement_group(bundles: List[Dict[str, float]], strategy: str = "PACK", nam
             raise ValueError(f"Bundles cannot be an empty dictionary or a non-dict: bundle {i} "
                              f"is {b!r}")
         for k, v in b.items():
-            if not isinstance(v, (int, float)) or v < 0:
-                raise ValueError(f"bundle {i}: resource {k!r} must be a non-negative number, "
-                                 f"got {v!r}")
+            if (not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v)
+                    or v < 0):
+                raise ValueError(f"bundle {i}: resource {k!r} must be a finite non-negative "
+                                 f"number, got {v!r}")
         if all(v == 0 for v in b.values()):
             raise ValueError(f"Bundle {i} {b} has only zero resources; every bundle must "
                              f"reserve something.")
@@ -132,7 +139,7 @@ def placement_group(bundles: List[Dict[str, float]], strategy: str = "PACK", nam
         placement_group_id=pg_id, name=name or "", strategy=strategy,
         bundles=[gcs_pb2.Bundle(resources={k: float(v) for k, v in b.items()}) for b in bundles],
         creator_job_id=cw.job_id, detached=lifetime == "detached", namespace=cw.namespace)
-    reply = cw.call(lambda: cw.actors.gcs().CreatePlacementGroup(spec, timeout=30))
+    reply = cw.gcs_call("CreatePlacementGroup", spec, doing="creating a placement group")
     if reply.error:
         raise ValueError(reply.error)
     return PlacementGroup(PlacementGroupID(pg_id), [dict(b) for b in bundles])
@@ -144,7 +151,8 @@ def remove_placement_group(placement_group: PlacementGroup) -> None:
         raise TypeError(f"expected a PlacementGroup, got {type(placement_group).__name__}")
     cw = _cw()
     req = gcs_pb2.PlacementGroupRequest(placement_group_id=placement_group.id.binary())
-    cw.call(lambda: cw.actors.gcs().RemovePlacementGroup(req, timeout=30))
+    cw.gcs_call("RemovePlacementGroup", req,
+                doing=f"removing placement group {placement_group.id.hex()}")
 
 
 def get_placement_group(placement_group_name: str) -> PlacementGroup:
@@ -176,7 +184,8 @@ def placement_group_table(placement_group: Optional[PlacementGroup] = None) -> D
         return _table_entry(info) if info else {}
     from runtime.protocol import common_pb2
 
-    groups = cw.call(lambda: cw.actors.gcs().ListPlacementGroups(common_pb2.Empty(), timeout=30))
+    groups = cw.gcs_call("ListPlacementGroups", common_pb2.Empty(),
+                         doing="listing placement groups")
     return {g.spec.placement_group_id.hex(): _table_entry(g) for g in groups.groups}
 
 

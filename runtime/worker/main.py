@@ -1,9 +1,15 @@
-"""Entry point of a worker process (``python -m runtime.worker``), started by the raylet."""
+"""Entry point of a worker process (``python -m runtime.worker``), started by the raylet.
+
+``import runtime`` (the package, imported before this module) has already set
+GRPC_ENABLE_FORK_SUPPORT=false unless the environment chose otherwise, before any
+gRPC import; the same holds for the GCS, raylet and object store entry points.
+"""
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import sys
 
 from runtime import component
 from runtime.core_worker.core_worker import WORKER, CoreWorker
@@ -24,6 +30,14 @@ def main(argv=None) -> None:
     p.add_argument("--startup-token", required=True)
     p.add_argument("--worker-id", required=True)
     args = p.parse_args(argv)
+    # stdout is the worker's log file, which Python would buffer in 8 KiB blocks
+    # (unless the environment happens to say PYTHONUNBUFFERED): what a task prints
+    # must be in the log as it is printed, and nothing may be lost at os._exit below.
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(line_buffering=True)
+        except (AttributeError, ValueError):
+            pass
     token = component.token_from_env()
     component.setup_logging("worker", args.node_id)
     component.die_with_parent()
@@ -47,6 +61,11 @@ def main(argv=None) -> None:
     try:
         executor.run_forever()
     finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # a closed or broken log must not keep us from exiting
+                pass
         os._exit(0)
 
 

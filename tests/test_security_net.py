@@ -1,0 +1,451 @@
+"""What a peer without the cluster token can cost the cluster's servers: nothing much.
+
+gRPC (runtime/rpc.py): a request without the token is refused before its body is
+read, so 300 MB requests, unary or streaming, several at once, leave the server's
+RSS flat while it goes on serving authenticated calls; a non-ASCII or binary
+``authorization`` header gets UNAUTHENTICATED and a clear message, never a
+traceback in the log.
+
+The sync-actor call port (runtime/core_worker/actor_call_server.py, frames.py,
+call_connection.py): a deadline for the whole hello, a cap on connections that
+have not authenticated, rate-limited refusal logs, a port that survives a failed
+thread start, frame lengths checked before allocation at both ends, and a caller
+that gives up on a port that never answers.
+
+Everything runs against the real processes of the module's private cluster, over
+raw sockets and gRPC channels without the token, on loopback.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import select
+import socket
+import struct
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import grpc
+import psutil
+import pytest
+
+import runtime as ray
+from runtime import frames, rpc
+from runtime.core_worker.call_connection import CallConnection
+from runtime.core_worker.current import core_worker
+from runtime.protocol import (common_pb2, gcs_pb2, gcs_pb2_grpc, object_store_pb2,
+                              object_store_pb2_grpc, raylet_pb2_grpc)
+
+from conftest import wait_for
+from helpers.raw_http2 import call as raw_grpc_call
+
+MiB = 1 << 20
+ATTACK_BYTES = 300 * MiB
+# What an unauthenticated 300 MB request may add to a server's RSS (the issue's bound).
+RSS_BUDGET = 20 * MiB
+# Options of a channel that is allowed to send what the servers' limit allows and more.
+RAW_CHANNEL_OPTIONS = [("grpc.max_send_message_length", 1 << 30),
+                       ("grpc.max_receive_message_length", 1 << 30)]
+
+
+@ray.remote
+class Plain:
+    def pid(self):
+        return os.getpid()
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def _component(module: str) -> psutil.Process:
+    """The cluster process running `python -m <module>` (GCS, raylet, object store)."""
+    for p in psutil.Process().children(recursive=True):
+        try:
+            cmd = p.cmdline()
+        except psutil.Error:
+            continue
+        if "-m" in cmd and module in cmd:
+            return p
+    raise AssertionError(f"no {module} process under the test process")
+
+
+class RssPeak:
+    """Samples a process's RSS every few ms while the block runs; `growth` is the peak
+    over the RSS at entry."""
+
+    def __init__(self, proc: psutil.Process) -> None:
+        self.proc = proc
+        self.base = proc.memory_info().rss
+        self.peak = self.base
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.peak = max(self.peak, self.proc.memory_info().rss)
+            except psutil.Error:
+                return
+            time.sleep(0.002)
+
+    def __enter__(self) -> "RssPeak":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.base
+
+
+def _attack(address: str, method: str, kind: str, payload: bytes) -> Tuple[grpc.StatusCode, str]:
+    """One call without the token on a fresh connection; its status code and details."""
+    with grpc.insecure_channel(address, options=RAW_CHANNEL_OPTIONS) as channel:
+        try:
+            if kind == "unary_unary":
+                channel.unary_unary(method)(payload, timeout=120)
+            elif kind == "unary_stream":
+                list(channel.unary_stream(method)(payload, timeout=120))
+            else:
+                list(channel.stream_stream(method)(iter([payload]), timeout=120))
+        except grpc.RpcError as exc:
+            return exc.code(), exc.details() or ""
+    return grpc.StatusCode.OK, ""
+
+
+def _serving_while(busy: "threading.Event", probe) -> List[float]:
+    """Runs authenticated `probe()` calls until `busy` is cleared; their latencies (a
+    failure raises)."""
+    latencies = []
+    while True:
+        t0 = time.monotonic()
+        probe()
+        latencies.append(time.monotonic() - t0)
+        if not busy.is_set():
+            return latencies
+        time.sleep(0.05)
+
+
+def _attack_and_probe(proc: psutil.Process, attacks: list, probe) -> Tuple[RssPeak, list, List[float]]:
+    """Runs `attacks` ((address, method, kind, payload) each) in parallel while probing."""
+    busy = threading.Event()
+    busy.set()
+    with RssPeak(proc) as rss, ThreadPoolExecutor(len(attacks) + 1) as pool:
+        probing = pool.submit(_serving_while, busy, probe)
+        outcomes = [f.result(timeout=300) for f in [pool.submit(_attack, *a) for a in attacks]]
+        busy.clear()
+        latencies = probing.result(timeout=60)
+    return rss, outcomes, latencies
+
+
+def _actor_address(handle) -> common_pb2.Address:
+    cw = core_worker()
+    stub = gcs_pb2_grpc.GcsStub(rpc.sync_channel(cw.gcs_address, cw.token))
+    reply = stub.GetActor(gcs_pb2.GetActorRequest(actor_id=handle._actor_id), timeout=10)
+    assert reply.found and reply.actor.state == "ALIVE", reply
+    return reply.actor.address
+
+
+def _live_actor(actors) -> Tuple[object, int, common_pb2.Address]:
+    a = Plain.remote()
+    actors.append(a)
+    pid = ray.get(a.pid.remote(), timeout=60)
+    return a, pid, _actor_address(a)
+
+
+def _worker_log(cluster, addr: common_pb2.Address) -> Path:
+    return Path(cluster.address_info["session_dir"], "logs", f"worker-{addr.worker_id.hex()[:8]}.log")
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bool:
+    """True once the peer closes `sock` (EOF or reset) within `seconds`; what it sends
+    before (a refusal reason) is read and dropped."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([sock], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            continue
+        try:
+            if not sock.recv(4096):
+                return True
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+    return False
+
+
+def _hello_answer(addr: common_pb2.Address, token: str, timeout: float = 10.0) -> bytes:
+    """The call port's answer (a frame) to a hello with `token`, or b'' if it closed."""
+    with socket.create_connection((addr.ip, addr.task_port), timeout=timeout) as s:
+        s.sendall(frames.hello(token))
+        data = b""
+        try:
+            while len(data) < 4 or len(data) < 4 + struct.unpack("<I", data[:4])[0]:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+        except ConnectionResetError:
+            pass
+        return data
+
+
+class _Recorder:
+    """The handler side of a CallConnection: what came back and how it ended."""
+
+    def __init__(self) -> None:
+        self.results: list = []
+        self.lost: List[Tuple[float, str]] = []
+
+    def on_result(self, conn, result) -> None:
+        self.results.append(result)
+
+    def on_connection_lost(self, conn, error: str) -> None:
+        self.lost.append((time.monotonic(), error))
+
+
+def _call_connection_outcome(port: int, wait_s: float, **kwargs) -> Tuple[_Recorder, float, Optional[str]]:
+    """Opens a CallConnection to 127.0.0.1:port on a loop of its own and waits up to
+    wait_s for it to fail; (recorder, seconds until it failed, handshake_error)."""
+
+    async def main():
+        recorder = _Recorder()
+        t0 = time.monotonic()
+        conn = CallConnection(recorder, f"127.0.0.1:{port}", b"\x07" * 28, common_pb2.JobConfig(),
+                              "not-the-token", control_address="127.0.0.1:1", **kwargs)
+        conn.send(common_pb2.TaskSpec(task_id=b"\x01" * 24, method_name="pid"))
+        while not recorder.lost and time.monotonic() - t0 < wait_s:
+            await asyncio.sleep(0.02)
+        error = conn.handshake_error
+        conn.close()
+        took = recorder.lost[0][0] - t0 if recorder.lost else float("inf")
+        return recorder, took, error
+
+    return asyncio.run(main())
+
+
+# -- gRPC: requests without the token ---------------------------------------------------------------
+def test_unauthenticated_300mb_unary_requests_cost_the_gcs_nothing(cluster):
+    """Three 300 MB KvPut requests without the token, in parallel: UNAUTHENTICATED, the
+    GCS's RSS stays within 20 MB, and it serves authenticated calls all along; after,
+    authenticated 200 MB messages still go through."""
+    gcs = _component("runtime.gcs")
+    address = cluster.address_info["gcs_address"]
+    token = core_worker().token
+    payload = gcs_pb2.KvRequest(ns="attack", key=b"k", value=b"x" * ATTACK_BYTES).SerializeToString()
+    authed = gcs_pb2_grpc.GcsStub(rpc.sync_channel(address, token))
+
+    rss, outcomes, latencies = _attack_and_probe(
+        gcs, [(address, "/runtime.protocol.Gcs/KvPut", "unary_unary", payload)] * 3,
+        lambda: authed.GetAllNodes(common_pb2.Empty(), timeout=30))
+    del payload
+
+    assert [code for code, _ in outcomes] == [grpc.StatusCode.UNAUTHENTICATED] * 3, outcomes
+    assert all("no cluster token" in details for _, details in outcomes), outcomes
+    assert rss.growth < RSS_BUDGET, (f"3 unauthenticated 300 MB requests grew the GCS (pid "
+                                     f"{gcs.pid}) by {rss.growth / MiB:.0f} MB")
+    assert latencies and max(latencies) < 10, f"authenticated calls during the attack: {latencies}"
+    assert gcs.is_running()
+
+    big = b"y" * (200 * MiB)
+    authed.KvPut(gcs_pb2.KvRequest(ns="large", key=b"k", value=big), timeout=120)
+    try:
+        assert authed.KvGet(gcs_pb2.KvRequest(ns="large", key=b"k"), timeout=120).value == big
+    finally:
+        authed.KvDel(gcs_pb2.KvRequest(ns="large", key=b"k"), timeout=60)
+
+
+def test_unauthenticated_300mb_streaming_requests_cost_nothing(cluster):
+    """The same for streaming methods: ObjectStore.Read (one request, a stream back) and
+    Raylet.Connect (streams both ways)."""
+    token = core_worker().token
+    info = cluster.address_info
+    cases = [
+        ("runtime.object_store", info["object_store_address"], "/runtime.protocol.ObjectStore/Read",
+         "unary_stream", object_store_pb2.StoreGetRequest(object_ids=[b"x" * ATTACK_BYTES]),
+         lambda: object_store_pb2_grpc.ObjectStoreStub(
+             rpc.sync_channel(info["object_store_address"], token)).Stats(common_pb2.Empty(), timeout=30)),
+        ("runtime.raylet", info["raylet_address"], "/runtime.protocol.Raylet/Connect",
+         "stream_stream", None,
+         lambda: raylet_pb2_grpc.RayletStub(rpc.sync_channel(info["raylet_address"], token))
+         .GetNodeStats(common_pb2.Empty(), timeout=30)),
+    ]
+    for module, address, method, kind, message, probe in cases:
+        payload = message.SerializeToString() if message is not None else b"x" * ATTACK_BYTES
+        proc = _component(module)
+        rss, outcomes, latencies = _attack_and_probe(
+            proc, [(address, method, kind, payload)] * 2, probe)
+        del payload
+        assert [code for code, _ in outcomes] == [grpc.StatusCode.UNAUTHENTICATED] * 2, (method, outcomes)
+        assert rss.growth < RSS_BUDGET, (f"2 unauthenticated 300 MB {method} requests grew the "
+                                         f"{module} (pid {proc.pid}) by {rss.growth / MiB:.0f} MB")
+        assert latencies and max(latencies) < 10, (method, latencies)
+        probe()
+
+
+@pytest.mark.parametrize("header,expected", [
+    (("authorization", b"Bearer t\xf6k\xe9n"), "non-ASCII authorization header"),  # latin-1
+    (("authorization", "Bearer tökén".encode()), "non-ASCII authorization header"),  # UTF-8
+    (("authorization", None), "non-ASCII authorization header"),  # the token, one byte added
+    (("authorization-bin", "QmVhcmVyIHTDtmvDqW4"), "binary metadata (authorization-bin)"),
+])
+def test_non_ascii_authorization_is_refused_cleanly(cluster, header, expected):
+    token = core_worker().token
+    if header[1] is None:
+        header = ("authorization", f"Bearer {token}".encode() + b"\xe9")
+    host, port = cluster.address_info["gcs_address"].rsplit(":", 1)
+    reply = raw_grpc_call((host, int(port)), "/runtime.protocol.Gcs/GetAllNodes", [header])
+    assert reply.status == grpc.StatusCode.UNAUTHENTICATED.value[0], reply
+    assert expected in reply.message and "authentication failed" in reply.message, reply
+    # The same raw client with the right token gets through: the refusal is the header's.
+    ok = raw_grpc_call((host, int(port)), "/runtime.protocol.Gcs/GetAllNodes",
+                       [("authorization", f"Bearer {token}")])
+    assert ok.status == 0, ok
+    log = Path(cluster.address_info["session_dir"], "logs", "gcs.log").read_text()
+    assert "Traceback" not in log and "Invalid encoding" not in log, log[-3000:]
+
+
+# -- the call port ----------------------------------------------------------------------------------
+def test_a_dribbled_hello_is_cut_off_at_the_deadline(actors):
+    """One byte every half second: each read succeeds, but the hello as a whole has
+    HANDSHAKE_TIMEOUT_S, then the connection is closed."""
+    _a, pid, addr = _live_actor(actors)
+    limit = frames.HANDSHAKE_TIMEOUT_S
+    with socket.create_connection((addr.ip, addr.task_port), timeout=10) as s:
+        t0 = time.monotonic()
+        s.sendall(struct.pack("<I", 1000) + frames.MAGIC)
+        closed = False
+        while not closed and time.monotonic() - t0 < limit + 5:
+            try:
+                s.sendall(b"0")
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+                break
+            closed = _closed_within(s, 0.5)
+        took = time.monotonic() - t0
+    assert closed, f"a hello dribbled for {took:.1f}s is still open (deadline {limit}s)"
+    assert took < limit + 5, took
+    assert ray.get(_a.pid.remote(), timeout=30) == pid
+
+
+def test_unauthenticated_connections_beyond_the_cap_are_closed_at_once(actors):
+    a, pid, addr = _live_actor(actors)
+    cap = frames.MAX_UNAUTHENTICATED
+    silent = []
+    try:
+        for _ in range(cap):
+            silent.append(socket.create_connection((addr.ip, addr.task_port), timeout=10))
+        # Any of these might be refused if the port has not yet seen the earlier ones
+        # time out or close; it has not: they are all younger than the deadline.
+        extra = [socket.create_connection((addr.ip, addr.task_port), timeout=10) for _ in range(5)]
+        t0 = time.monotonic()
+        try:
+            assert all(_closed_within(s, 5) for s in extra), "connections beyond the cap stayed open"
+            assert time.monotonic() - t0 < frames.HANDSHAKE_TIMEOUT_S / 2
+        finally:
+            for s in extra:
+                s.close()
+        assert not any(_closed_within(s, 0.2) for s in silent[-3:]), "the ones within the cap wait"
+        # The caller that authenticated before keeps calling through its own connection.
+        assert ray.get([a.pid.remote() for _ in range(20)], timeout=30) == [pid] * 20
+    finally:
+        for s in silent:
+            s.close()
+    # Closed by their peer, they free their places at once: a new caller is served.
+    token = core_worker().token
+    wait_for(lambda: _hello_answer(addr, token) == frames.frame(b""), 20,
+             message="the call port to accept a new caller after the flood")
+
+
+def test_a_hundred_bad_hellos_make_a_few_log_lines(cluster, actors):
+    a, pid, addr = _live_actor(actors)
+    log = _worker_log(cluster, addr)
+    for _ in range(100):
+        assert b"a wrong cluster token" in _hello_answer(addr, "0" * 64)
+
+    def refused() -> Tuple[int, int]:
+        """(lines about the refusals, refusals they account for)."""
+        lines = [line for line in log.read_text().splitlines() if "a wrong cluster token" in line]
+        total = 0
+        for line in lines:
+            m = re.search(r"(\d+) more in the last", line)
+            total += (int(m.group(1)) if m else 0) + (0 if m and "not logged" not in line else 1)
+        return len(lines), total
+
+    wait_for(lambda: refused()[1] >= 100, 60, message="the refusals to be accounted for in the log")
+    lines, total = refused()
+    assert lines <= 3 and total == 100, f"{lines} log lines for {total} refusals"
+    assert ray.get(a.pid.remote(), timeout=30) == pid
+
+
+def test_oversized_frames_before_auth_are_refused_unallocated(actors):
+    """Server: a hello header claiming 4 GiB, twenty times at once, is refused unread,
+    and the actor's RSS stays flat. Caller: a port answering the hello with a frame
+    claiming 100 MB fails the connection at that header, not after 100 MB."""
+    a, pid, addr = _live_actor(actors)
+    worker = psutil.Process(pid)
+    with RssPeak(worker) as rss:
+        conns = [socket.create_connection((addr.ip, addr.task_port), timeout=10) for _ in range(20)]
+        try:
+            for s in conns:
+                s.sendall(struct.pack("<I", 0xFFFFFFFF) + b"x" * 1024)
+            assert all(_closed_within(s, 10) for s in conns)
+        finally:
+            for s in conns:
+                s.close()
+    assert rss.growth < 5 * MiB, f"the actor grew by {rss.growth / MiB:.1f} MB"
+    assert ray.get(a.pid.remote(), timeout=30) == pid
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+
+        def answer_big() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.sendall(struct.pack("<I", 100 * MiB) + b"z" * 4096)
+                _closed_within(conn, 15)
+
+        server = threading.Thread(target=answer_big, daemon=True)
+        server.start()
+        recorder, took, error = _call_connection_outcome(listener.getsockname()[1], wait_s=5)
+        server.join(20)
+    assert recorder.lost, "the caller waited for a 100 MB answer to its hello"
+    assert took < 5 and "over the 1024-byte limit" in recorder.lost[0][1], recorder.lost
+    assert error == recorder.lost[0][1]
+
+
+def test_a_port_that_never_answers_the_hello_fails_the_caller_in_time():
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)  # accepted by the kernel, never answered
+        port = listener.getsockname()[1]
+        recorder, took, error = _call_connection_outcome(port, wait_s=10, handshake_timeout_s=1.0)
+    assert recorder.lost, "the caller is still waiting for the hello's answer"
+    message = recorder.lost[0][1]
+    assert 0.9 < took < 4, took
+    assert f"127.0.0.1:{port}" in message and "did not answer the hello within 1s" in message, message
+    assert error == message
+
+
+def test_a_failed_thread_start_does_not_close_the_port(actors):
+    """With its address space capped, the actor's worker cannot start the caller's
+    thread ("can't start new thread"): that caller is closed, the port stays open and
+    serves the next one once threads can start again."""
+    a, pid, addr = _live_actor(actors)
+    token = core_worker().token
+    worker = psutil.Process(pid)
+    limit = worker.rlimit(psutil.RLIMIT_AS)
+    worker.rlimit(psutil.RLIMIT_AS, (worker.memory_info().vms + 4 * MiB, limit[1]))
+    try:
+        answer = _hello_answer(addr, token)
+    finally:
+        worker.rlimit(psutil.RLIMIT_AS, limit)
+    assert answer == b"", f"a thread started after all ({answer!r}); the test proves nothing"
+    assert _hello_answer(addr, token) == frames.frame(b""), "the call port died with the thread"
+    assert ray.get(a.pid.remote(), timeout=30) == pid
