@@ -24,7 +24,8 @@ from runtime.object_ref import ObjectRef
 from runtime.protocol import common_pb2, gcs_pb2, gcs_pb2_grpc
 from runtime.rpc_errors import gcs_error
 from runtime.runtime_context import RuntimeContext
-from runtime.session import find_running_cluster, new_session_dir, write_cluster_file
+from runtime.session import (find_running_cluster, new_session_dir, require_running_cluster,
+                             write_cluster_file)
 
 log = logging.getLogger("runtime")
 
@@ -186,13 +187,11 @@ def _attach(address: str, kwargs: Dict[str, Any]) -> RuntimeContextInfo:
     for key in ("num_cpus", "num_gpus", "resources", "object_store_memory"):
         if kwargs.get(key) is not None:
             raise ValueError(f"When connecting to an existing cluster, {key} must not be provided.")
-    found = find_running_cluster(kwargs.get("_temp_dir"))
     if address == "auto":
-        if found is None:
-            raise ConnectionError(
-                "Could not find any running cluster on this machine (address='auto'). Start one "
-                "with `agentctl start --head`, or call init() without an address for a private one.")
+        found: Optional[dict] = require_running_cluster(kwargs.get("_temp_dir"))
         address = found["gcs_address"]
+    else:
+        found = find_running_cluster(kwargs.get("_temp_dir"))
     from runtime.net import split_address
 
     split_address(address)

@@ -48,6 +48,11 @@ GRPC_MAX_MESSAGE_BYTES: int = _env("GRPC_MAX_MESSAGE_BYTES", 512 * 1024 * 1024)
 TASK_EVENTS_ENABLED: bool = _env("TASK_EVENTS", 1, int) != 0
 TASK_EVENTS_FLUSH_S: float = _env("TASK_EVENTS_FLUSH_S", 1.0)
 TASK_EVENTS_MAX_TASKS: int = _env("TASK_EVENTS_MAX_TASKS", 10_000)
+# How long a driver waits for a component that went away to come back: it reconnects
+# to its raylet (a node agent restarts a dead raylet at the same address within a few
+# seconds) before failing what waits for it with RayletDiedError; a placement group's
+# ready() waits this long for an unreachable GCS.
+RECONNECT_TIMEOUT_S: float = _env("RECONNECT_TIMEOUT_S", 7.0)
 # Root of session directories (one per cluster started on this machine). Empty means
 # this user's default: $XDG_RUNTIME_DIR/runtime-cluster when that is a private directory
 # of ours, else /tmp/runtime-cluster-<uid> (runtime.private_fs.default_session_root).

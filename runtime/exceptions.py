@@ -155,6 +155,10 @@ class TaskCancelledError(RayError):
         super().__init__(message or (f"Task {task_id} was cancelled" if task_id
                                      else "Task was cancelled"))
 
+    def __reduce__(self):
+        # The default (cls(*args)) would pass the message as task_id, doubling it.
+        return (type(self), (self.task_id, str(self)))
+
 
 class WorkerCrashedError(RayError):
     """The worker process died (exit, signal, segfault) while running the task."""

@@ -26,7 +26,6 @@ What a restart means for each component (see :meth:`Node.on_component_exit`):
 """
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import math
@@ -246,15 +245,11 @@ class Node:
         return None
 
     def remove_store_files(self) -> None:
-        """Delete the /dev/shm files of this node's object store (it is dead)."""
-        from runtime.object_store.store import FILE_PREFIX
+        """Delete the /dev/shm files of this node's object store once it is provably dead
+        (its lock is free: runtime/object_store/reclaim.py); a live store is left alone."""
+        from runtime.object_store.reclaim import log_sweep, sweep_dead_store
 
-        pattern = os.path.join("/dev/shm", f"{FILE_PREFIX}{self.store_node_hex[:12]}-*")
-        for path in glob.glob(pattern):
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+        log_sweep(sweep_dead_store("/dev/shm", self.store_node_hex), "dead object store")
 
     def address_info(self) -> dict:
         return {"node_ip_address": self.cfg.node_ip, "gcs_address": self.gcs_address,
@@ -273,5 +268,7 @@ class Node:
             proc = self.supervisor.get(name)
             if proc is not None:
                 proc.stop(grace)
+        # A store that stopped cleanly removed its files; one that died did not.
+        self.remove_store_files()
         if self._own_supervisor:
             self.supervisor.close()

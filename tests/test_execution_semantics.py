@@ -385,3 +385,46 @@ def test_spread_actors_are_placed_on_both_nodes(two_nodes, actors):
     assert set(nodes) == {ctx.address_info["node_id"], second.node_id.hex()}
     assert nodes.count(second.node_id.hex()) == 2
 
+
+
+# -- 5. parents of tasks submitted by concurrent calls ----------------------------------------------
+@ray.remote
+def child_of():
+    return None
+
+
+@ray.remote(max_concurrency=4, num_cpus=0)
+class Spawner:
+    def __init__(self):
+        self.all_in = threading.Barrier(4)
+
+    def spawn(self, n: int):
+        """Submit n child tasks the moment every call is in (their submissions overlap)."""
+        self.all_in.wait(30)
+        children = [child_of.remote() for _ in range(n)]
+        ray.get(children)
+        return [c.task_id().hex() for c in children]
+
+
+def test_children_of_concurrent_calls_name_their_own_parent(actors):
+    """Four calls of a threaded actor submit children at the same time: each child's
+    parent_task_id is the call that submitted it, not whichever call woke the worker's
+    I/O thread first."""
+    a = Spawner.remote()
+    actors.append(a)
+    calls = [a.spawn.remote(50) for _ in range(4)]
+    parent_of = {}
+    for call, children in zip(calls, ray.get(calls, timeout=120)):
+        for child in children:
+            parent_of[child] = call.task_id().hex()
+
+    def recorded():
+        rows = {r["task_id"]: r for r in list_tasks(filters=[("name", "=", "child_of")],
+                                                    limit=0)}
+        return rows if all(c in rows for c in parent_of) else None
+
+    rows = wait_for(recorded, 60, message="every child task in the state API")
+    wrong = {c: (rows[c]["parent_task_id"], p) for c, p in parent_of.items()
+             if rows[c]["parent_task_id"] != p}
+    assert not wrong, f"{len(wrong)} of {len(parent_of)} children name another parent: " \
+                      f"{list(wrong.items())[:3]}"

@@ -23,7 +23,9 @@ import psutil
 import pytest
 
 import runtime as ray
-from runtime.exceptions import ClusterConnectionError, NodeDiedError, RayletDiedError
+from runtime import config
+from runtime.exceptions import (ClusterConnectionError, NodeDiedError, ObjectLostError,
+                                RayletDiedError)
 
 from agent_helpers import Farm, wait_for
 from conftest import assert_all_gone
@@ -84,7 +86,11 @@ def test_private_raylet_sigkill_fails_pending_and_new_work_fast(fresh_runtime, t
     counter = Counter.remote()
     assert ray.get(counter.incr.remote(), timeout=60) == 1
     gates = [str(tmp_path / f"started-{i}") for i in range(3)]
-    running = [slow.remote(g) for g in gates]  # two run, one waits for a CPU
+    # The first has no retries: its worker dies with the raylet, and the raylet's death
+    # (the cause, known by then) is what it fails with, not WorkerCrashedError.
+    running = [slow.options(max_retries=0).remote(gates[0])]
+    wait_for(lambda: os.path.exists(gates[0]), 30, message="the task without retries running")
+    running += [slow.remote(g) for g in gates[1:]]  # one more runs, one waits for a CPU
     wait_for(lambda: sum(os.path.exists(g) for g in gates) == 2, 30,
              message="two slow tasks running")
     from runtime.util import placement_group
@@ -138,6 +144,52 @@ def test_private_raylet_sigkill_fails_pending_and_new_work_fast(fresh_runtime, t
     assert time.monotonic() - t0 < 15
 
 
+def test_a_registration_that_times_out_leaves_no_task_behind(fresh_runtime, tmp_path):
+    """A raylet that takes the connection and never answers the registration (stopped):
+    connect() gives up after its timeout, and nothing of the attempt (the stream's
+    writer, above all) is left pending, to be garbage-collected mid-await later."""
+    import asyncio
+
+    from runtime import rpc
+    from runtime.core_worker.raylet_client import RayletClient
+    from runtime.protocol import raylet_pb2
+
+    ctx = ray.init(num_cpus=1, _temp_dir=str(tmp_path))
+    token = Path(ctx["session_dir"], "token").read_text()
+    raylet = _child("runtime.raylet")
+
+    async def attempt() -> tuple:
+        client = RayletClient(rpc.aio_channel(ctx["raylet_address"], token),
+                              lambda grant: None, lambda reason: None)
+        t0 = time.monotonic()
+        with pytest.raises(asyncio.TimeoutError):
+            await client.connect(raylet_pb2.RegisterClient(is_driver=True, pid=os.getpid()),
+                                 timeout=1.0)
+        took = time.monotonic() - t0
+        deadline = time.monotonic() + 10
+        while True:
+            left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            if not left or time.monotonic() > deadline:
+                return took, left
+            await asyncio.sleep(0.02)
+
+    raylet.suspend()
+    try:
+        took, left = asyncio.run(attempt())
+    finally:
+        raylet.resume()
+    assert took < 5, took
+    assert not left, f"still pending after a failed registration: {left}"
+    # The driver's own stream to the raylet lived through the pause.
+    assert ray.get(ray.put(1), timeout=30) == 1
+
+    @ray.remote
+    def one():
+        return 1
+
+    assert ray.get(one.remote(), timeout=60) == 1
+
+
 # -- the raylet of a node run by node-agent -----------------------------------------------------------
 @pytest.fixture
 def farm(tmp_path):
@@ -159,8 +211,7 @@ def test_attached_driver_reconnects_when_the_agent_restarts_the_raylet(farm, mon
         monkeypatch.delenv(var, raising=False)
     # The default window (7 s) covers the agent's restart (backoff, then the raylet's
     # start); a machine loaded by parallel test runs can take longer to start a process.
-    monkeypatch.setattr("runtime.core_worker.core_worker.RECONNECT_TIMEOUT_S", 30.0,
-                        raising=False)
+    monkeypatch.setattr(config, "RECONNECT_TIMEOUT_S", 30.0)
     ray.init(address=started["gcs_address"])
 
     @ray.remote(max_retries=3)
@@ -238,6 +289,8 @@ def test_attached_driver_fails_fast_when_the_raylet_does_not_come_back(tmp_path)
         msg = str(info.value)
         assert f"raylet at {ctx['raylet_address']}" in msg and "did not come back" in msg, msg
         assert info.value.address == ctx["raylet_address"]
+        # The raylet's pid came with its registration ack: an attached driver knows it too.
+        assert f"pid {raylet_pid}" in msg and info.value.pid == raylet_pid, msg
         t0 = time.monotonic()
         with pytest.raises(RayletDiedError):
             ray.get(quick.remote(), timeout=30)
@@ -285,6 +338,66 @@ def test_dead_gcs_errors_name_it(fresh_runtime, tmp_path):
         assert f"GCS at {gcs_address}" in str(info.value), (what, str(info.value))
         assert time.monotonic() - t0 < 15, what
     ray.shutdown()
+
+
+# -- another node's object store dying in the middle of a pull -----------------------------------------
+def _unsealed_counter(address: str, token: str):
+    """(count, close): count() is how many objects the store at `address` holds unsealed."""
+    from runtime import rpc
+    from runtime.protocol import common_pb2, object_store_pb2_grpc
+
+    channel = rpc.sync_channel(address, token)
+    stub = object_store_pb2_grpc.ObjectStoreStub(channel)
+    return (lambda: stub.Stats(common_pb2.Empty(), timeout=10).num_unsealed), channel.close
+
+
+def test_a_failed_pull_leaves_no_partial_object_in_the_local_store(fresh_runtime, tmp_path):
+    """The store holding an object dies while the driver copies it into its own node's
+    store: get() fails naming that node, and the half-written local copy is deleted at
+    once, not left unsealed until the driver exits."""
+    from runtime.node import Node, NodeConfig
+    from runtime.session import new_session_dir
+
+    root = str(tmp_path / "root")
+    os.makedirs(root, mode=0o700)
+    ctx = ray.init(num_cpus=1, object_store_memory=600 * 2**20, _temp_dir=root)
+    token = Path(ctx.address_info["session_dir"], "token").read_text()
+    unsealed, close_channel = _unsealed_counter(ctx.address_info["object_store_address"], token)
+    second = Node(NodeConfig(head=False, node_ip="127.0.0.2", gcs_address=ctx.address_info["gcs_address"],
+                             num_cpus=1, resources={"second": 1}, session_dir=new_session_dir(root),
+                             token=token, object_store_memory=600 * 2**20))
+    try:
+        second.start()
+
+        @ray.remote(resources={"second": 1})  # waits for the node, runs only there
+        def big():
+            return b"b" * (400 * 2**20)
+
+        ref = big.remote()
+        ray.wait([ref], timeout=120)  # ready on the second node, not fetched yet
+        assert unsealed() == 0
+        outcome: dict = {}
+
+        def fetch() -> None:
+            try:
+                outcome["value"] = len(ray.get(ref, timeout=120))
+            except BaseException as exc:  # noqa: BLE001 - the test inspects whatever came
+                outcome["error"] = exc
+
+        reader = threading.Thread(target=fetch)
+        reader.start()
+        wait_for(lambda: unsealed() == 1, 60, interval=0.001,
+                 message="the pull to create the local copy")
+        os.kill(second.pids["object_store"], signal.SIGKILL)
+        reader.join(60)
+        assert not reader.is_alive(), "get() of an object whose store died is still blocked"
+        err = outcome.get("error")
+        assert isinstance(err, ObjectLostError), repr(outcome)
+        assert second.node_id.hex()[:8] in str(err), str(err)
+        wait_for(lambda: unsealed() == 0, 10, message="the partial local copy to be deleted")
+    finally:
+        close_channel()
+        second.stop()
 
 
 # -- init()/shutdown() cycles ------------------------------------------------------------------------

@@ -2,9 +2,11 @@
 tasks and actors into bundles, child-task capture, removal, names and validation —
 checked against Ray's documented behaviour.
 
-All tests share the module's private single-node 2-CPU ``cluster``. Every group a test
-creates is removed when it ends (the ``groups`` fixture) and every actor killed, so
-each test starts with both CPUs free (tests that count CPUs wait for that first).
+The end-to-end tests share the module's private single-node 2-CPU ``cluster``. Every
+group a test creates is removed when it ends (the ``groups`` fixture) and every actor
+killed, so each test starts with both CPUs free (tests that count CPUs wait for that
+first). The GCS's reservation state machine is tested without any process (sans-I/O),
+one test per interleaving of replies and removal.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ import pytest
 
 import runtime as ray
 from runtime.exceptions import ActorDiedError, GetTimeoutError, RayError
+from runtime.gcs.pg_reservation import (Cancel, Commit, Created, GroupReservation, Outcome,
+                                        Prepare, Retry, State)
 from runtime.util import (get_current_placement_group, get_placement_group, placement_group,
                           placement_group_table, remove_placement_group)
 from runtime.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -310,3 +314,210 @@ def test_named_group_lookup(groups):
 def test_invalid_groups_raise_value_error(cluster, bundles, strategy):
     with pytest.raises(ValueError):
         placement_group(bundles, strategy=strategy)
+
+
+# -- removal racing the two-phase reservation ---------------------------------------------------
+def leftover_group_resources() -> list:
+    """Bundle resource names (CPU_group_..., bundle_group_...) still in the cluster's view."""
+    names = set(ray.cluster_resources()) | set(ray.available_resources())
+    return sorted(n for n in names if "_group_" in n)
+
+
+def churn_groups(count: int, strategies, max_bundles: int, wait_every: int) -> list:
+    """Create `count` groups of varied shapes and remove each right away (every
+    `wait_every`-th one once it is created), so removals land before, during and after
+    the Prepare/Commit round trips."""
+    made = []
+    for i in range(count):
+        strategy = strategies[i % len(strategies)]
+        n = 1 + i % max_bundles
+        bundles = [{"CPU": 0.01 * (1 + (i + j) % 7)} for j in range(n)]
+        pg = placement_group(bundles, strategy=strategy)
+        made.append(pg)
+        if i % wait_every == wait_every - 1 and not (strategy == "STRICT_SPREAD" and n > 1):
+            assert pg.wait(30), f"group {i} ({strategy}, {bundles}) was never created"
+        remove_placement_group(pg)
+    return made
+
+
+def assert_everything_returned(totals: dict, made: list) -> None:
+    def back():
+        avail = ray.available_resources()
+        return all(abs(avail.get(k, 0.0) - v) < 1e-6 for k, v in totals.items()
+                   if k in ("CPU", "second")) and not leftover_group_resources()
+    try:
+        wait_for(back, 20, message="every reserved resource to come back")
+    except AssertionError:
+        avail = ray.available_resources()
+        left = leftover_group_resources()
+        raise AssertionError(f"resources leaked: available "
+                             f"{ {k: avail.get(k, 0.0) for k in totals} }, totals {totals}; "
+                             f"{len(left)} bundle resource names left, e.g. {left[:4]}")
+    stays(lambda: not leftover_group_resources() and cpu_available() == totals["CPU"], 1.0)
+    states = {placement_group_table(pg)["state"] for pg in made}
+    assert states == {"REMOVED"}, states
+
+
+def test_groups_removed_right_after_creation_return_everything(groups):
+    """Removing a group at any point of its reservation (pending, preparing, between
+    prepare and commit, created) gives back every reserved resource and leaves no
+    bundle resource behind; a group removed mid-reservation is never created."""
+    made = churn_groups(50, ["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"], max_bundles=3,
+                        wait_every=5)
+    assert_everything_returned({"CPU": 2.0}, made)
+
+
+@pytest.fixture
+def second_node(cluster, tmp_path):
+    """A second node (127.0.0.2, 1 CPU) joined to the module's cluster for one test."""
+    from runtime.node import Node, NodeConfig
+    from runtime.session import new_session_dir
+
+    wait_for(lambda: cpu_available() == 2.0, 20, message="both CPUs free before the test")
+    session_dir = cluster.address_info["session_dir"]
+    token = open(os.path.join(session_dir, "token")).read()
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    node = Node(NodeConfig(head=False, node_ip="127.0.0.2",
+                           gcs_address=cluster.address_info["gcs_address"], num_cpus=1,
+                           resources={"second": 1}, session_dir=new_session_dir(str(tmp_path)),
+                           token=token, object_store_memory=64 * 1024 * 1024,
+                           prestart_workers=0))
+    try:
+        node.start()
+        started = {p.pid for p in psutil.Process().children(recursive=True)} - before
+        wait_for(lambda: ray.cluster_resources().get("CPU") == 3.0, 20,
+                 message="the second node's CPU in the cluster")
+        yield node
+    finally:
+        node.stop()
+        from conftest import assert_all_gone
+
+        assert_all_gone(sorted(started) if "started" in locals() else [])
+        wait_for(lambda: ray.cluster_resources().get("CPU") == 2.0, 20,
+                 message="the second node to leave the cluster")
+
+
+def test_removal_returns_bundles_on_every_node(second_node):
+    """Groups spread over two nodes, removed at once: both nodes get everything back."""
+    made = churn_groups(30, ["SPREAD", "STRICT_SPREAD", "PACK"], max_bundles=3, wait_every=4)
+    assert_everything_returned({"CPU": 3.0, "second": 1.0}, made)
+
+
+# -- the GCS's reservation state machine, one interleaving per test (sans-I/O) ------------------
+A, B, C = b"A" * 28, b"B" * 28, b"C" * 28
+OK, REFUSED, LOST = Outcome.OK, Outcome.REFUSED, Outcome.LOST
+
+
+def answer_cancels(r: GroupReservation, actions: list, outcome: Outcome = OK) -> list:
+    """Answer every Cancel in `actions`; returns what the reservation did next."""
+    out = []
+    for a in actions:
+        if isinstance(a, Cancel):
+            out += r.cancelled(a, outcome)
+    return out
+
+
+def test_fsm_removed_while_pending_cancels_everywhere_and_never_starts():
+    r = GroupReservation(2)
+    cancels = r.remove([A, B])
+    assert cancels == [Cancel(A, (0, 1), remove=True), Cancel(B, (0, 1), remove=True)]
+    assert r.begin([A, A]) == [] and r.state is State.REMOVED
+    assert answer_cancels(r, cancels) == [] and not r.busy
+    assert r.remove([A, B]) == []  # a second removal sends nothing
+
+
+def test_fsm_removed_while_prepares_are_in_flight_never_commits():
+    r = GroupReservation(2)
+    assert r.begin([A, B]) == [Prepare(A, (0,)), Prepare(B, (1,))]
+    cancels = r.remove([A, B, C])
+    assert cancels == [Cancel(n, (0, 1), remove=True) for n in (A, B, C)]
+    # A prepared before it saw the removal: cancelled again (its first Cancel may be lost);
+    # B saw the removal first and refused: nothing more to do.
+    assert r.prepared(Prepare(A, (0,)), OK) == [Cancel(A, (0,), remove=True)]
+    assert r.prepared(Prepare(B, (1,)), REFUSED, "removed") == []
+    assert answer_cancels(r, cancels + [Cancel(A, (0,), remove=True)]) == []
+    assert r.state is State.REMOVED and not r.busy
+
+
+def test_fsm_removed_between_prepare_and_commit_never_commits():
+    r = GroupReservation(3)
+    r.begin([A, A, B])
+    assert r.prepared(Prepare(A, (0, 1)), OK) == []  # waits for B before committing
+    cancels = r.remove([A, B])
+    late = r.prepared(Prepare(B, (2,)), OK)
+    assert late == [Cancel(B, (2,), remove=True)]
+    assert not [a for a in cancels + late if isinstance(a, (Commit, Created))]
+    assert answer_cancels(r, cancels + late) == [] and r.state is State.REMOVED
+
+
+def test_fsm_removed_while_commit_is_in_flight_is_never_created():
+    r = GroupReservation(2)
+    r.begin([A, B])
+    assert r.prepared(Prepare(A, (0,)), OK) == []
+    assert r.prepared(Prepare(B, (1,)), OK) == [Commit(A, (0,)), Commit(B, (1,))]
+    assert r.committed(Commit(A, (0,)), OK) == []
+    cancels = r.remove([A, B])
+    late = r.committed(Commit(B, (1,)), OK)
+    assert late == [Cancel(B, (1,), remove=True)]  # not Created
+    answer_cancels(r, cancels + late)
+    assert r.state is State.REMOVED and not r.busy
+
+
+def test_fsm_removed_after_creation_cancels_every_bundle_on_every_node():
+    r = GroupReservation(2)
+    r.begin([A, B])
+    r.prepared(Prepare(A, (0,)), OK)
+    r.prepared(Prepare(B, (1,)), OK)
+    r.committed(Commit(B, (1,)), OK)
+    assert r.committed(Commit(A, (0,)), OK) == [Created((A, B))]
+    assert r.state is State.CREATED and not r.busy
+    # B is gone from the live nodes but still named by the placement: it is tried too
+    assert r.remove([A, C]) == [Cancel(n, (0, 1), remove=True) for n in (A, C, B)]
+
+
+def test_fsm_refused_prepare_undoes_the_attempt_before_the_next_one():
+    r = GroupReservation(3)
+    r.begin([A, B, C])
+    assert r.prepared(Prepare(A, (0,)), OK) == []
+    undo = r.prepared(Prepare(B, (1,)), REFUSED, "node B: not enough CPU")
+    assert undo == [Cancel(A, (0,))] and r.state is State.ABORTING
+    assert r.begin([A, A, A]) == []  # no new attempt while anything is in flight
+    late = r.prepared(Prepare(C, (2,)), OK)
+    assert late == [Cancel(C, (2,))]
+    assert answer_cancels(r, undo) == []
+    assert answer_cancels(r, late) == [Retry("node B: not enough CPU")]
+    assert r.state is State.PENDING and r.reason == "node B: not enough CPU"
+    assert r.begin([A, A, A]) == [Prepare(A, (0, 1, 2))] and r.attempts == 2
+
+
+def test_fsm_unanswered_prepare_is_cancelled_like_a_success():
+    r = GroupReservation(1)
+    r.begin([A])
+    undo = r.prepared(Prepare(A, (0,)), LOST, "PrepareBundles failed: DEADLINE_EXCEEDED")
+    assert undo == [Cancel(A, (0,))]
+    # the Cancel got no answer either: remembered, and the attempt still ends
+    assert answer_cancels(r, undo, LOST) == [Retry("PrepareBundles failed: DEADLINE_EXCEEDED")]
+    assert r.uncancelled == {A: (0,)}
+
+
+def test_fsm_failed_commit_cancels_every_node_of_the_attempt():
+    r = GroupReservation(2)
+    r.begin([A, B])
+    r.prepared(Prepare(A, (0,)), OK)
+    r.prepared(Prepare(B, (1,)), OK)
+    assert r.committed(Commit(A, (0,)), OK) == []
+    undo = r.committed(Commit(B, (1,)), LOST, "CommitBundles failed: UNAVAILABLE")
+    assert sorted(undo, key=lambda a: a.node) == [Cancel(A, (0,)), Cancel(B, (1,))]
+    assert answer_cancels(r, undo) == [Retry("CommitBundles failed: UNAVAILABLE")]
+    assert r.state is State.PENDING
+
+
+def test_fsm_removed_while_a_failed_attempt_is_undone_never_retries():
+    r = GroupReservation(2)
+    r.begin([A, B])
+    assert r.prepared(Prepare(A, (0,)), REFUSED, "short") == []  # B still in flight
+    cancels = r.remove([A, B])
+    late = r.prepared(Prepare(B, (1,)), OK)
+    assert late == [Cancel(B, (1,), remove=True)]
+    assert answer_cancels(r, cancels + late) == []  # no Retry: the group is gone
+    assert r.state is State.REMOVED and r.begin([A, B]) == []

@@ -266,3 +266,76 @@ def test_spread_only_over_nodes_with_the_resource_and_never_twice():
     for i in range(2):
         u.request_lease(spread(1, i, CPU=1))
     assert list(placed(u.schedule()).values()) == ["here", "here"]
+
+
+# -- placement-group bundles: Prepare / Commit / Cancel in every arrival order ----------------------
+PG = "ab" * 18
+
+
+def no_group_names(s):
+    return not [k for k in list(s.total) + list(s.available) if "_group_" in k]
+
+
+def test_removal_in_any_arrival_order_leaves_nothing_reserved():
+    """The GCS sends Commit only after Prepare answered, but a removal's Cancel may reach the
+    raylet before, between or after them (a Prepare still in flight when the group is
+    removed). Whatever the order, nothing stays reserved and no group resource remains."""
+    prepare = ("prepare", lambda s: s.prepare_bundles(PG, [(0, {"CPU": 0.5}), (1, {"CPU": 0.25})]))
+    commit = ("commit", lambda s: s.commit_bundles(PG, [0, 1]))
+    remove = ("remove", lambda s: s.cancel_bundles(PG, [0, 1], remove=True))
+    for order in ([prepare, commit, remove], [prepare, remove, commit], [remove, prepare, commit]):
+        s = make(cpus=2)
+        for _name, step in order:
+            step(s)
+        names = [name for name, _ in order]
+        assert s.available["CPU"] == 2.0, (names, s.available)
+        assert no_group_names(s), (names, s.total)
+        assert not s.prepared and not s.committed, names
+
+
+def test_prepare_of_a_removed_group_is_refused_with_the_reason():
+    s = make(cpus=2)
+    s.cancel_bundles(PG, [0], remove=True)
+    problem = s.prepare_bundles(PG, [(0, {"CPU": 1.0})])
+    assert problem is not None and PG in problem and "removed" in problem
+    assert s.available["CPU"] == 2.0
+
+
+def test_a_repeated_prepare_reserves_once():
+    """A Prepare whose answer was lost may reach the raylet again (the GCS retries the
+    group): the bundle is reserved once, so one Cancel gives all of it back."""
+    s = make(cpus=2)
+    assert s.prepare_bundles(PG, [(0, {"CPU": 1.0})]) is None
+    assert s.prepare_bundles(PG, [(0, {"CPU": 1.0})]) is None
+    assert s.available["CPU"] == 1.0
+    s.commit_bundles(PG, [0])
+    assert s.prepare_bundles(PG, [(0, {"CPU": 1.0})]) is None  # committed already: nothing more
+    assert s.available["CPU"] == 1.0
+    s.cancel_bundles(PG, [0])
+    s.cancel_bundles(PG, [0])  # a Cancel is idempotent too
+    assert s.available["CPU"] == 2.0 and no_group_names(s)
+
+
+
+def test_removed_groups_are_remembered_within_a_bound():
+    from runtime.raylet import scheduler as sched_mod
+
+    s = make(cpus=1)
+    for i in range(sched_mod.REMOVED_GROUPS_KEPT + 50):
+        s.cancel_bundles(f"{i:032x}", [0], remove=True)
+    assert len(s.removed_groups) == sched_mod.REMOVED_GROUPS_KEPT
+    assert f"{0:032x}" not in s.removed_groups  # the oldest were forgotten
+    newest = f"{sched_mod.REMOVED_GROUPS_KEPT + 49:032x}"
+    assert s.prepare_bundles(newest, [(0, {"CPU": 0.5})]) is not None  # still refused
+
+
+def test_a_prepare_that_arrives_after_its_cancel_reserves_nothing():
+    # The GCS gave up on attempt 1's Prepare (no answer) and cancelled it; the Prepare then
+    # arrives. It must not reserve, or the bundle would stay reserved with nobody owning it.
+    s = make(cpus=2)
+    pg = "ab" * 16
+    s.cancel_bundles(pg, [0], attempt=1)
+    assert "already cancelled" in s.prepare_bundles(pg, [(0, {"CPU": 1.0})], attempt=1)
+    assert s.available["CPU"] == 2.0
+    assert s.prepare_bundles(pg, [(0, {"CPU": 1.0})], attempt=2) is None  # the next attempt
+    assert s.available["CPU"] == 1.0

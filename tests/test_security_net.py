@@ -449,3 +449,38 @@ def test_a_failed_thread_start_does_not_close_the_port(actors):
     assert answer == b"", f"a thread started after all ({answer!r}); the test proves nothing"
     assert _hello_answer(addr, token) == frames.frame(b""), "the call port died with the thread"
     assert ray.get(a.pid.remote(), timeout=30) == pid
+
+
+def _alive_actor_info(handle) -> Optional[gcs_pb2.ActorInfo]:
+    cw = core_worker()
+    stub = gcs_pb2_grpc.GcsStub(rpc.sync_channel(cw.gcs_address, cw.token))
+    reply = stub.GetActor(gcs_pb2.GetActorRequest(actor_id=handle._actor_id), timeout=10)
+    return reply.actor if reply.found and reply.actor.state == "ALIVE" else None
+
+
+def test_a_stopped_actor_fails_calls_in_time_and_its_handle_recovers(actors, monkeypatch):
+    """The actor's process is stopped (SIGSTOP) before this caller first connects: the
+    kernel accepts the connection, nobody answers the hello. The caller tries again at
+    once, a few times, then fails the call with an error that says so (not a restart
+    that never happened), in seconds; once the process runs again the handle works."""
+    monkeypatch.setattr(frames, "HANDSHAKE_TIMEOUT_S", 1.0)
+    a = Plain.remote()
+    actors.append(a)
+    info = wait_for(lambda: _alive_actor_info(a), 60, message="the actor to be alive")
+    assert info.address.task_port, "a sync actor has a call port"
+    worker = psutil.Process(info.pid)
+    worker.suspend()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(ray.exceptions.RayActorError) as caught:
+            ray.get(a.pid.remote(), timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        worker.resume()
+    message = str(caught.value)
+    assert took < 15, f"the call failed after {took:.1f}s"
+    assert a._actor_id.hex() in message, message
+    assert "did not answer the hello within 1s" in message, message
+    assert "restarted" not in message and "died" not in message, message
+    assert ray.get(a.pid.remote(), timeout=30) == info.pid
+    assert ray.get([a.pid.remote() for _ in range(5)], timeout=30) == [info.pid] * 5

@@ -5,17 +5,26 @@ one PushTasks stream to the actor's worker: calls go out in submission order,
 several per message. When the stream breaks the caller asks the GCS what
 became of the actor (restarting, or dead and why) and either resends calls
 that still have retries (max_task_retries) or fails them with the reason.
+
+A connection to a sync actor's call port that fails before the port accepted its
+hello ran none of its calls: they go back to the front of the queue, retries
+untouched, and the caller dials the same port again at once (the actor did not
+die; asking the GCS would only wait out a long poll). After HANDSHAKE_ATTEMPTS
+such failures in a row the caller asks the GCS whether the actor moved or died
+(waiting at most HANDSHAKE_RECHECK_S for news); if it is still alive at that
+address, what is queued fails with ActorUnavailableError naming the actor and the
+handshake error, and the next call dials again.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections import deque
-from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, Set
 
 import grpc
 
-from runtime import ids
+from runtime import frames, ids
 from runtime.actor import ActorClass, ActorHandle
 from runtime.core_worker import task_events as te
 from runtime.core_worker.call_connection import CallConnection
@@ -24,7 +33,8 @@ from runtime.core_worker.submitter import (PendingTask, new_task, push, record_r
                                            resolve_slots, return_refs)
 from runtime.core_worker.task_args import prepare_args
 from runtime.core_worker.worker_connection import Connection, WorkerConnection
-from runtime.exceptions import ActorDiedError, RayActorError, RayletDiedError, RayTaskError
+from runtime.exceptions import (ActorDiedError, ActorUnavailableError, RayActorError,
+                                RayletDiedError, RayTaskError)
 from runtime.object_ref import ObjectRef
 from runtime.options import placed_resources, strategy_proto, task_resources
 from runtime.protocol import common_pb2, gcs_pb2, gcs_pb2_grpc
@@ -35,6 +45,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("runtime.core_worker")
 HANDLE_INDEX = b"\xff\xff\xff\xff"
+# Call-port connections that may fail in a row before the hello is accepted, and how
+# long the caller then waits for the GCS to report the actor moved or dead.
+HANDSHAKE_ATTEMPTS = 3
+HANDSHAKE_RECHECK_S = 2.0
 
 
 def handle_object_id(actor_id: bytes) -> bytes:
@@ -43,7 +57,7 @@ def handle_object_id(actor_id: bytes) -> bytes:
 
 class _Actor:
     __slots__ = ("actor_id", "state", "version", "conn", "queue", "limbo", "death", "watching",
-                 "address")
+                 "address", "endpoint", "handshake_failures", "redial")
 
     def __init__(self, actor_id: bytes) -> None:
         self.actor_id = actor_id
@@ -55,6 +69,9 @@ class _Actor:
         self.death: Optional[Value] = None
         self.watching = False
         self.address = ""
+        self.endpoint: Optional[common_pb2.Address] = None  # where it was last seen alive
+        self.handshake_failures = 0  # in a row, on the call port; reset by any result
+        self.redial = False  # the next call dials `endpoint` again (it is alive there)
 
 
 class ActorSubmitter:
@@ -62,6 +79,7 @@ class ActorSubmitter:
         self.cw = cw
         self.actors: Dict[bytes, _Actor] = {}
         self.handle_objects: Dict[bytes, tuple] = {}  # handle oid -> (actor_id, detached, pinned)
+        self._background: Set[asyncio.Task] = set()  # GCS calls in flight, cancelled at close
 
     def gcs(self) -> gcs_pb2_grpc.GcsStub:
         return self.cw.gcs_stub()
@@ -138,8 +156,14 @@ class ActorSubmitter:
         if held:
             self.cw.refs.remove_submitted(held)
         if not detached:
-            asyncio.ensure_future(self._kill(actor_id, True, "all handles to the actor went out "
-                                                            "of scope"))
+            self._spawn(self._kill(actor_id, True, "all handles to the actor went out of scope"))
+
+    def _spawn(self, coro) -> None:
+        """Run coro in the background, kept (asyncio holds tasks weakly) until it ends or
+        close() cancels it."""
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _kill(self, actor_id: bytes, no_restart: bool, reason: str) -> None:
         try:
@@ -200,8 +224,11 @@ class ActorSubmitter:
 
     def _pump(self, a: _Actor) -> None:
         if a.conn is None or a.conn.dead:
-            self._watch(a)
-            return
+            if not (a.redial and a.queue and a.endpoint is not None):
+                self._watch(a)
+                return
+            a.redial = False
+            self._connect(a, a.endpoint)
         while a.queue:
             task = a.queue[0]
             if task.cancelled:
@@ -223,50 +250,86 @@ class ActorSubmitter:
             task_id=task.task_id, job_id=self.cw.job_id, name=task.name, args=task.args,
             return_ids=task.return_ids, owner=self.cw.address_proto, attempt=task.attempt,
             actor_id=task.actor_id, method_name=task.method_name,
-            parent_task_id=self.cw.current_task_id or b"")
+            parent_task_id=task.parent_task_id)
         push(self.cw, conn, task, spec)
 
-    def _watch(self, a: _Actor) -> None:
+    def _watch(self, a: _Actor, handshake_error: str = "") -> None:
         if not a.watching and a.death is None:
             a.watching = True
-            asyncio.ensure_future(self._watch_loop(a))
+            self._spawn(self._watch_loop(a, handshake_error))
 
-    async def _watch_loop(self, a: _Actor) -> None:
+    async def _watch_loop(self, a: _Actor, handshake_error: str = "") -> None:
+        """Learn the actor's state from the GCS (long poll) and act on it. With
+        `handshake_error`, this caller could not get through to the actor's call port:
+        wait only briefly for news, and if there is none, fail what is queued."""
         try:
-            while True:
+            while a.death is None:
+                wait_s = HANDSHAKE_RECHECK_S if handshake_error else 30.0
                 try:
                     reply = await self.gcs().GetActor(gcs_pb2.GetActorRequest(
-                        actor_id=a.actor_id, newer_than=a.version, timeout_s=30.0), timeout=60)
+                        actor_id=a.actor_id, newer_than=a.version, timeout_s=wait_s),
+                        timeout=wait_s + 30)
                 except grpc.RpcError as exc:
                     if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                         continue
                     self._dead(a, f"its state cannot be learnt: the GCS at {self.cw.gcs_address} "
                                   f"is unreachable ({exc.code().name}: {exc.details()})", b"")
                     return
+                if a.death is not None:  # killed, or the cluster went, while this waited
+                    return
                 if not reply.found:
                     self._dead(a, "the actor is unknown to the GCS", b"")
                     return
                 info = reply.actor
+                if handshake_error:
+                    if info.version == a.version:  # no news: alive where it was
+                        self._unreachable(a, handshake_error)
+                        return
+                    handshake_error = ""  # it moved, restarts or died: an ordinary watch
+                    a.handshake_failures = 0
                 a.version = info.version
                 a.state = info.state
                 if info.state == "DEAD":
                     self._dead(a, info.death_cause, info.death_error)
                     return
                 if info.state == "ALIVE":
-                    addr = f"{info.address.ip}:{info.address.port}"
-                    a.address = addr
-                    if info.address.task_port:
-                        a.conn = CallConnection(self, f"{info.address.ip}:{info.address.task_port}",
-                                                info.address.worker_id, self.cw.job_config,
-                                                self.cw.token, control_address=addr)
-                    else:
-                        a.conn = WorkerConnection(self, self.cw.channel(addr), addr,
-                                                  info.address.worker_id, self.cw.job_config)
+                    self._connect(a, info.address)
                     self._resend_limbo(a)
                     self._pump(a)
                     return
         finally:
             a.watching = False
+
+    def _connect(self, a: _Actor, address: common_pb2.Address) -> None:
+        """Open the connection to the actor's worker: its call port when it has one."""
+        a.endpoint = address
+        addr = f"{address.ip}:{address.port}"
+        a.address = addr
+        if address.task_port:
+            a.conn = CallConnection(self, f"{address.ip}:{address.task_port}", address.worker_id,
+                                    self.cw.job_config, self.cw.token, control_address=addr,
+                                    handshake_timeout_s=frames.HANDSHAKE_TIMEOUT_S)
+        else:
+            a.conn = WorkerConnection(self, self.cw.channel(addr), addr, address.worker_id,
+                                      self.cw.job_config)
+
+    def _unreachable(self, a: _Actor, error: str) -> None:
+        """The actor is alive (the GCS says so) but its call port would not take this
+        caller's connection, HANDSHAKE_ATTEMPTS times in a row: fail what is queued (none
+        of it ran) and let the next call dial again."""
+        a.handshake_failures = 0
+        a.redial = True
+        pending, a.queue = list(a.queue), deque()
+        if not pending:
+            return
+        err = ActorUnavailableError(
+            f"The actor {a.actor_id.hex()} ({pending[0].name.split('.', 1)[0]}) is alive but "
+            f"cannot be reached: {HANDSHAKE_ATTEMPTS} connections to its call port in a row "
+            f"failed before it accepted them, so the call did not run (last error: {error}). "
+            f"Later calls try again.", actor_id=a.actor_id.hex())
+        value = Value(serialize_error(err).to_bytes(), is_error=True)
+        for task in pending:
+            self.cw.submitter.finish_task(task, [value] * len(task.return_ids))
 
     def _resend_limbo(self, a: _Actor) -> None:
         limbo, a.limbo = a.limbo, []
@@ -343,12 +406,17 @@ class ActorSubmitter:
             if a.conn is not None:
                 a.conn.close()
                 a.conn = None
+        for task in list(self._background):
+            task.cancel()
 
     # -- connection handler (WorkerConnection or CallConnection) ---------------------------------------
     def on_result(self, conn: Connection, result: common_pb2.TaskResult) -> None:
         task = conn.inflight.pop(result.task_id, None)
         if task is None:
             return
+        a = self.actors.get(task.actor_id)
+        if a is not None and a.handshake_failures:
+            a.handshake_failures = 0
         record_result(self.cw, conn, task, result)
         values = [Value.from_proto(loc) for loc in result.returns]
         for loc in result.returns:
@@ -360,9 +428,28 @@ class ActorSubmitter:
 
     def on_connection_lost(self, conn: Connection, error: str) -> None:
         conn.dead = True
+        handshake_error = getattr(conn, "handshake_error", None)
         for a in self.actors.values():
-            if a.conn is conn:
-                a.conn = None
-                a.limbo.extend(conn.inflight.values())
-                conn.inflight.clear()
+            if a.conn is not conn:
+                continue
+            a.conn = None
+            sent = list(conn.inflight.values())
+            conn.inflight.clear()
+            if handshake_error is None:
+                a.limbo.extend(sent)
                 self._watch(a)
+                return
+            # The port never accepted the connection: none of these calls ran. They go
+            # back in front of the queue, in order, their retries untouched.
+            for task in sent:
+                task.conn = None  # queued again: cancel() finishes it at once
+            a.queue.extendleft(reversed(sent))
+            a.handshake_failures += 1
+            if a.handshake_failures < HANDSHAKE_ATTEMPTS:
+                log.info("the call port of actor %s failed before accepting this caller (%s); "
+                         "dialling it again", a.actor_id.hex()[:8], handshake_error)
+                a.redial = True
+                self._pump(a)
+            else:
+                self._watch(a, handshake_error)
+            return

@@ -9,7 +9,7 @@ without touching the loop at all.
 
 When a driver's raylet stream breaks, the driver reconnects (a node agent
 restarts a dead raylet at the same address, as a new node) for up to
-RECONNECT_TIMEOUT_S, asking for its leases again once it is back. If the raylet
+config.RECONNECT_TIMEOUT_S, asking for its leases again once it is back. If the raylet
 does not come back, or is known dead for good (a private cluster's raylet, which
 nobody restarts), everything waiting for it fails with RayletDiedError naming
 its address and pid. A worker simply exits: its raylet ran it.
@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextvars
 import dataclasses
 import logging
 import os
@@ -49,11 +50,6 @@ log = logging.getLogger("runtime.core_worker")
 DRIVER = "driver"
 WORKER = "worker"
 Owner = Tuple[str, int, bytes]
-# How long a driver waits for a component that went away to come back: it tries to
-# reconnect to its raylet (the node agent restarts a dead raylet at the same address
-# within a few seconds) before it fails what waits for it with RayletDiedError; a
-# placement group's ready() waits this long for an unreachable GCS.
-RECONNECT_TIMEOUT_S = float(os.environ.get("RUNTIME_RECONNECT_TIMEOUT_S", "7"))
 
 
 async def _await(make):
@@ -117,9 +113,10 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         self.output = None  # OutputForwarder on workers (runtime/core_worker/task_output.py)
         self.connected = False
         self.on_raylet_lost: Optional[Callable[[str], None]] = None  # workers: exit
-        # Drivers: what is known of the raylet, for errors that name it. raylet_exit
-        # (private clusters) says how the raylet ended, or None while it runs; there
-        # nobody restarts it, so the driver does not wait for it to come back.
+        # Drivers: what is known of the raylet, for errors that name it (its pid comes
+        # with its registration ack). raylet_exit (private clusters) says how the raylet
+        # ended, or None while it runs; there nobody restarts it, so the driver does not
+        # wait for it to come back.
         self.raylet_pid: Optional[int] = None
         self.raylet_exit: Optional[Callable[[], Optional[str]]] = None
         self.owns_cluster = False  # a private cluster: nothing runs once its raylet is gone
@@ -132,6 +129,7 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         self._shm_dir = ""
         self._pulls: Dict[bytes, asyncio.Future] = {}
         self._pg_waits: Dict[bytes, asyncio.Task] = {}  # placement groups' ready() refs
+        self._background: set = set()  # see spawn()
 
     # -- the task this thread / asyncio task runs (runtime/core_worker/task_context.py) -----------
     @property
@@ -208,7 +206,9 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         self.refs = ReferenceTable(self.address, self._on_free, self._on_release, self._on_borrow)
         self.raylet = RayletClient(self.channel(self.raylet_address), self.submitter.on_grant,
                                    self._raylet_lost)
-        await self.raylet.connect(self._registration())
+        ack = await self.raylet.connect(self._registration())
+        if ack.pid:
+            self.raylet_pid = ack.pid
         self.raylet_up = True
         self.task_events.start()
         try:
@@ -237,18 +237,19 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         if self._closing:
             return
         self.submitter.on_raylet_lost(self.raylet)
+        if self.raylet_error is not None:  # its death was learnt first (raylet_death)
+            return
         log.warning("lost the raylet at %s (%s); reconnecting", self.raylet_address, reason)
         self._raylet_recovery = asyncio.ensure_future(self._recover_raylet(reason))
 
     async def _recover_raylet(self, reason: str) -> None:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + RECONNECT_TIMEOUT_S
+        window = config.RECONNECT_TIMEOUT_S
+        deadline = loop.time() + window
         delay = 0.05
         last = reason
         while not self._closing:
-            ended = self.raylet_exit() if self.raylet_exit is not None else None
-            if ended is not None:
-                self._raylet_gone(f"died ({ended})")
+            if self.raylet_death() is not None:
                 return
             left = deadline - loop.time()
             if left <= 0:
@@ -264,7 +265,7 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
             delay = min(delay * 2, 0.5)
         if not self._closing:
             self._raylet_gone(f"is unreachable ({last}) and did not come back within "
-                              f"{RECONNECT_TIMEOUT_S:g}s")
+                              f"{window:g}s")
 
     async def _reconnect_raylet(self, timeout: float) -> None:
         old = self.raylet
@@ -281,6 +282,8 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
             await client.close()
             raise
         self.raylet = client
+        if ack.pid:
+            self.raylet_pid = ack.pid
         if ack.node_id and ack.node_id != self.node_id:
             # A restarted raylet is a new node (its workers died with the old one).
             self.node_id = ack.node_id
@@ -290,6 +293,17 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         log.warning("reconnected to the raylet at %s (node %s)", self.raylet_address,
                     self.node_id.hex()[:8])
         self.submitter.on_raylet_restored()
+
+    def raylet_death(self) -> Optional[RayletDiedError]:
+        """Loop thread: the error to fail work with if the local raylet is known to be
+        gone for good, else None. In a private cluster the driver is the raylet's parent
+        and can tell at once (a worker that died with it may be noticed before the
+        raylet's stream is)."""
+        if self.raylet_error is None and self.raylet_exit is not None and not self._closing:
+            ended = self.raylet_exit()
+            if ended is not None:
+                self._raylet_gone(f"died ({ended})")
+        return self.raylet_error
 
     def _raylet_gone(self, what: str) -> None:
         """Loop thread: the raylet is not coming back. Fail what waits for it, and (in a
@@ -365,7 +379,11 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         return self.run(_await(make), timeout)
 
     def post(self, fn: Callable, *args) -> None:
-        """Run fn(*args) on the loop soon; many posts share one wake-up."""
+        """Run fn(*args) on the loop soon; many posts share one wake-up.
+
+        The drain runs in an empty context: posts from several threads (tasks) share
+        it, so the task context of whichever thread woke the loop must not leak into
+        the callbacks, nor into the asyncio tasks they start."""
         if threading.get_ident() == getattr(self._thread, "ident", None):
             fn(*args)
             return
@@ -373,7 +391,7 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         if not self._inbox_scheduled:
             self._inbox_scheduled = True
             try:
-                self.loop.call_soon_threadsafe(self._drain_inbox)
+                self.loop.call_soon_threadsafe(self._drain_inbox, context=contextvars.Context())
             except RuntimeError:  # loop closed during shutdown
                 pass
 
@@ -386,6 +404,15 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
                 fn(*args)
             except Exception:
                 log.exception("error in core worker callback %r", fn)
+
+    def spawn(self, coro) -> asyncio.Task:
+        """Loop thread: run coro in the background. The task is kept until it ends
+        (asyncio holds tasks weakly); whatever is left when the loop stops is cancelled
+        and awaited by _close_loop."""
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
     def gcs_stub(self) -> gcs_pb2_grpc.GcsStub:
         return gcs_pb2_grpc.GcsStub(self.channel(self.gcs_address))
@@ -414,7 +441,10 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
     def store_client(self, address: str) -> StoreClient:
         c = self._stores.get(address)
         if c is None:
-            c = self._stores[address] = StoreClient(address, self.token)
+            # The local store's node is known from the start, so its errors name it even
+            # when the first stats() (which would tell the client) failed.
+            node = self.node_id if address == self.store_address else None
+            c = self._stores[address] = StoreClient(address, self.token, node_id=node)
         return c
 
     # -- reference-table callbacks (any thread) -----------------------------------------------------
@@ -440,7 +470,7 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         pending = self._store_deletes.get(addr)
         if pending is None:
             pending = self._store_deletes[addr] = []
-            asyncio.ensure_future(self._flush_deletes(addr))
+            self.spawn(self._flush_deletes(addr))
         pending.append(oid)
 
     async def _flush_deletes(self, addr: str) -> None:
@@ -471,7 +501,7 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         self.memory.add_waiter(oid, cb)
         if oid not in self.memory and ref._owner[2] != self.worker_id and oid not in self._fetching:
             self._fetching.add(oid)
-            asyncio.ensure_future(self._fetch_from_owner(oid, ref._owner))
+            self.spawn(self._fetch_from_owner(oid, ref._owner))
 
     async def _fetch_from_owner(self, oid: bytes, owner: Owner) -> None:
         try:
@@ -577,34 +607,55 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         (have,) = await local.get([oid], 0.0)
         if have.found:
             return have.path, have.size
+        where = f"node {v.node_id.hex()[:8]} ({v.store_address})"
         path = None
-        fd = -1
         try:
-            async for chunk in self.store_client(v.store_address).read(oid):
-                if not chunk.found:
-                    raise ObjectLostError(oid.hex(), (
-                        f"Object {oid.hex()} is no longer in the object store of node "
-                        f"{v.node_id.hex()[:8]} ({v.store_address}); it was freed or that "
-                        f"node's store restarted."))
-                if path is None:
-                    path = await local.create(oid, chunk.size)
-                    fd = os.open(path, os.O_WRONLY)
-                if chunk.data:
-                    os.pwrite(fd, chunk.data, chunk.offset)
-        except grpc.RpcError as exc:
-            raise ObjectLostError(oid.hex(), (
-                f"Object {oid.hex()} cannot be fetched from node {v.node_id.hex()[:8]} "
-                f"({v.store_address}): {exc.code().name}; that node may be down.")) from None
-        finally:
-            if fd >= 0:
-                os.close(fd)
-        await local.seal([oid])
+            fd = -1
+            received = size = 0
+            try:
+                async for chunk in self.store_client(v.store_address).read(oid):
+                    if not chunk.found:
+                        raise ObjectLostError(oid.hex(), (
+                            f"Object {oid.hex()} is no longer in the object store of {where}; "
+                            f"it was freed or that node's store restarted."))
+                    if path is None:
+                        size = chunk.size
+                        path = await local.create(oid, size)
+                        fd = os.open(path, os.O_WRONLY)
+                    if chunk.data:
+                        os.pwrite(fd, chunk.data, chunk.offset)
+                        received += len(chunk.data)
+            except grpc.RpcError as exc:
+                raise ObjectLostError(oid.hex(), (
+                    f"Object {oid.hex()} cannot be fetched from {where}: {exc.code().name}; "
+                    f"that node may be down.")) from None
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+            if path is None or received != size:
+                raise ObjectLostError(oid.hex(), (
+                    f"Object {oid.hex()} cannot be fetched from {where}: its store sent "
+                    f"{received} of {size} bytes and ended the stream."))
+            await local.seal([oid])
+        except BaseException:
+            if path is not None:
+                await self._delete_partial(local, oid)
+            raise
         owner = self._owner_of(oid)
         if owner is not None and owner[2] != self.worker_id:
             self.borrowers.copied(owner, self.address, oid, self.store_address)
         else:
             self._record_copy(oid, self.store_address)
         return path, v.size
+
+    async def _delete_partial(self, local: StoreClient, oid: bytes) -> None:
+        """A pull failed after creating the local copy: free it now (the store would keep
+        it, unsealed and counted against its capacity, until this process exits)."""
+        try:
+            await local.delete([oid])
+        except Exception as exc:
+            log.warning("could not delete the partial copy of object %s in the local store: %s",
+                        oid.hex(), exc)
 
     def _owner_of(self, oid: bytes) -> Optional[Owner]:
         e = self.refs.get(oid)
@@ -785,7 +836,7 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
             except grpc.RpcError as exc:
                 now = self.loop.time()
                 unreachable_since = unreachable_since or now
-                if now - unreachable_since > RECONNECT_TIMEOUT_S:
+                if now - unreachable_since > config.RECONNECT_TIMEOUT_S:
                     err = gcs_error(self.gcs_address, exc,
                                     f"waiting for placement group {pg.id.hex()}")
                     self.memory.put(oid, Value(serialize_error(err).to_bytes(), is_error=True))

@@ -1,4 +1,10 @@
-"""The core worker's side of the raylet Connect stream."""
+"""The core worker's side of the raylet Connect stream.
+
+Its background tasks (connecting, reading, writing) never outlive the stream: a
+registration that fails or times out, and a stream the raylet ends, cancel the
+writer at once, and close() cancels and awaits all three. A writer left waiting on
+the outbox of a dropped client would be garbage-collected while pending.
+"""
 from __future__ import annotations
 
 import asyncio
@@ -29,17 +35,32 @@ class RayletClient:
         self.closed = False
 
     async def connect(self, register: raylet_pb2.RegisterClient, timeout: float = 30.0) -> raylet_pb2.RegisterAck:
-        """Register, then send whatever was queued meanwhile (messages may be sent before
-        the connection is up: they wait in the outbox)."""
+        """Register within `timeout`, then send whatever was queued meanwhile (messages may
+        be sent before the connection is up: they wait in the outbox). On failure nothing
+        of the attempt is left running."""
         self._call = self._stub.Connect()
-        await self._call.write(raylet_pb2.ClientMessage(register=register))
-        self._writer = asyncio.ensure_future(self._write())
-        first = await asyncio.wait_for(self._call.read(), timeout)
-        if first is grpc.aio.EOF or first.WhichOneof("msg") != "registered":
-            raise ConnectionError("the raylet closed the connection during registration")
+        try:
+            first = await asyncio.wait_for(self._register(register), timeout)
+        except BaseException:
+            self._stop_writer()
+            self._call.cancel()
+            raise
         self.registered = first.registered
         self._reader = asyncio.ensure_future(self._read())
         return first.registered
+
+    async def _register(self, register: raylet_pb2.RegisterClient) -> raylet_pb2.RayletMessage:
+        await self._call.write(raylet_pb2.ClientMessage(register=register))
+        self._writer = asyncio.ensure_future(self._write())
+        first = await self._call.read()
+        if first is grpc.aio.EOF or first.WhichOneof("msg") != "registered":
+            raise ConnectionError("the raylet closed the connection during registration")
+        return first
+
+    def _stop_writer(self) -> None:
+        """The stream is over: nothing more can be written (a half-close would be moot)."""
+        if self._writer is not None and not self._writer.done():
+            self._writer.cancel()
 
     def start(self, register: raylet_pb2.RegisterClient, timeout: float = 30.0) -> None:
         """Connect in the background (messages sent meanwhile wait in the outbox); a
@@ -56,7 +77,6 @@ class RayletClient:
                 reason = f"cannot connect: {exc.code().name}: {exc.details()}"
             else:
                 reason = f"cannot connect: {exc!r}"
-            self._outbox.put_nowait(None)  # ends the writer, if it started
             if not self.closed:
                 self.closed = True
                 self._on_lost(reason)
@@ -88,7 +108,7 @@ class RayletClient:
         except Exception as exc:  # pragma: no cover - defensive
             log.exception("raylet stream reader failed")
             reason = repr(exc)
-        self._outbox.put_nowait(None)  # ends the writer
+        self._stop_writer()
         if not self.closed:
             self.closed = True
             self._on_lost(reason)
@@ -113,7 +133,10 @@ class RayletClient:
     async def close(self) -> None:
         self.closed = True
         self._outbox.put_nowait(None)
-        for task in (self._connecting, self._reader, self._writer):
+        # One at a time, reading each attribute only when its turn comes: a connect
+        # cancelled first may have started the writer meanwhile.
+        for name in ("_connecting", "_reader", "_writer"):
+            task = getattr(self, name)
             if task is not None and not task.done():
                 task.cancel()
                 try:

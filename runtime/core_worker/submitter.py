@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Deque, Dict, List, Optional
 import grpc
 
 from runtime import config, ids
+from runtime.core_worker import task_context
 from runtime.core_worker import task_events as te
 from runtime.core_worker.memory_store import Value
 from runtime.exceptions import TaskCancelledError, TaskUnschedulableError, WorkerCrashedError
@@ -38,6 +39,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("runtime.core_worker")
 MAX_LEASE_REQUESTS_PER_KEY = 10
+# How long a private cluster's driver waits, when a worker died under a task with no
+# retries left, for the raylet's death to show (it reaps the raylet a moment after the
+# worker's stream breaks) before calling it the worker's crash.
+RAYLET_DEATH_GRACE_S = 0.25
 
 
 class PendingTask:
@@ -46,7 +51,8 @@ class PendingTask:
     __slots__ = ("task_id", "function_id", "function_blob", "name", "args", "slot_refs",
                  "arg_values", "arg_ids", "return_ids", "key", "resources", "strategy",
                  "retries_left", "retry_exceptions", "attempt", "cancelled", "force_cancel",
-                 "conn", "lease", "state", "waiting", "actor_id", "method_name")
+                 "conn", "lease", "state", "waiting", "actor_id", "method_name",
+                 "parent_task_id")
 
     def __init__(self) -> None:
         self.arg_values: List[common_pb2.ObjectLocation] = []
@@ -63,9 +69,13 @@ class PendingTask:
 
 def new_task(name: str, args: bytes, slots, held: List[bytes], num_returns: int,
              retries_left: int, retry_exceptions) -> PendingTask:
-    """A PendingTask with what tasks and actor calls share; callers add the rest."""
+    """A PendingTask with what tasks and actor calls share; callers add the rest.
+
+    Runs in the submitting thread, the only place that knows which task submits this
+    one: the I/O loop, where the task is sent, runs in no task of its own."""
     task = PendingTask()
     task.task_id = tid = ids.new_task_id()
+    task.parent_task_id = task_context.current.get().task_id or b""
     task.name = name
     task.args = args
     task.slot_refs = slots or None
@@ -159,6 +169,7 @@ class TaskSubmitter:
         self.request_raylet: Dict[int, object] = {}   # request id -> raylet holding it
         self.remote_raylets: Dict[str, object] = {}   # other nodes' raylets (spillback)
         self._request_ids = itertools.count(1)
+        self._background: set = set()  # asyncio tasks of ours, cancelled at close
 
     # -- submission -------------------------------------------------------------------------
     def submit(self, task: PendingTask) -> None:
@@ -364,7 +375,7 @@ class TaskSubmitter:
             task_id=task.task_id, job_id=self.cw.job_id, function_id=task.function_id,
             name=task.name, args=task.args, return_ids=task.return_ids,
             owner=self.cw.address_proto, attempt=task.attempt, gpu_ids=lease.gpu_ids,
-            parent_task_id=self.cw.current_task_id or b"")
+            parent_task_id=task.parent_task_id)
         if task.strategy.kind == "PLACEMENT_GROUP":
             spec.placement_group_id = task.strategy.placement_group_id
             spec.capture_child_tasks = task.strategy.soft
@@ -447,6 +458,8 @@ class TaskSubmitter:
         self._pump(ks)
 
     def finish_task(self, task: PendingTask, values: List[Value], locs=None) -> None:
+        if task.state == "FINISHED":
+            return  # e.g. cancelled while queued, then failed with its actor: once is all
         cw = self.cw
         if task.state != "FINISHED_AT_WORKER" and values and values[0].is_error:
             _failed_without_result(cw, task, values[0])
@@ -479,6 +492,7 @@ class TaskSubmitter:
                     lease.raylet.return_lease(lease.lease_id, kill_worker=True)
         tasks = list(conn.inflight.values())
         conn.inflight.clear()
+        undecided = []
         for task in tasks:
             if task.cancelled:
                 err = Value(serialize_error(TaskCancelledError(task.task_id.hex())).to_bytes(),
@@ -490,15 +504,53 @@ class TaskSubmitter:
                 log.warning("worker %s running %s died (%s); retrying (attempt %s)",
                             conn.address, task.name, error, task.attempt)
                 self._requeue(task)
+            elif self._raylet_death_may_show(task):
+                undecided.append(task)
             else:
-                msg = (f"The worker running task {task.name} died unexpectedly ({error}) and "
-                       f"the task has no retries left (max_retries). Check the worker's log in "
-                       f"{self.cw.session_dir}/logs for the reason (e.g. a segfault or os._exit).")
-                err = Value(serialize_error(WorkerCrashedError(msg)).to_bytes(), is_error=True)
-                self.finish_task(task, [err] * len(task.return_ids))
+                self._fail(task, self._no_retry_error(task, error))
+        if undecided:
+            self._spawn(self._decide_after_grace(undecided, error))
         for ks in self.keys.values():
             if id(ks) in touched:
                 self._pump(ks)
+
+    def _raylet_death_may_show(self, task: PendingTask) -> bool:
+        """Whether the worker may have died with the local raylet, whose death the
+        driver of a private cluster sees moments later (it reaps the raylet), and does
+        not see yet."""
+        lease = task.lease
+        local = lease is None or lease.raylet is self.cw.raylet
+        return local and self.cw.raylet_exit is not None and self.cw.raylet_death() is None
+
+    async def _decide_after_grace(self, tasks: List[PendingTask], error: str) -> None:
+        """Fail tasks whose worker died, once RAYLET_DEATH_GRACE_S has shown whether the
+        raylet died too: a worker dies with its raylet a moment before the raylet can be
+        reaped, and the raylet's death is the error worth reporting."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RAYLET_DEATH_GRACE_S
+        while self.cw.raylet_death() is None and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        for task in tasks:
+            if task.state == "FINISHED":
+                continue
+            if task.cancelled:
+                self._fail(task, TaskCancelledError(task.task_id.hex()))
+            else:
+                self._fail(task, self._no_retry_error(task, error))
+
+    def _no_retry_error(self, task: PendingTask, error: str) -> Exception:
+        """Why a task whose worker died, and that has no retries left, failed: the local
+        raylet's death when that is known by now and the worker was the raylet's (it
+        died with it), else the worker's crash."""
+        lease = task.lease
+        if lease is None or lease.raylet is self.cw.raylet:
+            death = self.cw.raylet_death()
+            if death is not None:
+                return death
+        return WorkerCrashedError(
+            f"The worker running task {task.name} died unexpectedly ({error}) and the task "
+            f"has no retries left (max_retries). Check the worker's log in "
+            f"{self.cw.session_dir}/logs for the reason (e.g. a segfault or os._exit).")
 
     # -- cancellation ------------------------------------------------------------------------------
     def cancel(self, task_id: bytes, force: bool) -> bool:
@@ -520,8 +572,15 @@ class TaskSubmitter:
         if force and task.lease is not None:
             task.lease.raylet.return_lease(task.lease.lease_id, kill_worker=True)
         else:
-            asyncio.ensure_future(self._cancel_remote(task))
+            self._spawn(self._cancel_remote(task))
         return True
+
+    def _spawn(self, coro) -> None:
+        """Run coro in the background, kept (asyncio holds tasks weakly) until it ends or
+        close() cancels it."""
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _cancel_remote(self, task: PendingTask) -> None:
         conn = task.conn
@@ -537,11 +596,13 @@ class TaskSubmitter:
         for conn in list(self.connections.values()):
             conn.close()
         self.connections.clear()
+        for task in list(self._background):
+            task.cancel()
 
     async def close_remote_raylets(self) -> None:
-        for client in list(self.remote_raylets.values()):
+        while self.remote_raylets:  # one opened meanwhile (a late spillback) is closed too
+            _address, client = self.remote_raylets.popitem()
             await client.close()
-        self.remote_raylets.clear()
 
 
 def record_result(cw, conn, task: PendingTask, result: common_pb2.TaskResult) -> None:

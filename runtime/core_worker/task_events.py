@@ -58,15 +58,9 @@ class TaskEventBuffer:
         self.event(task.task_id, state)
 
     def _parent(self, task) -> bytes:
-        """The task that submitted `task`. This runs on the loop thread, which is in no task
-        of its own: the id should come with the task, captured in the submitting thread
-        (PendingTask.parent_task_id). Until then: the task context the loop callback runs
-        in, which asyncio copies from the thread that woke the loop; right unless posts
-        from several threads share one wake-up (concurrent actor calls)."""
-        parent = getattr(task, "parent_task_id", None)
-        if parent is None:
-            parent = self.cw.current_task_id
-        return parent or b""
+        """The task that submitted `task`, captured in the submitting thread: this runs on
+        the loop thread, which is in no task of its own."""
+        return task.parent_task_id or b""
 
     def event(self, task_id: bytes, state: int, when: Optional[float] = None) -> None:
         if not self.enabled:

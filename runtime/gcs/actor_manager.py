@@ -252,7 +252,15 @@ class ActorManager:
         if link is None:
             link = self.links[node.node_id] = _RayletLink(self, node)
             link.ready = asyncio.ensure_future(link.connect())
-        await link.ready
+        try:
+            # Shielded: one caller being cancelled must not cancel the shared connect.
+            await asyncio.shield(link.ready)
+        except Exception:
+            # A failed connect must not stay cached: the next caller dials again.
+            if self.links.get(node.node_id) is link:
+                del self.links[node.node_id]
+                await link.client.close()
+            raise
         return link
 
     async def _create(self, actor: _Actor) -> None:

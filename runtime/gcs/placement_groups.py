@@ -7,6 +7,10 @@ into group resources such as ``CPU_group_0_<id>``), otherwise every prepared
 bundle is cancelled and the group waits. A group that cannot be placed stays
 PENDING (with the reason) and is retried when resources change; it never
 holds anything while it waits, so it cannot block other work.
+
+Which RPC to send next, and what a reply or a removal means at any point, is
+decided by the sans-I/O ``GroupReservation`` (pg_reservation.py); this module
+only plans, sends the RPCs it asks for and feeds the answers back.
 """
 from __future__ import annotations
 
@@ -17,12 +21,15 @@ from typing import Dict, List, Optional, Tuple
 
 import grpc
 
+from runtime.gcs.pg_reservation import (Cancel, Commit, Created, GroupReservation, Outcome,
+                                        Prepare, Retry, State)
 from runtime.gcs.versioned import ChangeSignal
 from runtime.protocol import gcs_pb2, raylet_pb2, raylet_pb2_grpc
 from runtime.raylet.resources import add, describe, fits, missing, subtract
 
 log = logging.getLogger("runtime.gcs.placement_groups")
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+BUNDLE_RPC_TIMEOUT_S = 10.0
 
 
 def plan(strategy: str, bundles: List[Dict[str, float]], nodes: List[Tuple[bytes, dict, dict]]
@@ -64,11 +71,20 @@ def plan(strategy: str, bundles: List[Dict[str, float]], nodes: List[Tuple[bytes
     return placement, ""
 
 
+def _log_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("placement group scheduling failed", exc_info=task.exception())
+
+
 class _Group:
     def __init__(self, spec: gcs_pb2.PlacementGroupSpec) -> None:
         self.info = gcs_pb2.PlacementGroupInfo(spec=spec, state="PENDING", create_time=time.time())
         self.changed = ChangeSignal()
+        self.reservation = GroupReservation(len(spec.bundles))
         self.task: Optional[asyncio.Task] = None
+        # The scheduling task waits for resources to change (no RPC of its own in flight),
+        # so a removal may cancel it; otherwise it ends by itself once its RPCs answered.
+        self.idle = False
 
 
 class PlacementGroupManager:
@@ -101,6 +117,7 @@ class PlacementGroupManager:
         g = _Group(spec)
         self.groups[spec.placement_group_id] = g
         g.task = asyncio.ensure_future(self._schedule(g))
+        g.task.add_done_callback(_log_failure)
         return gcs_pb2.PlacementGroupReply(found=True, info=g.info)
 
     async def get(self, req: gcs_pb2.PlacementGroupRequest) -> gcs_pb2.PlacementGroupReply:
@@ -112,24 +129,29 @@ class PlacementGroupManager:
         return gcs_pb2.PlacementGroupReply(found=True, info=g.info)
 
     async def remove(self, req: gcs_pb2.PlacementGroupRequest) -> None:
+        """Returns once every node has released what it held of the group, including what
+        a Prepare or Commit still in flight at the removal reserved."""
         g = self.groups.get(req.placement_group_id)
         if g is None or g.info.state == "REMOVED":
             return
-        was_created = g.info.state == "CREATED"
         g.info.state = "REMOVED"
-        if g.task is not None:
+        # Every live node hears of the removal: the ones holding bundles free them, and all
+        # of them fail work still waiting for the group instead of letting it hang.
+        cancels = g.reservation.remove([n.node_id for n in self.gcs.nodes.values() if n.alive])
+        if g.task is not None and g.idle:
             g.task.cancel()
         spec = g.info.spec
         if spec.name and self.names.get((spec.namespace, spec.name)) == spec.placement_group_id:
             del self.names[(spec.namespace, spec.name)]
         await self.gcs.actor_manager.kill_in_placement_group(spec.placement_group_id)
-        # Every node hears of the removal: the ones holding bundles free them, and all of
-        # them fail work still waiting for the group instead of letting it hang.
-        by_node: Dict[bytes, List[int]] = {n.node_id: [] for n in self.gcs.nodes.values() if n.alive}
-        if was_created:
-            for i, nid in enumerate(g.info.bundle_nodes):
-                by_node.setdefault(nid, []).append(i)
-        await self._cancel(spec, by_node, remove=True)
+        await self._drive(g, cancels)
+        if g.task is not None:
+            await asyncio.wait([g.task])  # its late answers are cancelled too
+        left = g.reservation.uncancelled
+        if left:
+            log.warning("placement group %s removed, but %d node(s) did not confirm releasing "
+                        "its bundles: %s", spec.placement_group_id.hex()[:8], len(left),
+                        ", ".join(n.hex()[:8] for n in left))
         log.info("placement group %s removed", spec.placement_group_id.hex()[:8])
         self._changed(g)
 
@@ -140,69 +162,98 @@ class PlacementGroupManager:
     async def _schedule(self, g: _Group) -> None:
         spec = g.info.spec
         bundles = [dict(b.resources) for b in spec.bundles]
-        while g.info.state == "PENDING":
+        r = g.reservation
+        while r.state is State.PENDING:
             nodes = [n for n in self.gcs.nodes.values() if n.alive and not n.draining]
             placement, why = plan(spec.strategy, bundles,
                                   [(n.node_id, dict(n.resources_total), dict(n.resources_available))
                                    for n in nodes])
             if placement is not None:
-                ok, why = await self._reserve(spec, bundles, placement)
-                if ok:
-                    g.info.state = "CREATED"
-                    g.info.bundle_nodes.extend(placement)
-                    g.info.pending_reason = ""
-                    g.info.scheduled_time = time.time()
-                    log.info("placement group %s created (%s, %d bundles)",
-                             spec.placement_group_id.hex()[:8], spec.strategy, len(bundles))
-                    self._changed(g)
-                    return
+                await self._drive(g, r.begin(placement))
+                if r.state is not State.PENDING:
+                    return  # created, or removed meanwhile
+                why = r.reason
             if g.info.pending_reason != why:
                 g.info.pending_reason = why
                 self._changed(g)
+            g.idle = True
             try:
                 await asyncio.wait_for(self.resources_changed.wait(), 1.0)
             except asyncio.TimeoutError:
                 pass
+            finally:
+                g.idle = False
 
-    async def _reserve(self, spec, bundles, placement) -> Tuple[bool, str]:
-        by_node: Dict[bytes, List[int]] = {}
-        for i, nid in enumerate(placement):
-            by_node.setdefault(nid, []).append(i)
-        prepared: Dict[bytes, List[int]] = {}
-        why = ""
-        for nid, idxs in by_node.items():
-            node = self.gcs.nodes.get(nid)
-            req = raylet_pb2.BundleRequest(placement_group_id=spec.placement_group_id, indexes=idxs,
-                                           bundles=[raylet_pb2.BundleResources(resources=bundles[i])
-                                                    for i in idxs])
-            try:
-                reply = await self._stub(node).PrepareBundles(req, timeout=10)
-            except grpc.RpcError as exc:
-                reply = raylet_pb2.BundleReply(ok=False, message=f"raylet unreachable: {exc.code().name}")
-            if not reply.ok:
-                why = reply.message
-                break
-            prepared[nid] = idxs
-        if len(prepared) != len(by_node):
-            await self._cancel(spec, prepared)
-            return False, why
-        for nid, idxs in prepared.items():
-            req = raylet_pb2.BundleRequest(placement_group_id=spec.placement_group_id, indexes=idxs)
-            node = self.gcs.nodes[nid]
-            # The raylet reports its new resources to us before it answers, so
-            # cluster_resources() shows the group as soon as ready() resolves.
-            await self._stub(node).CommitBundles(req, timeout=10)
-        return True, ""
+    async def _drive(self, g: _Group, actions: list) -> None:
+        """Send the RPCs the reservation asks for (concurrently) and feed each answer back,
+        until none of them is in flight."""
+        running: set = set()
 
-    async def _cancel(self, spec, by_node: Dict[bytes, List[int]], remove: bool = False) -> None:
-        for nid, idxs in by_node.items():
-            node = self.gcs.nodes.get(nid)
-            if node is None or not node.alive:
-                continue
+        def act(actions: list) -> None:
+            for a in actions:
+                if isinstance(a, Created):
+                    self._created(g, a)
+                elif isinstance(a, Retry):
+                    log.info("placement group %s: attempt %d failed (%s); it waits for resources",
+                             g.info.spec.placement_group_id.hex()[:8], g.reservation.attempts,
+                             a.reason)
+                else:
+                    running.add(asyncio.ensure_future(self._rpc(g, a)))
+
+        act(actions)
+        try:
+            while running:
+                done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for t in done:
+                    act(t.result())
+        finally:
+            for t in running:
+                t.cancel()
+
+    async def _rpc(self, g: _Group, a) -> list:
+        """One bundle RPC; returns what the reservation does with its answer."""
+        spec = g.info.spec
+        r = g.reservation
+        req = raylet_pb2.BundleRequest(placement_group_id=spec.placement_group_id,
+                                       indexes=list(a.indexes), attempt=r.attempts)
+        if isinstance(a, Prepare):
+            req.bundles.extend(raylet_pb2.BundleResources(resources=spec.bundles[i].resources)
+                               for i in a.indexes)
+            method = "PrepareBundles"
+        elif isinstance(a, Commit):
+            method = "CommitBundles"
+        else:
+            req.remove = a.remove
+            method = "CancelBundles"
+        node = self.gcs.nodes.get(a.node)
+        if node is None or not node.alive:
+            # What a dead node held died with it.
+            outcome = Outcome.OK if isinstance(a, Cancel) else Outcome.LOST
+            why = f"node {a.node.hex()[:8]} is not alive"
+        else:
             try:
-                await self._stub(node).CancelBundles(raylet_pb2.BundleRequest(
-                    placement_group_id=spec.placement_group_id, indexes=idxs, remove=remove),
-                    timeout=10)
+                reply = await getattr(self._stub(node), method)(req, timeout=BUNDLE_RPC_TIMEOUT_S)
+                outcome = Outcome.OK if reply.ok else Outcome.REFUSED
+                why = "" if reply.ok else f"node {a.node.hex()[:8]}: {reply.message}"
             except grpc.RpcError as exc:
+                outcome = Outcome.LOST
+                why = (f"{method} to the raylet of node {a.node.hex()[:8]} at "
+                       f"{node.node_ip}:{node.raylet_port} failed: {exc.code().name}")
+            if outcome is not Outcome.OK and isinstance(a, Cancel):
                 log.warning("could not release bundles of %s on %s: %s",
-                            spec.placement_group_id.hex()[:8], node.node_ip, exc.code().name)
+                            spec.placement_group_id.hex()[:8], node.node_ip, why)
+        if isinstance(a, Prepare):
+            return r.prepared(a, outcome, why)
+        if isinstance(a, Commit):
+            return r.committed(a, outcome, why)
+        return r.cancelled(a, outcome)
+
+    def _created(self, g: _Group, a: Created) -> None:
+        spec = g.info.spec
+        g.info.state = "CREATED"
+        g.info.bundle_nodes.extend(a.bundle_nodes)
+        g.info.pending_reason = ""
+        g.info.scheduled_time = time.time()
+        log.info("placement group %s created (%s, %d bundles)",
+                 spec.placement_group_id.hex()[:8], spec.strategy, len(spec.bundles))
+        self._changed(g)

@@ -35,6 +35,7 @@ class Gcs(gcs_pb2_grpc.GcsServicer):
         self.kv: Dict[Tuple[str, bytes], bytes] = {}
         self._next_job = 1
         self._stopping = asyncio.Event()
+        self.membership_version = 1
 
     # -- nodes -----------------------------------------------------------------------------
     async def RegisterNode(self, request, context):
@@ -43,6 +44,7 @@ class Gcs(gcs_pb2_grpc.GcsServicer):
         node.alive = True
         node.last_heartbeat = time.monotonic()
         self.nodes[node.node_id] = node
+        self.membership_version += 1
         log.info("node %s registered: %s:%s resources %s", node.node_id.hex()[:8], node.node_ip,
                  node.raylet_port, dict(node.resources_total))
         return gcs_pb2.RegisterNodeReply(cluster_id=self.cluster_id)
@@ -52,6 +54,7 @@ class Gcs(gcs_pb2_grpc.GcsServicer):
         if node is not None and node.alive:
             node.alive = False
             node.death_reason = request.reason or "unregistered"
+            self.membership_version += 1
             log.info("node %s left: %s", request.node_id.hex()[:8], node.death_reason)
         return common_pb2.Empty()
 
@@ -63,9 +66,12 @@ class Gcs(gcs_pb2_grpc.GcsServicer):
         if node is None or not node.alive:
             return gcs_pb2.ResourceReportReply(node_dead=True)
         if request.seq and request.seq < self.report_seq.get(request.node_id, 0):
-            return gcs_pb2.ResourceReportReply()  # overtaken by a newer report
+            return gcs_pb2.ResourceReportReply(  # overtaken by a newer report
+                membership_version=self.membership_version)
         self.report_seq[request.node_id] = request.seq
-        node.draining = request.draining
+        if node.draining != request.draining:
+            node.draining = request.draining
+            self.membership_version += 1
         node.resources_available.clear()
         node.resources_available.update(request.resources_available)
         if request.resources_total:
@@ -76,7 +82,7 @@ class Gcs(gcs_pb2_grpc.GcsServicer):
         if self.pg_manager is not None:
             ev, self.pg_manager.resources_changed = self.pg_manager.resources_changed, asyncio.Event()
             ev.set()
-        return gcs_pb2.ResourceReportReply()
+        return gcs_pb2.ResourceReportReply(membership_version=self.membership_version)
 
     async def GetClusterStatus(self, request, context):
         status = gcs_pb2.ClusterStatus(nodes=list(self.nodes.values()))
@@ -98,6 +104,7 @@ class Gcs(gcs_pb2_grpc.GcsServicer):
             for node in self.nodes.values():
                 if node.alive and now - node.last_heartbeat > config.NODE_DEATH_TIMEOUT_S:
                     node.alive = False
+                    self.membership_version += 1
                     node.death_reason = (f"no resource report for {config.NODE_DEATH_TIMEOUT_S:g}s "
                                          f"(raylet pid {node.raylet_pid} unreachable)")
                     log.warning("node %s marked dead: %s", node.node_id.hex()[:8], node.death_reason)

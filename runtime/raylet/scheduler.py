@@ -34,6 +34,23 @@ from runtime.raylet.resources import (GpuInstances, Resources, add, bundle_resou
                                       fits, missing, subtract)
 
 RequestKey = Tuple[int, int]  # (client id, request id)
+#: Removed placement groups the raylet remembers (see cancel_bundles).
+REMOVED_GROUPS_KEPT = 10_000
+
+
+def _remember(table: "OrderedDict", key: str, value) -> None:
+    """Set table[key] as the newest entry, forgetting the oldest beyond REMOVED_GROUPS_KEPT."""
+    table[key] = value
+    table.move_to_end(key)
+    while len(table) > REMOVED_GROUPS_KEPT:
+        table.popitem(last=False)
+
+
+def _group_of(resource: str) -> str:
+    """The placement group a bundle resource name belongs to ('CPU_group_0_<pg>' -> pg)."""
+    if "_group_" not in resource:
+        return ""
+    return resource.rsplit("_", 1)[1]
 
 
 @dataclass
@@ -150,7 +167,11 @@ class Scheduler:
         self.remote_nodes: Dict[bytes, RemoteNode] = {}
         self.prepared: Dict[Tuple[str, int], Resources] = {}
         self.committed: Dict[Tuple[str, int], Resources] = {}
-        self.removed_groups: set = set()
+        # Removed groups, newest last: late Prepares for them are refused. A Prepare is late
+        # by seconds at most, so the oldest are forgotten beyond REMOVED_GROUPS_KEPT.
+        self.removed_groups: "OrderedDict[str, None]" = OrderedDict()
+        # The highest cancelled attempt of each group (BundleRequest.attempt), same bound.
+        self.cancelled_attempts: "OrderedDict[str, int]" = OrderedDict()
         self.draining = False
         self._lease_ids = itertools.count(1)
         self._spread_next = 0  # round-robin position of the SPREAD policy
@@ -246,8 +267,8 @@ class Scheduler:
                 continue
             if target == "infeasible":
                 if req.strategy == "PLACEMENT_GROUP":
-                    gone = next((g for g in self.removed_groups
-                                 if any(k.endswith(g) for k in req.resources)), None)
+                    gone = next((g for g in (_group_of(k) for k in req.resources)
+                                 if g and g in self.removed_groups), None)
                     if gone is not None:
                         del self.pending[key]
                         actions.append(Reject(req.client, req.request_id,
@@ -288,15 +309,30 @@ class Scheduler:
         return actions
 
     # -- placement-group bundles (two-phase: prepare, then commit or cancel) ----------------------
-    def prepare_bundles(self, pg_hex: str, bundles: List[Tuple[int, Resources]]) -> Optional[str]:
-        """Reserve all bundles or none; None on success, else what is short."""
+    # The GCS sends Commit only once Prepare has answered, but a removal's Cancel can arrive
+    # before, between or after them (the group was removed while its Prepare was in flight).
+    # So a removed group is remembered (removed_groups): a later Prepare is refused and a
+    # later Commit finds nothing prepared. Every step is idempotent, as a step whose answer
+    # was lost may be sent again.
+    def prepare_bundles(self, pg_hex: str, bundles: List[Tuple[int, Resources]],
+                        attempt: int = 0) -> Optional[str]:
+        """Reserve all bundles or none; None on success, else what is short. A Prepare of an
+        attempt already cancelled here arrived after its Cancel (its answer was lost and
+        the GCS gave up on it): it reserves nothing."""
+        if pg_hex in self.removed_groups:
+            return f"placement group {pg_hex} was removed; its bundles are not reserved"
+        if attempt and attempt <= self.cancelled_attempts.get(pg_hex, 0):
+            return (f"attempt {attempt} of placement group {pg_hex} was already cancelled; its "
+                    f"bundles are not reserved")
+        new = [(idx, res) for idx, res in bundles
+               if (pg_hex, idx) not in self.prepared and (pg_hex, idx) not in self.committed]
         need: Resources = {}
-        for _idx, res in bundles:
+        for _idx, res in new:
             add(need, res)
         if not fits(self.available, need):
             return f"not enough free resources on this node for {describe(need)}"
         subtract(self.available, need)
-        for idx, res in bundles:
+        for idx, res in new:
             self.prepared[(pg_hex, idx)] = dict(res)
         return None
 
@@ -305,20 +341,24 @@ class Scheduler:
         for idx in indexes:
             res = self.prepared.pop((pg_hex, idx), None)
             if res is None:
-                continue
+                continue  # cancelled (or committed) already
             group = bundle_resources(pg_hex, idx, res)
             add(self.total, group)
             add(self.available, group)
             self.committed[(pg_hex, idx)] = res
 
-    def cancel_bundles(self, pg_hex: str, indexes: List[int], remove: bool = False) -> List[KillWorker]:
+    def cancel_bundles(self, pg_hex: str, indexes: List[int], remove: bool = False,
+                       attempt: int = 0) -> List[KillWorker]:
         """Undo a prepare, or remove committed bundles: give their resources back and
         kill the workers that run inside them. With remove, requests still waiting for
         the group are rejected by the next schedule(), now and later."""
         kills = []
         suffix = f"_{pg_hex}"
         if remove:
-            self.removed_groups.add(pg_hex)
+            self.cancelled_attempts.pop(pg_hex, None)
+            _remember(self.removed_groups, pg_hex, None)
+        elif attempt > self.cancelled_attempts.get(pg_hex, 0):
+            _remember(self.cancelled_attempts, pg_hex, attempt)
         for idx in indexes:
             res = self.prepared.pop((pg_hex, idx), None)
             if res is not None:

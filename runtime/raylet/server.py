@@ -120,7 +120,8 @@ class Raylet(raylet_pb2_grpc.RayletServicer):
         client.job_id = reg.job_id
         client.outbox.put_nowait(raylet_pb2.RayletMessage(registered=raylet_pb2.RegisterAck(
             node_id=self.node_id, store_address=self.args.store_address,
-            gcs_address=self.args.gcs_address, session_dir=self.args.session_dir)))
+            gcs_address=self.args.gcs_address, session_dir=self.args.session_dir,
+            pid=os.getpid())))
         if not reg.is_driver:
             proc = self.starting.pop(reg.startup_token, None)
             if proc is None:
@@ -160,7 +161,8 @@ class Raylet(raylet_pb2_grpc.RayletServicer):
 
     async def PrepareBundles(self, request, context):
         bundles = [(i, dict(b.resources)) for i, b in zip(request.indexes, request.bundles)]
-        problem = self.sched.prepare_bundles(request.placement_group_id.hex(), bundles)
+        problem = self.sched.prepare_bundles(request.placement_group_id.hex(), bundles,
+                                             request.attempt)
         self._dirty.set()
         return raylet_pb2.BundleReply(ok=problem is None, message=problem or "")
 
@@ -172,7 +174,7 @@ class Raylet(raylet_pb2_grpc.RayletServicer):
 
     async def CancelBundles(self, request, context):
         for kill in self.sched.cancel_bundles(request.placement_group_id.hex(), list(request.indexes),
-                                              request.remove):
+                                              request.remove, request.attempt):
             self._kill_worker(kill.worker_id, kill.reason)
         self._run_scheduler()
         await self._report_now()
@@ -287,6 +289,7 @@ class Raylet(raylet_pb2_grpc.RayletServicer):
     # -- GCS -----------------------------------------------------------------------------------
     async def _gcs_loop(self, gcs) -> None:
         last = 0.0
+        self._membership_version = 0
         while not self._stopping.is_set():
             try:
                 await asyncio.wait_for(self._dirty.wait(), config.RESOURCE_REPORT_INTERVAL_S)
@@ -300,8 +303,9 @@ class Raylet(raylet_pb2_grpc.RayletServicer):
                     self._stopping.set()
                     return
                 now = time.monotonic()
-                if now - last > 1.0:
+                if now - last > 1.0 or reply.membership_version != self._membership_version:
                     last = now
+                    self._membership_version = reply.membership_version
                     await self._refresh_nodes(gcs)
             except grpc.RpcError as exc:
                 log.warning("cannot report resources to the GCS at %s: %s", self.args.gcs_address,
