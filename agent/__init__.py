@@ -17,3 +17,6 @@ import os as _os
 # agent never uses gRPC in a forked child. Defence in depth only: its children are
 # spawned with vfork+exec (runtime/supervisor.py), which runs no fork handlers.
 _os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+# Servers close idle connections (runtime/rpc.py); gRPC would print an INFO line for each
+# GOAWAY it receives. Also read once, at import; again only a default.
+_os.environ.setdefault("GRPC_VERBOSITY", "ERROR")

@@ -9,9 +9,14 @@
     agentctl leave | stop [--drain-timeout S]
     agentctl status
     agentctl logs [COMPONENT] [-f] [-n N]
+    agentctl token                      the cluster token, for scripts
+    agentctl up CLUSTER.yaml [--deb PATH] [-o SSH_OPTION]...
+    agentctl down CLUSTER.yaml [-o SSH_OPTION]...
 
 Every command takes --socket and --json. Where no agent runs (a plain shell, no
-systemd), ``start`` and ``join`` launch ``node-agent`` in the background first.
+systemd), ``start`` and ``join`` launch ``node-agent`` in the background first;
+where the packaged unit is installed they ask for ``systemctl start node-agent``
+instead. ``up`` and ``down`` act on a whole cluster over ssh (agent/up.py).
 Errors are one line on stderr and a non-zero exit status.
 """
 from __future__ import annotations
@@ -164,13 +169,41 @@ def _options(args: argparse.Namespace) -> agent_pb2.NodeOptions:
     return opts
 
 
+#: Where the package puts the unit (and where an admin may override it).
+SYSTEM_UNIT_PATHS = ("/etc/systemd/system/node-agent.service",
+                     "/lib/systemd/system/node-agent.service",
+                     "/usr/lib/systemd/system/node-agent.service")
+
+
+def _systemd_owns_agent(args: argparse.Namespace) -> bool:
+    """True when systemd runs this machine and the node-agent unit is installed: the
+    machine's agent is then the service's, and agentctl must not start a second one
+    of its own (as whoever runs agentctl, on per-user paths) when the service is
+    down. An explicit --socket, --state-dir or --config still may."""
+    if args.socket or args.state_dir or args.config or os.environ.get("NODE_AGENT_SOCKET"):
+        return False
+    return os.path.isdir("/run/systemd/system") and any(
+        os.path.exists(p) for p in SYSTEM_UNIT_PATHS)
+
+
 def _client_or_launch(args: argparse.Namespace) -> agent_client.AgentClient:
-    """The running agent, or (plain shell) a node-agent started in the background."""
-    path = agent_client.find_socket(args.socket)
+    """The running agent, or (plain shell) a node-agent started in the background.
+
+    Start and join send the cluster token to what this returns, so both ways only
+    return an agent nobody else can have planted (see agent.client)."""
+    why_not: List[str] = []
+    path = agent_client.find_socket(args.socket, why_not)
     if path is not None:
         return agent_client.AgentClient(path)
+    if _systemd_owns_agent(args):
+        if why_not:
+            raise CliError("; ".join(why_not))
+        raise CliError("node-agent.service is installed but its agent is not running: start it "
+                       "with `systemctl start node-agent` (see `systemctl status node-agent` and "
+                       "`journalctl -u node-agent` if it does not stay up)")
     try:
         target = agent_client.launch_socket(args.socket, args.state_dir, args.config)
+        agent_client.check_launch_socket(target)  # refused before we announce a launch
         if not args.json:
             print(f"no node-agent running; starting one in the background (socket {target})",
                   file=sys.stderr)
@@ -269,6 +302,35 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_token(args: argparse.Namespace) -> int:
+    """The cluster token, for scripts (`agentctl token > file`): whoever may use the
+    socket may read it (see agent.daemon.socket_mode), so this shows nothing new."""
+    with agent_client.connect(args.socket) as c:
+        s = c.status(local_only=True)
+    if not s.token:
+        raise CliError(f"this node has no cluster token (role {s.role}): run `agentctl start "
+                       f"--head` or `agentctl join` first")
+    _emit(args, {"token": s.token, "gcs_address": s.gcs_address}, s.token)
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from agent import up
+    try:
+        return up.cluster_up(args.cluster_file, deb=args.deb, ssh_options=args.ssh_option,
+                             as_json=args.json)
+    except up.ClusterConfigError as exc:
+        raise CliError(str(exc))
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from agent import up
+    try:
+        return up.cluster_down(args.cluster_file, ssh_options=args.ssh_option, as_json=args.json)
+    except up.ClusterConfigError as exc:
+        raise CliError(str(exc))
+
+
 def cmd_logs(args: argparse.Namespace) -> int:
     with agent_client.connect(args.socket) as c:
         req = agent_pb2.TailLogsRequest(component=args.component or "", lines=args.lines,
@@ -332,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the cluster token (visible to other users in `ps`: prefer "
                         f"--token-file or ${tokens.TOKEN_ENV})")
     j.add_argument("--token-file", default=None, metavar="FILE",
-                   help="read the cluster token from FILE")
+                   help="read the cluster token from FILE (- for standard input)")
     j.add_argument("--wait", type=float, default=JOIN_WAIT_S,
                    help="seconds to try the head before reporting it unreachable (default 10)")
     _resource_flags(j)
@@ -362,6 +424,26 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("-f", "--follow", action="store_true")
     lg.add_argument("-n", "--lines", type=int, default=50)
     lg.set_defaults(func=cmd_logs)
+
+    tk = sub.add_parser("token", help="print the cluster token (for scripts; keep it secret)")
+    _common(tk)
+    tk.set_defaults(func=cmd_token)
+
+    for name, func, text in (("up", cmd_up, "start the head and join every worker of a Ray "
+                                             "cluster YAML file (local provider), over ssh"),
+                             ("down", cmd_down, "drain and stop every node of a cluster YAML "
+                                                "file, over ssh")):
+        u = sub.add_parser(name, help=text)
+        u.add_argument("cluster_file", metavar="CLUSTER.yaml")
+        u.add_argument("-o", "--ssh-option", action="append", default=[], metavar="OPTION",
+                       help="an ssh -o option for every connection, e.g. "
+                            "UserKnownHostsFile=/path (repeatable)")
+        u.add_argument("--json", action="store_true", help="print one JSON document")
+        if name == "up":
+            u.add_argument("--deb", default=None, metavar="PATH",
+                           help="install this node-agent .deb on hosts that lack it (or have "
+                                "another version)")
+        u.set_defaults(func=func)
     return p
 
 

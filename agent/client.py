@@ -1,6 +1,16 @@
 """Talking to a node agent: find its socket, call it, launch one in the background.
 
 Used by agentctl, the tests and any tool (raytop) that wants the agent's view.
+
+agentctl sends the cluster token over the socket (Join, StartHead), so it only
+talks to an agent nobody else can have put there: the socket must be ours (or
+root's) in a directory nobody else can write (runtime.session.check_agent_socket),
+and the process listening on it must be ours or root's (SO_PEERCRED). The system
+agent, which systemd runs as the node-agent user, counts as root's: its directory
+/run/node-agent can only have been made by root (runtime.private_fs.system_dir_owner),
+so its owner, and only its owner, may serve there. An agent agentctl launches itself
+must moreover be that very process: the listener's pid, and the pid its Status reply
+claims, must be the pid we started.
 """
 from __future__ import annotations
 
@@ -8,15 +18,16 @@ import importlib.machinery
 import logging
 import os
 import socket
+import struct
 import subprocess
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, NamedTuple, Optional
 
 import grpc
 
 from agent import config as agent_config
-from runtime.private_fs import ensure_private_dir
+from runtime.private_fs import ensure_private_dir, trusted_socket_uids
 from runtime.protocol import agent_pb2, agent_pb2_grpc
 from runtime.session import agent_socket_candidates, check_agent_socket
 
@@ -42,23 +53,109 @@ def socket_alive(path: str) -> bool:
             return False
 
 
-def find_socket(explicit: Optional[str] = None) -> Optional[str]:
+class Peer(NamedTuple):
+    """Who listens on a unix socket, as the kernel recorded it when it called listen()."""
+    pid: int
+    uid: int
+    gid: int
+
+
+def socket_peer(path: str) -> Optional[Peer]:
+    """The process listening on the unix socket path (SO_PEERCRED), or None when
+    nothing accepts a connection there. PermissionError when we may not connect."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(path)
+        except PermissionError:
+            raise
+        except OSError:
+            return None
+        raw = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return Peer(*struct.unpack("3i", raw))
+
+
+def _no_access(path: str) -> str:
+    """Why we may not use a socket the kernel will not let us reach."""
+    group = "node-agent"
+    try:
+        import grp
+        group = grp.getgrgid(os.stat(os.path.dirname(path)).st_gid).gr_name
+    except (OSError, KeyError, ImportError):
+        pass
+    return (f"permission denied on {path}: only root and members of group {group} may use "
+            f"this node-agent (an admin adds you with `adduser $USER {group}`; log in again "
+            f"afterwards)")
+
+
+def find_socket(explicit: Optional[str] = None,
+                why_not: Optional[List[str]] = None) -> Optional[str]:
     """The socket of the running agent: --socket, $NODE_AGENT_SOCKET, the system
-    socket, the per-user socket (the first that answers). None when none does."""
+    socket, the per-user socket (the first that answers). None when none does; the
+    reason each candidate was passed over is appended to why_not.
+
+    A candidate someone else could have planted (see the module docstring) is
+    skipped, or refused when it was named with --socket."""
     candidates = [explicit] if explicit else agent_socket_candidates()
     for path in candidates:
         try:
             check_agent_socket(path)
         except FileNotFoundError:
             continue
-        except OSError as exc:  # UnsafePathError: someone else could have planted it
+        except PermissionError as exc:
+            # UnsafePathError is a PermissionError too: someone else could have planted it.
+            why = (f"not using agent socket {path}: {exc}" if getattr(exc, "errno", None) is None
+                   else _no_access(path))
             if explicit:
-                raise AgentNotRunning(f"not using agent socket {path}: {exc}") from None
+                raise AgentNotRunning(why) from None
+            log.info("skipping %s", why)
+            if why_not is not None:
+                why_not.append(why)
+            continue
+        except OSError as exc:
             log.info("skipping agent socket %s: %s", path, exc)
             continue
-        if socket_alive(path):
-            return path
+        try:
+            peer = socket_peer(path)
+        except PermissionError:
+            peer, why = None, _no_access(path)
+            if explicit:
+                raise AgentNotRunning(why) from None
+            if why_not is not None:
+                why_not.append(why)
+        if peer is None:
+            continue
+        trusted = trusted_socket_uids(path)
+        if peer.uid not in trusted:
+            why = (f"not using agent socket {path}: it is served by pid {peer.pid} of uid "
+                   f"{peer.uid}, not by uid {' or '.join(map(str, trusted))}")
+            if explicit:
+                raise AgentNotRunning(why)
+            log.info("%s", why)
+            if why_not is not None:
+                why_not.append(why)
+            continue
+        return path
     return None
+
+
+def check_launch_socket(path: str) -> str:
+    """Make sure an agent launched on path gets a socket nobody else can have planted
+    or can replace: its directory is created private (ancestors checked first) or
+    must already be ours (or root's) and writable by nobody else, and a socket already
+    there must be ours (or root's). AgentNotRunning, one line naming the path and the
+    problem, otherwise. Returns the absolute path."""
+    path = os.path.abspath(path)
+    try:
+        ensure_private_dir(os.path.dirname(path), allow_root=True)
+        check_agent_socket(path)
+    except FileNotFoundError:
+        pass  # nothing there yet: the agent binds it
+    except OSError as exc:  # UnsafePathError names the path and what is wrong
+        raise AgentNotRunning(
+            f"cannot launch node-agent on {path}: {exc}; pass --socket PATH in a directory of "
+            f"yours (or set XDG_RUNTIME_DIR to a private one)") from None
+    return path
 
 
 def launch_socket(explicit: Optional[str], state_dir: Optional[str],
@@ -91,8 +188,11 @@ class AgentClient:
 
 
 def connect(explicit: Optional[str] = None) -> AgentClient:
-    path = find_socket(explicit)
+    why_not: List[str] = []
+    path = find_socket(explicit, why_not)
     if path is None:
+        if why_not:
+            raise AgentNotRunning("; ".join(why_not))
         where = explicit or " or ".join(agent_socket_candidates())
         raise AgentNotRunning(
             f"no node-agent is running (nothing answers on {where}); start one with `agentctl "
@@ -127,20 +227,38 @@ def _importable_from_anywhere(package: str) -> bool:
     return False
 
 
+def _stop_launched(proc: subprocess.Popen) -> None:
+    """Stop the agent we started and are not going to use (it is ours, by pid)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
 def launch_agent(socket_path: Optional[str], state_dir: Optional[str],
                  config_path: Optional[str], timeout: float = LAUNCH_TIMEOUT_S) -> AgentClient:
     """Start node-agent in the background (its own session, detached from our
     terminal; output to <log dir>/node-agent.out) and wait until it serves, as
-    `ray start` does where no service manager runs the agent."""
+    `ray start` does where no service manager runs the agent.
+
+    The caller is about to send the cluster token over the socket, so the socket is
+    checked before the launch (check_launch_socket) and at each poll, and only an
+    answer from the process we started is taken: whatever else listens there (a
+    planted server answering before our agent gives up on the path, another agent)
+    gets no request beyond a connect, and the launch fails naming it."""
     cfg = agent_config.load(config_path)
     paths = agent_config.resolve_paths(cfg, state_dir, socket_path)
+    sock = check_launch_socket(paths.socket)
     try:
         ensure_private_dir(paths.state_dir)
         os.makedirs(paths.log_dir, mode=0o750, exist_ok=True)
     except OSError as exc:  # UnsafePathError included: its message names the path
         raise AgentNotRunning(f"cannot launch node-agent: {exc}") from None
     out_path = os.path.join(paths.log_dir, "node-agent.out")
-    argv = [sys.executable, "-m", "agent.daemon", "--detached", "--socket", paths.socket,
+    argv = [sys.executable, "-m", "agent.daemon", "--detached", "--socket", sock,
             "--state-dir", paths.state_dir]
     if config_path:
         argv += ["--config", os.path.abspath(config_path)]
@@ -154,23 +272,42 @@ def launch_agent(socket_path: Optional[str], state_dir: Optional[str],
     with open(out_path, "ab") as out:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                 close_fds=True, start_new_session=True, cwd="/", env=env)
+    impostor = ""  # why the last thing that answered on the socket was not our agent
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         rc = proc.poll()
         if rc is not None:
             tail = " | ".join(_tail(out_path, 3))
             raise AgentNotRunning(f"node-agent exited at start (status {rc}): {tail} "
-                                  f"(see {out_path})")
-        if socket_alive(paths.socket):
-            client = AgentClient(paths.socket)
+                                  f"(see {out_path}){impostor}")
+        try:
+            check_agent_socket(sock)
+        except FileNotFoundError:
+            time.sleep(0.1)
+            continue
+        except OSError as exc:
+            _stop_launched(proc)
+            raise AgentNotRunning(f"not using {sock}: {exc}") from None
+        peer = socket_peer(sock)
+        if peer is not None and peer.pid != proc.pid:
+            impostor = (f"; {sock} is served by pid {peer.pid} (uid {peer.uid}), not by the "
+                        f"node-agent started here (pid {proc.pid})")
+        elif peer is not None:
+            client = AgentClient(sock)
             try:
-                client.status(local_only=True, timeout=2.0)
-                return client
+                reply = client.status(local_only=True, timeout=2.0)
             except grpc.RpcError:
-                client.close()
+                reply = None
+            if reply is not None and reply.agent_pid == proc.pid:
+                return client
+            client.close()
+            if reply is not None:
+                impostor = (f"; the agent on {sock} says it is pid {reply.agent_pid}, not the "
+                            f"node-agent started here (pid {proc.pid})")
         time.sleep(0.1)
-    raise AgentNotRunning(f"node-agent (pid {proc.pid}) did not serve on {paths.socket} within "
-                          f"{timeout:g}s; see {out_path} and {paths.log_dir}/node-agent.log")
+    raise AgentNotRunning(f"node-agent (pid {proc.pid}) did not serve on {sock} within "
+                          f"{timeout:g}s; see {out_path} and {paths.log_dir}/node-agent.log"
+                          f"{impostor}")
 
 
 # ---- JSON views ---------------------------------------------------------------------------

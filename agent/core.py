@@ -28,6 +28,7 @@ import grpc
 import psutil
 
 from agent import host, tokens
+from agent.cluster import ClusterViews
 from agent.config import AgentConfig, ResolvedPaths
 from agent.errors import AgentError
 from agent.state import AgentState, StateStore
@@ -88,6 +89,7 @@ class NodeAgent:
         self._cluster: Optional[gcs_pb2.ClusterStatus] = None
         self._cluster_error = ""
         self._closing = False
+        self.views = ClusterViews(self)
 
     # ---- start-up -----------------------------------------------------------------------
 
@@ -161,6 +163,7 @@ class NodeAgent:
     def emit(self, kind: str, subject: str, state: str, message: str = "", pid: int = 0) -> None:
         ev = agent_pb2.AgentEvent(time=time.time(), kind=kind, subject=subject, state=state,
                                   message=message, pid=pid)
+        self.views.note_event(ev)
         for q in list(self._subscribers):
             try:
                 q.put_nowait(ev)
@@ -645,6 +648,9 @@ class NodeAgent:
         except grpc.RpcError as exc:
             self._cluster = None
             self._cluster_error = f"GCS at {self.gcs_address} unreachable: {short_rpc_reason(exc)}"
+            return
+        self.views.sample(self._cluster)
+        await self.views.publish()
 
     def effective_phase(self) -> Tuple[str, str]:
         """The phase, refined by the components' states while a node runs."""
@@ -687,6 +693,10 @@ class NodeAgent:
             socket_path=self.paths.socket)
         if include_token:
             reply.token = self.token
+            if self.token:
+                from agent.service import readonly_token
+
+                reply.readonly_token = readonly_token(self.token)
         if node is not None:
             reply.node_id = node.node_id.hex()
             reply.node_ip = node.cfg.node_ip
@@ -710,7 +720,8 @@ class NodeAgent:
             reply.total.update(cs.total)
             reply.available.update(cs.available)
             for d in cs.pending:
-                reply.pending.add(shape=d.shape, count=d.count, infeasible=d.infeasible)
+                reply.pending.add(shape=d.shape, count=d.count, infeasible=d.infeasible,
+                                  reason=d.reason, function_name=d.function_name)
         return reply
 
     # ---- housekeeping (called periodically by the daemon) -----------------------------

@@ -18,6 +18,7 @@ import logging
 import logging.handlers
 import os
 import signal
+import stat
 import sys
 import time
 from typing import List, Optional, Tuple
@@ -29,7 +30,7 @@ from agent import config as agent_config
 from agent.client import socket_alive
 from agent.core import AgentError, NodeAgent
 from agent.sdnotify import Notifier, PriorityPrefixFormatter, WatchdogGate, journal_handler
-from agent.service import AgentService
+from agent.service import AgentService, make_tcp_server
 from runtime import rpc
 from runtime.private_fs import UnsafePathError, ensure_private_dir
 from runtime.protocol import agent_pb2_grpc
@@ -103,6 +104,33 @@ def become_subreaper() -> None:
         pass
 
 
+def socket_mode(directory: str) -> int:
+    """0660 when the socket's directory lets its group in and nobody else (0750:
+    systemd's RuntimeDirectory for the packaged unit), else 0600. Such a directory
+    is the admin's statement that the group may use the agent; the socket follows
+    it. A directory open to everyone (0755, any mkdir's default) says nothing of the
+    kind, and the socket stays private.
+
+    Whoever may connect may ask for the cluster token (Status on the socket returns
+    it), run drivers, start and stop the node: group membership is as strong as
+    `sudo -u node-agent`, since drivers run arbitrary code as the agent's user on
+    every node, which could read the token file anyway (docs/agent.md, "Trust")."""
+    try:
+        st = os.stat(directory)
+    except OSError:
+        return 0o600
+    mode = stat.S_IMODE(st.st_mode)
+    return 0o660 if mode & 0o050 == 0o050 and not mode & 0o007 else 0o600
+
+
+def _group_name(gid: int) -> str:
+    try:
+        import grp
+        return grp.getgrgid(gid).gr_name
+    except (KeyError, ImportError):
+        return str(gid)
+
+
 class Daemon:
     def __init__(self, cfg: agent_config.AgentConfig, paths: agent_config.ResolvedPaths,
                  notifier: Notifier, args: argparse.Namespace) -> None:
@@ -131,7 +159,8 @@ class Daemon:
                 raise StartupError(f"another node-agent is already serving on {path}; use it "
                                    f"(agentctl --socket {path} status) or pass another --socket")
             os.unlink(path)  # left by an agent that was killed
-        server = grpc.aio.server(options=rpc.SERVER_OPTIONS)  # no token: the socket is 0600
+        # No token on the socket: who may connect is who may reach it (socket_mode).
+        server = grpc.aio.server(options=rpc.SERVER_OPTIONS)
         agent_pb2_grpc.add_NodeAgentServicer_to_server(AgentService(agent, local=True), server)
         old = os.umask(0o177)
         try:
@@ -140,7 +169,11 @@ class Daemon:
             await server.start()
         finally:
             os.umask(old)
-        os.chmod(path, 0o600)
+        mode = socket_mode(parent)
+        os.chmod(path, mode)
+        if mode & 0o060:
+            log.info("%s is 0%o: members of group %s may use agentctl", path, mode,
+                     _group_name(os.stat(path).st_gid))
         self.unix_server = server
 
     async def _sync_tcp(self, agent: NodeAgent) -> None:
@@ -156,7 +189,7 @@ class Daemon:
         if wanted is None:
             return
         host, port, token = wanted
-        server = rpc.make_server(token)
+        server = make_tcp_server(token)
         agent_pb2_grpc.add_NodeAgentServicer_to_server(AgentService(agent, local=False), server)
         try:
             bound = rpc.bind(server, host, port)

@@ -3,20 +3,36 @@
 One instance serves the unix socket (``local=True``: the caller is the agent's
 own user, so Status includes the cluster token) and another the TCP port (behind
 the token interceptor; the token is never sent back over the network).
+
+Read-only callers (raytop --readonly, or anyone holding only the read-only token)
+may call every view, Status and the logs, and nothing that changes the cluster:
+
+* The TCP API accepts the cluster token (everything) or the cluster's *read-only
+  token*, derived from the cluster token with HMAC-SHA256 (so every agent of the
+  cluster knows it without storing anything, and a new cluster token revokes it).
+  :class:`ApiAuth` lets a read-only caller reach only READ_METHODS, from its headers
+  alone, like the cluster-token check. A flag a caller sets on itself cannot be
+  trusted, so the token is the boundary.
+* A caller may also declare itself read-only (``node-agent-readonly: 1`` metadata,
+  as raytop --readonly does on the unix socket): honoured as a safety catch for
+  honest callers, never relied on against dishonest ones. The unix socket itself
+  is 0600: whoever can open it is the agent's user (or root) and may act.
 """
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import os
-import re
-from typing import AsyncIterator, Dict, List, Tuple
+from typing import Any, AsyncIterator, Callable, Dict, List, Tuple
 
 import grpc
 
 from agent.core import NodeAgent
 from agent.errors import AgentError
-from agent.views import options_dict, process_info
+from agent.views import options_dict, short_rpc_reason
+from runtime import rpc
 from runtime.protocol import agent_pb2, agent_pb2_grpc
 
 log = logging.getLogger("agent.service")
@@ -25,7 +41,63 @@ FOLLOW_POLL_S = 0.2
 DEFAULT_TAIL_LINES = 50
 #: The agent's own log; "agent" is the older spelling, still accepted.
 AGENT_LOG_NAMES = ("node-agent", "agent")
-_WORKER_LOG = re.compile(r"(worker-[0-9a-f]{8})\.log")
+#: What a read-only caller may call (everything else changes the cluster or hands out
+#: the token).
+READ_METHODS = frozenset({"Status", "ListProcesses", "TailLogs", "WatchEvents", "View",
+                          "Describe"})
+#: Metadata by which a caller asks to be treated as read-only (raytop --readonly).
+READONLY_METADATA = "node-agent-readonly"
+_AUTH = "authorization"
+
+
+def readonly_token(token: str) -> str:
+    """The cluster's read-only token: HMAC-SHA256 of a fixed label under the cluster
+    token, as 64 hex characters (a valid token by agent/tokens.py's rules)."""
+    return hmac.new(token.encode(), b"node-agent read-only API v1", hashlib.sha256).hexdigest()
+
+
+def _bearer(metadata: Any) -> bytes:
+    for key, value in metadata or ():
+        if key == _AUTH:
+            return value if isinstance(value, bytes) else value.encode("utf-8", "surrogatepass")
+    return b""
+
+
+def _denying(code: grpc.StatusCode, reason: str) -> grpc.RpcMethodHandler:
+    """Refuse without reading the request (stream-typed whatever the method, as in
+    runtime.rpc: a unary handler would read the whole body first)."""
+
+    async def deny(request_iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        await context.abort(code, reason)
+        yield  # pragma: no cover - makes this an async generator
+
+    return grpc.stream_stream_rpc_method_handler(deny)
+
+
+class ApiAuth(grpc.aio.ServerInterceptor):
+    """The TCP API's check: the cluster token, or the read-only token for READ_METHODS."""
+
+    def __init__(self, token: str) -> None:
+        self._full = b"Bearer " + token.encode()
+        self._read = b"Bearer " + readonly_token(token).encode()
+        self._cluster_check = rpc.TokenAuthInterceptor(token)
+
+    async def intercept_service(self, continuation: Callable, details: Any) -> Any:
+        raw = _bearer(details.invocation_metadata)
+        if raw and hmac.compare_digest(raw, self._read):
+            method = details.method.rsplit("/", 1)[-1]
+            if method in READ_METHODS:
+                return await continuation(details)
+            return _denying(grpc.StatusCode.PERMISSION_DENIED,
+                            f"read-only: the read-only token allows viewing only; {method} "
+                            f"needs the cluster token")
+        return await self._cluster_check.intercept_service(continuation, details)
+
+
+def make_tcp_server(token: str) -> grpc.aio.Server:
+    """The agent's TCP API server: runtime.rpc.make_server's, with ApiAuth as its check
+    (the cluster token, or the read-only token for views)."""
+    return rpc.make_server(token, ApiAuth(token))
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: AgentError) -> None:
@@ -65,16 +137,39 @@ class AgentService(agent_pb2_grpc.NodeAgentServicer):
         self.agent = agent
         self.local = local
 
+    def readonly(self, context: grpc.aio.ServicerContext) -> bool:
+        """Whether this call may only look: it holds the read-only token, or says so."""
+        metadata = context.invocation_metadata() or ()
+        for key, value in metadata:
+            if key == READONLY_METADATA and str(value).strip().lower() not in ("", "0", "no"):
+                return True
+        if not self.local and self.agent.token:
+            want = b"Bearer " + readonly_token(self.agent.token).encode()
+            raw = _bearer(metadata)
+            return bool(raw) and hmac.compare_digest(raw, want)
+        return False
+
+    async def _refuse_readonly(self, context: grpc.aio.ServicerContext, what: str) -> None:
+        if self.readonly(context):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"read-only: this caller may view the cluster but not {what} "
+                                f"(raytop --readonly, or the read-only token)")
+
     async def Status(self, request, context):
-        return await self.agent.status(include_token=self.local, local_only=request.local_only)
+        reply = await self.agent.status(include_token=self.local, local_only=request.local_only)
+        if self.readonly(context):
+            reply.token = reply.readonly_token = ""
+        return reply
 
     async def StartHead(self, request, context):
+        await self._refuse_readonly(context, "start a head node")
         try:
             return await self.agent.start_head(options_dict(request.options), request.token)
         except AgentError as exc:
             await _abort(context, exc)
 
     async def Join(self, request, context):
+        await self._refuse_readonly(context, "join a cluster")
         try:
             return await self.agent.join(request.head_address, request.token,
                                          options_dict(request.options), request.wait_s)
@@ -82,18 +177,21 @@ class AgentService(agent_pb2_grpc.NodeAgentServicer):
             await _abort(context, exc)
 
     async def Leave(self, request, context):
+        await self._refuse_readonly(context, "leave the cluster")
         try:
             return await self.agent.leave(request.drain_timeout_s)
         except AgentError as exc:
             await _abort(context, exc)
 
     async def StopNode(self, request, context):
+        await self._refuse_readonly(context, "stop the node")
         try:
             return await self.agent.stop_node(request.drain_timeout_s, request.exit_agent)
         except AgentError as exc:
             await _abort(context, exc)
 
     async def StartNode(self, request, context):
+        await self._refuse_readonly(context, "start the node")
         try:
             return await self.agent.start_node()
         except AgentError as exc:
@@ -101,34 +199,33 @@ class AgentService(agent_pb2_grpc.NodeAgentServicer):
 
     async def ListProcesses(self, request, context):
         reply = agent_pb2.ListProcessesReply()
-        reply.processes.extend(process_info(s) for s in self.agent.process_snapshots())
-        reply.processes.extend(await self.agent.workers())
+        reply.processes.extend(await self.agent.views.processes())
         return reply
 
     async def _known_logs(self) -> Dict[str, Tuple[str, str]]:
-        """Every log this node has, by component name: (path, the directory it must
-        lie in). Only these are ever read: a name from the network is looked up
-        here, never joined into a path."""
-        agent = self.agent
-        agent_log = (os.path.join(agent.paths.log_dir, "node-agent.log"), agent.paths.log_dir)
-        known = {name: agent_log for name in AGENT_LOG_NAMES}
-        node = agent.node
-        if node is None:
-            return known
-        logs_dir = os.path.join(node.session_dir, "logs")
+        return await self.agent.views.known_logs()
+
+    # ---- raytop (agent/cluster.py) ---------------------------------------------------------
+
+    async def View(self, request, context):
         try:
-            names = os.listdir(logs_dir)
-        except OSError:
-            names = []
-        for name in names:  # workers that exited keep their log: often the one wanted
-            m = _WORKER_LOG.fullmatch(name)
-            if m:
-                known[m.group(1)] = (os.path.join(logs_dir, name), logs_dir)
-        for w in await agent.workers():
-            known[w.component] = (w.log_path, logs_dir)
-        for snap in agent.process_snapshots():
-            known[snap["name"]] = (snap["log_path"], logs_dir)
-        return known
+            return await self.agent.views.view(request, self.readonly(context))
+        except AgentError as exc:
+            await _abort(context, exc)
+
+    async def Describe(self, request, context):
+        try:
+            return await self.agent.views.describe(request)
+        except AgentError as exc:
+            await _abort(context, exc)
+
+    async def Act(self, request, context):
+        await self._refuse_readonly(context, f"act ({request.action})")
+        who = "the local control socket" if self.local else f"TCP API caller {context.peer()}"
+        try:
+            return await self.agent.views.act(request, who)
+        except AgentError as exc:
+            await _abort(context, exc)
 
     @staticmethod
     def _describe_known(known: Dict[str, Tuple[str, str]]) -> str:
@@ -173,6 +270,25 @@ class AgentService(agent_pb2_grpc.NodeAgentServicer):
         return files
 
     async def TailLogs(self, request, context) -> AsyncIterator[agent_pb2.LogLine]:
+        if request.node:
+            views = self.agent.views
+            try:
+                n = await views.node_or_error(request.node)
+                local = views.is_local(n.node_id)
+                peer = None if local else await views.peer(n)
+            except AgentError as exc:
+                await _abort(context, exc)
+                return
+            if peer is not None:
+                fwd = agent_pb2.TailLogsRequest(component=request.component,
+                                                lines=request.lines, follow=request.follow)
+                try:
+                    async for line in peer.TailLogs(fwd):
+                        yield line
+                except grpc.RpcError as exc:
+                    await context.abort(exc.code(), f"the agent of node {n.node_id.hex()[:8]} "
+                                        f"({n.node_ip}): {exc.details() or short_rpc_reason(exc)}")
+                return
         files = await self._log_files(request.component, context)
         n = request.lines if request.lines > 0 else DEFAULT_TAIL_LINES
         offsets = {}

@@ -13,6 +13,7 @@ Errors never repeat the token: they end up in logs and terminals.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Optional
 
 __all__ = ["MIN_LENGTH", "TOKEN_ENV", "InvalidToken", "token_problem", "check_token",
@@ -55,10 +56,15 @@ def check_token(token: str, source: str) -> str:
 
 def read_token_file(path: str) -> str:
     """The token in path (surrounding whitespace, e.g. the final newline, dropped),
-    checked. OSError when the file cannot be read, InvalidToken when it holds no
-    acceptable token."""
-    with open(path, "rb") as fh:
-        raw = fh.read(_MAX_FILE_BYTES + 1)
+    checked. "-" reads standard input: how `agentctl up` hands a worker the token
+    over ssh without putting it in any command line or file. OSError when the file
+    cannot be read, InvalidToken when it holds no acceptable token."""
+    if path == "-":
+        raw = sys.stdin.buffer.read(_MAX_FILE_BYTES + 1)
+        path = "standard input"
+    else:
+        with open(path, "rb") as fh:
+            raw = fh.read(_MAX_FILE_BYTES + 1)
     if len(raw) > _MAX_FILE_BYTES:
         raise InvalidToken(f"{path} is larger than {_MAX_FILE_BYTES} bytes; it is not a token "
                            f"file")
@@ -67,4 +73,4 @@ def read_token_file(path: str) -> str:
     except UnicodeDecodeError:
         raise InvalidToken(f"the cluster token from {path} contains non-ASCII bytes; a "
                            f"cluster token must be printable ASCII without spaces") from None
-    return check_token(text.strip(), os.path.abspath(path))
+    return check_token(text.strip(), path if path == "standard input" else os.path.abspath(path))

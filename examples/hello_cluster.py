@@ -1,7 +1,8 @@
 """An ordinary Ray script, run on this project's runtime: `import runtime as ray`.
 
-Starts a private single-node cluster (GCS, raylet, object store, workers),
-runs tasks, nested tasks, a large zero-copy object and an error, then prints
+Attaches to the cluster that $RUNTIME_ADDRESS names ("auto": the one running on this
+machine, as scripts/demo.sh does), or else starts a private single-node cluster (GCS,
+raylet, object store, workers). Runs tasks, nested tasks, a large zero-copy object and an error, then prints
 what it got and the cluster's resources.
 """
 import time

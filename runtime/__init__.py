@@ -8,12 +8,17 @@ import os as _os
 # handlers, so children are safe whatever this says. Set before gRPC is imported (it
 # reads it once), and only as a default: a user's explicit choice is theirs.
 _os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+# Servers close idle connections (runtime/rpc.py); gRPC would print an INFO line for each
+# GOAWAY it receives. Also read once, at import; again only a default.
+_os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 from runtime._version import __version__
 from runtime import actor, exceptions, util
 from runtime.actor import ActorClass, ActorHandle
 from runtime.api import (available_resources, cancel, cluster_resources, get, get_actor,
                          get_gpu_ids, get_runtime_context, init, is_initialized, kill, nodes, put,
                          shutdown, wait)
+from runtime.ids import (ActorClassID, ActorID, ClusterID, FunctionID, JobID, NodeID, ObjectID,
+                         PlacementGroupID, TaskID, UniqueID, WorkerID)
 from runtime.object_ref import ObjectRef
 from runtime.remote import method, remote
 from runtime.remote_function import RemoteFunction
@@ -22,5 +27,7 @@ __all__ = [
     "__version__", "exceptions", "init", "shutdown", "is_initialized", "remote", "method", "get",
     "put", "wait", "cancel", "nodes", "cluster_resources", "available_resources",
     "get_runtime_context", "get_gpu_ids", "ObjectRef", "RemoteFunction", "kill", "get_actor",
-    "actor", "util", "ActorClass", "ActorHandle",
+    "actor", "util", "ActorClass", "ActorHandle", "ActorClassID", "ActorID", "ClusterID",
+    "FunctionID", "JobID", "NodeID", "ObjectID", "PlacementGroupID", "TaskID", "UniqueID",
+    "WorkerID",
 ]

@@ -10,10 +10,12 @@ detached).
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import inspect
 from typing import Any, Dict, List, Optional
 
+from runtime.exceptions import ActorExitRequested, AsyncioActorExit
 from runtime.object_ref import ObjectRef
 from runtime.options import validate_task_options
 
@@ -28,20 +30,32 @@ METHOD_OPTIONS = {"num_returns", "name", "max_task_retries", "retry_exceptions",
                   "concurrency_group", "enable_task_events", "_metadata"}
 
 
-class ActorExitRequested(BaseException):
-    """Raised by exit_actor(); caught by the worker, never seen by user code."""
+__all__ = ["ActorClass", "ActorHandle", "ActorMethod", "exit_actor", "ActorExitRequested"]
 
 
 def exit_actor() -> None:
     """End the current actor from inside one of its methods (no restart).
 
-    Calls already queued on the actor fail with ActorDiedError."""
+    Calls already queued on the actor fail with ActorDiedError. In an async actor this
+    raises AsyncioActorExit, as Ray does; in a sync one an ActorExitRequested, which
+    ``except Exception`` cannot swallow."""
     from runtime.core_worker.current import core_worker_or_none
 
     cw = core_worker_or_none()
     if cw is None or not getattr(cw, "current_actor_id", None):
         raise TypeError("exit_actor() called outside an actor method")
+    executor = getattr(cw, "executor", None)
+    actor_loop = getattr(executor, "actor_loop", None)
+    if actor_loop is not None and _running_loop() is actor_loop:
+        raise AsyncioActorExit()
     raise ActorExitRequested()
+
+
+def _running_loop() -> Optional[asyncio.AbstractEventLoop]:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def validate_actor_options(opts: Dict[str, Any]) -> Dict[str, Any]:
@@ -51,7 +65,7 @@ def validate_actor_options(opts: Dict[str, Any]) -> Dict[str, Any]:
                              f"{sorted(ACTOR_OPTIONS)}.")
     task_like = {k: v for k, v in opts.items()
                  if k in ("num_cpus", "num_gpus", "resources", "scheduling_strategy", "memory",
-                          "runtime_env")}
+                          "object_store_memory", "runtime_env")}
     validate_task_options(task_like)
     lifetime = opts.get("lifetime")
     if lifetime not in (None, "detached", "non_detached"):
@@ -138,6 +152,8 @@ class ActorClass:
 
         cw = _ensure_initialized()
         self._export()
+        # The GCS refuses a taken name atomically at registration (Ray checks with a racy
+        # get_actor first): ActorAlreadyExistsError.
         return cw.actors.create(self, args, kwargs, opts)
 
 

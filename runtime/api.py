@@ -23,19 +23,77 @@ from runtime.node import Node, NodeConfig, check_resource_amount
 from runtime.object_ref import ObjectRef
 from runtime.protocol import common_pb2, gcs_pb2, gcs_pb2_grpc
 from runtime.rpc_errors import gcs_error
-from runtime.runtime_context import RuntimeContext
+from runtime.runtime_context import get_runtime_context  # noqa: F401  (re-exported)
 from runtime.session import (find_running_cluster, new_session_dir, require_running_cluster,
                              write_cluster_file)
 
 log = logging.getLogger("runtime")
 
+# Every keyword Ray 2.60's init() takes (its named ones and the hidden ones it pops).
 _INIT_KEYWORDS = {
     "num_cpus", "num_gpus", "resources", "labels", "object_store_memory", "local_mode",
     "ignore_reinit_error", "include_dashboard", "dashboard_host", "dashboard_port", "job_config",
     "configure_logging", "logging_level", "logging_format", "logging_config", "log_to_driver",
-    "namespace", "runtime_env", "storage", "_node_ip_address", "_temp_dir", "_system_config",
-    "_enable_object_reconstruction", "_plasma_directory", "_metrics_export_port",
+    "namespace", "runtime_env", "enable_resource_isolation", "cgroup_path", "system_reserved_cpu",
+    "system_reserved_memory", "proxy_server_url", "_enable_object_reconstruction",
+    "_plasma_directory", "object_spilling_directory", "_node_ip_address",
+    "_driver_object_store_memory", "_memory", "_redis_username", "_redis_password", "_temp_dir",
+    "_metrics_export_port", "_system_config", "_tracing_startup_hook", "_node_name",
+    "_skip_env_hook",
 }
+# dashboard_host, _redis_username, _redis_password, _node_name and _skip_env_hook concern
+# parts this runtime does not have (a dashboard, Redis, env hooks): accepted, nothing to do.
+# Keywords that would ask for something this runtime does not do: accepted at their
+# defaults only, so nothing a script asks for is silently ignored. Value: why, what instead.
+_INIT_UNSUPPORTED = {
+    "include_dashboard": "this runtime has no web dashboard; use `raytop` or runtime.util.state",
+    "dashboard_port": "this runtime has no web dashboard; use `raytop` or runtime.util.state",
+    "job_config": "JobConfig is not supported; pass namespace=, runtime_env= and "
+                  "log_to_driver= to init() directly",
+    "logging_config": "LoggingConfig is not supported; use logging_level= and logging_format=",
+    "enable_resource_isolation": "resource isolation with cgroups is not supported",
+    "cgroup_path": "resource isolation with cgroups is not supported",
+    "system_reserved_cpu": "resource isolation with cgroups is not supported",
+    "system_reserved_memory": "resource isolation with cgroups is not supported",
+    "proxy_server_url": "Ray Client proxies are not supported; attach with init(address=...)",
+    "_enable_object_reconstruction": "lineage reconstruction is not supported",
+    "_plasma_directory": "the object store always lives in /dev/shm",
+    "object_spilling_directory": "the spill directory is the session's spill/ directory",
+    "_driver_object_store_memory": "the driver has no store of its own; use object_store_memory=",
+    "_memory": "use resources= or the memory= option of tasks and actors",
+    "_metrics_export_port": "metrics export is not supported",
+    "_system_config": "Ray's internal config does not apply to this runtime; its settings are "
+                      "RUNTIME_* environment variables (runtime/config.py)",
+    "_tracing_startup_hook": "tracing hooks are not supported",
+}
+
+
+class _UnknownInitKeyword(RuntimeError, TypeError):
+    """Ray raises RuntimeError for an unknown init() keyword; Python itself would raise
+    TypeError. Both catch it."""
+
+
+def _check_init_keywords(kwargs: Dict[str, Any]) -> None:
+    """Refuse what Ray refuses, as Ray words it, and anything asked of a keyword that
+    this runtime cannot honour, naming it."""
+    if kwargs.get("storage"):
+        raise RuntimeError("Cluster-wide storage configuration has been removed. The last Ray "
+                           "version supporting the `storage` argument is `ray==2.47`.")
+    if kwargs.get("allow_multiple"):
+        raise RuntimeError("`allow_multiple` argument is passed to `init` when the Ray client "
+                           "is not used; this runtime has no Ray client. Do not pass "
+                           "`allow_multiple` to `init`.")
+    unknown = [k for k in kwargs if k not in _INIT_KEYWORDS]
+    if unknown:
+        raise _UnknownInitKeyword(f"Unknown keyword argument(s): {', '.join(unknown)}")
+    if kwargs.get("local_mode"):
+        raise RuntimeError("`local_mode` is no longer supported (as in Ray 2.60). Run tasks "
+                           "normally; to debug, call the function directly or print from it.")
+    for key, why in _INIT_UNSUPPORTED.items():
+        value = kwargs.get(key)
+        if value is None or value is False or (key == "_system_config" and value == {}):
+            continue
+        raise ValueError(f"init({key}={value!r}) is not supported: {why}.")
 
 
 class RuntimeContextInfo(dict):
@@ -123,9 +181,7 @@ def init(address: Optional[str] = None, **kwargs) -> RuntimeContextInfo:
     names one); "auto" attaches to the newest cluster running on this machine;
     "host:port" attaches to the GCS at that address.
     """
-    unknown = sorted(set(kwargs) - _INIT_KEYWORDS)
-    if unknown:
-        raise TypeError(f"init() got unexpected keyword argument(s): {', '.join(unknown)}")
+    _check_init_keywords(kwargs)
     with _driver.lock:
         if _driver.cw is not None:
             if kwargs.get("ignore_reinit_error"):
@@ -286,8 +342,11 @@ def _pick_local_node(alive, private: Optional[Node], local_ip: Optional[str] = N
     return heads[0] if heads else alive[0]
 
 
-def shutdown(_exiting_interpreter: bool = False) -> None:
-    """Disconnect; a private cluster started by init() is stopped (no process outlives it)."""
+def shutdown(*, wait_for_processes: bool = False, _exiting_interpreter: bool = False) -> None:
+    """Disconnect; a private cluster started by init() is stopped (no process outlives it).
+
+    Its processes are always waited for, so ``wait_for_processes`` (Ray's, default
+    False) changes nothing; an attached driver leaves the cluster's processes running."""
     with _driver.lock:
         _teardown()
 
@@ -311,7 +370,7 @@ def _teardown() -> None:
         node.stop()
 
 
-atexit.register(shutdown, True)
+atexit.register(shutdown, _exiting_interpreter=True)
 
 
 # -- objects ------------------------------------------------------------------------------------
@@ -340,9 +399,11 @@ def get(object_refs: Union[ObjectRef, Sequence[ObjectRef]], *, timeout: Optional
                      f"must either be an ObjectRef or a list of ObjectRefs.")
 
 
-def wait(object_refs: Sequence[ObjectRef], *, num_returns: int = 1, timeout: Optional[float] = None,
+def wait(ray_waitables: Sequence[ObjectRef], *, num_returns: int = 1,
+         timeout: Optional[float] = None,
          fetch_local: bool = True) -> Tuple[List[ObjectRef], List[ObjectRef]]:
     """Split refs into (ready, not ready): at most num_returns ready ones, in input order."""
+    object_refs = ray_waitables
     cw = _ensure_initialized()
     if isinstance(object_refs, ObjectRef):
         raise TypeError("wait() expected a list of ObjectRef, got a single ObjectRef")
@@ -373,8 +434,9 @@ def check_timeout(name: str, timeout: Any) -> None:
                          f"to wait without a limit), got {timeout!r}")
 
 
-def cancel(ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> None:
-    """Cancel the task that produces `ref`; get() then raises TaskCancelledError."""
+def cancel(ray_waitable: ObjectRef, *, force: bool = False, recursive: bool = True) -> None:
+    """Cancel the task that produces the ref; get() then raises TaskCancelledError."""
+    ref = ray_waitable
     if not isinstance(ref, ObjectRef):
         raise TypeError(f"cancel() expected an ObjectRef, got {type(ref)}")
     cw = _ensure_initialized()
@@ -429,10 +491,6 @@ def available_resources() -> Dict[str, float]:
     """Resources not in use right now (as last reported by each raylet)."""
     status = _gcs_call("GetClusterStatus", common_pb2.Empty(), "reading available resources")
     return {k: v for k, v in status.available.items() if v > 0}
-
-
-def get_runtime_context() -> RuntimeContext:
-    return RuntimeContext(_ensure_initialized())
 
 
 def get_gpu_ids() -> List[int]:

@@ -3,8 +3,9 @@
 Measures what the runtime-core and actor issues name: init time, first-task
 time, sync task latency, async task throughput, small put/get rates, 100 MB
 put/get throughput, actor creation, sync actor call latency, async calls/s to
-1 and 4 actors and to an async actor, idle cluster RSS and RSS after N
-(default 100k) tasks. ``--task-events off`` measures the cost of task events. Cluster
+1 and 4 actors and to an async actor, ActorPool.map throughput over 4 actors,
+idle cluster RSS and RSS after N (default 100k) tasks. ``--only actor-pool
+--module ray`` measures the ActorPool figure with Ray itself, to compare. ``--task-events off`` measures the cost of task events. Cluster
 RSS is the sum over the driver's descendant processes (the private cluster),
 driver excluded, as ../shared/bench/microbench.py counts it.
 
@@ -69,6 +70,37 @@ def median_rate(ray, submit, n: int = 5000, reps: int = 3) -> float:
     return statistics.median(rates)
 
 
+def actor_pool_map_per_s(ray, actors, n: int = 2000, reps: int = 3) -> float:
+    """ActorPool.map over n values on the given actors (``echo``), in order, all
+    results consumed; the median rate over reps. ``ray`` is any module with Ray's API
+    (this runtime or Ray itself, for the side-by-side figure)."""
+    pool = ray.util.ActorPool(actors)
+    values = list(range(n))
+    rates = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        out = list(pool.map(lambda a, v: a.echo.remote(v), values))
+        rates.append(n / (time.perf_counter() - t0))
+        if out != values:
+            raise AssertionError("ActorPool.map returned the results out of order")
+    return statistics.median(rates)
+
+
+def actor_pool_bench(ray, emit, actors: int = 4, n: int = 2000) -> None:
+    """The ActorPool figure on its own: ``actors`` zero-CPU echo actors."""
+
+    @ray.remote(num_cpus=0)
+    class Echo:
+        def echo(self, v):
+            return v
+
+    pool_actors = [Echo.remote() for _ in range(actors)]
+    ray.get([a.echo.remote(0) for a in pool_actors])
+    emit(f"actor_pool_map_{actors}_per_s", actor_pool_map_per_s(ray, pool_actors, n), "items/s")
+    for a in pool_actors:
+        ray.kill(a)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m runtime.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--num-cpus", type=int, default=2)
@@ -76,12 +108,18 @@ def main(argv=None) -> int:
     p.add_argument("--json", default="", help="also write the figures to this file")
     p.add_argument("--task-events", choices=("on", "off"), default="on",
                    help="record task events (the default) or not, to measure their cost")
+    p.add_argument("--only", choices=("all", "actor-pool"), default="all",
+                   help="run every figure, or only ActorPool.map throughput")
+    p.add_argument("--module", default="runtime",
+                   help="the module to measure (e.g. ray, in a venv with Ray, for the same "
+                        "figure side by side; with --only actor-pool)")
     args = p.parse_args(argv)
+    import importlib
     import os
 
     os.environ["RUNTIME_TASK_EVENTS"] = "1" if args.task_events == "on" else "0"
-
-    import numpy as np
+    if args.module != "runtime" and args.only == "all":
+        p.error("--module other than runtime needs --only actor-pool")
 
     out = {}
 
@@ -90,10 +128,19 @@ def main(argv=None) -> int:
         print(f"{name:28s} {value:12.4g} {unit}", flush=True)
 
     t0 = time.perf_counter()
-    import runtime as ray
+    ray = importlib.import_module(args.module)
+    importlib.import_module(f"{args.module}.util")
 
-    ray.init(num_cpus=args.num_cpus)
+    init_kwargs = {"num_cpus": args.num_cpus}
+    if args.module != "runtime":
+        init_kwargs["include_dashboard"] = False
+    ray.init(**init_kwargs)
     emit("init_s", time.perf_counter() - t0, "s")
+    if args.only == "actor-pool":
+        actor_pool_bench(ray, emit)
+        return _finish(ray, args, out)
+
+    import numpy as np
 
     @ray.remote
     def noop():
@@ -168,6 +215,7 @@ def main(argv=None) -> int:
     for a in actors + [aa]:
         ray.kill(a)
     del actors, a0, four, aa
+    actor_pool_bench(ray, emit)
 
     done = 0
     t0 = time.perf_counter()
@@ -181,6 +229,10 @@ def main(argv=None) -> int:
     settle()
     emit("rss_after_tasks_mb", cluster_rss_mb(), "MB")
     out["tasks_in_long_run"] = args.tasks
+    return _finish(ray, args, out)
+
+
+def _finish(ray, args, out: dict) -> int:
     ray.shutdown()
     if args.json:
         with open(args.json, "w") as fh:

@@ -3,7 +3,9 @@
 A component is started by the supervisor (runtime/supervisor.py) with its stdout
 and stderr appended to its log file in the session directory, the cluster token
 in the environment, and a ready file to write once it serves. It dies with its
-parent: a private cluster must never outlive a SIGKILLed driver.
+parent: a private cluster must never outlive a SIGKILLed driver. Whatever serves
+(every component, and a driver's core worker) raises its open-file limit first
+(`raise_open_file_limit`, called by `rpc.make_server`).
 """
 from __future__ import annotations
 
@@ -20,6 +22,10 @@ from typing import Callable, Optional
 from runtime.rpc import TOKEN_ENV
 
 PARENT_PID_ENV = "RUNTIME_PARENT_PID"
+# What the soft open-file limit is raised to where the hard limit is unlimited (Linux never
+# allows more than fs.nr_open, 1,048,576 by default).
+_NOFILE_WHEN_UNLIMITED = 1 << 20
+log = logging.getLogger("runtime.component")
 _PR_SET_PDEATHSIG = 1
 _PR_GET_PDEATHSIG = 2
 
@@ -43,6 +49,32 @@ def setup_logging(component: str, node_id_hex: str, level: str | int = "INFO") -
     root.addHandler(handler)
     root.setLevel(level)
     return logging.getLogger(component)
+
+
+def raise_open_file_limit() -> int:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit; returns the soft limit now.
+
+    A server spends an fd on every connection it accepts, before anything is known of the
+    peer: with the usual soft limit of 1,024, a thousand bare connections (no token needed)
+    leave it unable to accept its own clients, or to open a file. The hard limit is what
+    the administrator allows (systemd's default is 524,288), and raising the soft limit up
+    to it needs no privilege. Idempotent; a failure leaves the limit as it was.
+    """
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return -1
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = _NOFILE_WHEN_UNLIMITED if hard == resource.RLIM_INFINITY else hard
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as exc:
+        log.debug("open-file limit stays at %d (raising it to %d failed: %s)", soft, target, exc)
+        return soft
+    log.debug("open-file limit raised from %d to %d (pid %d)", soft, target, os.getpid())
+    return target
 
 
 def announce_ready(path: str | None, **info) -> None:

@@ -61,3 +61,12 @@ SESSION_ROOT: str = _env("SESSION_ROOT", "")
 # Session directories of clusters that have exited, kept (newest first) for their logs
 # when a new session is created; older ones are removed. Live sessions are never removed.
 SESSIONS_KEPT: int = _env("SESSIONS_KEPT", 10)
+# A gRPC server closes a connection that has carried no call for this long (0: never),
+# so connections that authenticate nothing (a flood of bare HTTP/2 prefaces, peers that
+# vanished) do not pile up. Open streams count as calls: Raylet.Connect, PushTasks and
+# WaitForExit keep theirs. A client's next call reconnects, transparently.
+GRPC_MAX_CONNECTION_IDLE_S: float = _env("GRPC_MAX_CONNECTION_IDLE_S", 60.0)
+# Mode of the object store's shared-memory files (octal). 0600: only the store's user
+# maps them. The packaged agent sets 0660 so that members of its group (whose drivers
+# already run code as the service user) can put and get large objects.
+STORE_FILE_MODE: int = _env("STORE_FILE_MODE", 0o600, lambda raw: int(raw, 8))

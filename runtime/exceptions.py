@@ -8,24 +8,40 @@
     ├── TaskCancelledError           the task was cancelled with cancel()
     ├── WorkerCrashedError           the worker died while running the task, retries exhausted
     ├── NodeDiedError                the node running the task died
+    ├── OutOfMemoryError             the node ran out of memory and the work was killed
     ├── ObjectStoreFullError         no room in the object store, even after spilling
     ├── OutOfDiskError               ObjectStoreFullError's sibling for the spill disk
     ├── ObjectLostError              a value can no longer be reached
     │   ├── OwnerDiedError           ... because the process that owned it exited
     │   ├── ObjectFetchTimedOutError ... because fetching it timed out
+    │   ├── ObjectFreedError         ... because it was freed explicitly
+    │   ├── ObjectReconstructionFailedError  ... because it could not be recomputed
     │   └── ReferenceCountingAssertionError  ... because it was freed too early
     ├── RayActorError                an actor cannot run the call
     │   ├── ActorDiedError           ... because the actor is dead (reason attached)
     │   └── ActorUnavailableError    ... because it is restarting or unreachable for now
+    ├── ActorAlreadyExistsError      the actor's name is taken (also a ValueError, as in Ray)
+    ├── PendingCallsLimitExceeded    a handle has max_pending_calls calls in flight already
+    ├── AsyncioActorExit             exit_actor() inside an async actor (caught by the worker)
     ├── TaskUnschedulableError       the task can never be placed (e.g. affinity to a dead node)
     ├── ActorUnschedulableError      the same for an actor
     ├── PlacementGroupSchedulingError
+    ├── TaskPlacementGroupRemoved    the task's placement group was removed
+    ├── ActorPlacementGroupRemoved   the actor's placement group was removed
     ├── RuntimeEnvSetupError
+    ├── UnserializableException      an exception raised remotely could not be unpickled here
+    ├── ObjectRefStreamEndOfStreamError  a streaming generator has no more refs
     ├── AuthenticationError          a request carried no or the wrong cluster token
+    ├── LocalRayletDiedError         the raylet of this process died (Ray's name)
+    │   └── RayletDiedError          ... and did not come back; also a ClusterConnectionError
+    │                                and a NodeDiedError (a new raylet is a new node)
     ├── ClusterConnectionError       the GCS / raylet / object store could not be reached
-    │   └── RayletDiedError          the driver's raylet died and did not come back
-    │                                (also a NodeDiedError: a new raylet is a new node)
-    └── RaySystemError               an internal failure of the runtime itself
+    │   └── RayletDiedError          (the same class as above)
+    ├── RaySystemError               an internal failure of the runtime itself
+    └── CrossLanguageError           kept for Ray's API; never raised here
+
+Ray's classes that name parts this runtime does not have (compiled graphs' channels,
+plasma, Ray's RPC layer) are not defined; docs/compatibility.md lists them.
 
 Every error says what went wrong and what to do about it.
 """
@@ -41,7 +57,10 @@ __all__ = [
     "RayActorError", "ActorDiedError", "ActorUnavailableError", "TaskUnschedulableError",
     "ActorUnschedulableError", "PlacementGroupSchedulingError", "RuntimeEnvSetupError",
     "AuthenticationError", "ClusterConnectionError", "RayletDiedError", "RaySystemError",
-    "CrossLanguageError",
+    "CrossLanguageError", "OutOfMemoryError", "ActorAlreadyExistsError",
+    "PendingCallsLimitExceeded", "ObjectFreedError", "AsyncioActorExit", "LocalRayletDiedError",
+    "ObjectReconstructionFailedError", "ActorPlacementGroupRemoved", "TaskPlacementGroupRemoved",
+    "UnserializableException", "ObjectRefStreamEndOfStreamError",
 ]
 
 
@@ -171,6 +190,18 @@ class NodeDiedError(RayError):
     """The node that ran (or held) the work died."""
 
 
+class OutOfMemoryError(RayError):
+    """The node ran low on memory and the task or actor was killed to free some.
+
+    Defined for Ray's API (``except OutOfMemoryError``); this runtime has no memory
+    monitor yet, so nothing raises it."""
+
+    def __init__(self, message: str = "The node ran out of memory; the task or actor was "
+                 "killed to free memory.") -> None:
+        self.message = message
+        super().__init__(message)
+
+
 class ObjectStoreFullError(RayError):
     """The object store cannot hold a new object, even after spilling to disk."""
 
@@ -186,6 +217,10 @@ class ObjectLostError(RayError):
         self.object_ref_hex = object_ref_hex
         super().__init__(message or f"Object {object_ref_hex} is lost and cannot be retrieved.")
 
+    def __reduce__(self):
+        # The default (cls(*args)) would pass the message as object_ref_hex.
+        return (type(self), (self.object_ref_hex, str(self)))
+
 
 class OwnerDiedError(ObjectLostError):
     """The process that owned the object (created the ObjectRef) exited."""
@@ -197,6 +232,14 @@ class ObjectFetchTimedOutError(ObjectLostError):
 
 class ReferenceCountingAssertionError(ObjectLostError):
     """The object was freed while a reference to it still existed (a bug)."""
+
+
+class ObjectFreedError(ObjectLostError):
+    """The object was freed explicitly by the application while a reference remained."""
+
+
+class ObjectReconstructionFailedError(ObjectLostError):
+    """The object was lost and could not be recomputed from its lineage."""
 
 
 class RayActorError(RayError):
@@ -222,6 +265,35 @@ class ActorUnavailableError(RayActorError):
     """The actor is temporarily unreachable (restarting); the call may be retried."""
 
 
+class ActorAlreadyExistsError(ValueError, RayError):
+    """An actor with this name already exists in the namespace.
+
+    Also a ValueError, as in Ray, so code written for older versions (``except
+    ValueError``) still catches it."""
+
+    def __init__(self, error_message: str) -> None:
+        self.error_message = error_message
+        super().__init__(error_message)
+
+    def __str__(self) -> str:
+        return self.error_message
+
+
+class PendingCallsLimitExceeded(RayError):
+    """An actor handle already has ``max_pending_calls`` calls that have not finished;
+    wait for some results before submitting more."""
+
+
+class ActorExitRequested(BaseException):
+    """Raised by exit_actor() in a sync actor; caught by the worker, never seen by user code
+    (a BaseException, so ``except Exception`` in the method cannot swallow it)."""
+
+
+class AsyncioActorExit(RayError, ActorExitRequested):
+    """exit_actor() in an async actor, as in Ray: an exception the worker catches to end
+    the actor (it is also an ActorExitRequested, which is what the worker catches)."""
+
+
 class TaskUnschedulableError(RayError):
     """The task can never be scheduled (e.g. hard affinity to a dead node)."""
 
@@ -234,8 +306,42 @@ class PlacementGroupSchedulingError(RayError):
     """The placement group could not be created or was removed."""
 
 
+class TaskPlacementGroupRemoved(RayError):
+    """The placement group the task was to run in was removed."""
+
+    def __str__(self) -> str:
+        return super().__str__() or ("The placement group corresponding to this task has "
+                                     "been removed.")
+
+
+class ActorPlacementGroupRemoved(RayError):
+    """The placement group the actor was to run in was removed."""
+
+    def __str__(self) -> str:
+        return super().__str__() or ("The placement group corresponding to this Actor has "
+                                     "been removed.")
+
+
 class RuntimeEnvSetupError(RayError):
     """The task's runtime environment could not be set up."""
+
+
+class UnserializableException(RayError):
+    """An exception raised remotely could not be unpickled in this process; the message
+    carries its original text and traceback, as captured where it was raised."""
+
+    def __init__(self, original_stack_trace: str) -> None:
+        self._original_stack_trace = original_stack_trace
+        super().__init__(original_stack_trace)
+
+    def __str__(self) -> str:
+        return ("Failed to deserialize exception. Its class may not be importable here, or "
+                "it may not survive pickling (define __reduce__).\nOriginal exception:\n"
+                f"{self._original_stack_trace}")
+
+
+class ObjectRefStreamEndOfStreamError(RayError):
+    """A streaming generator has no more ObjectRefs to read."""
 
 
 class AuthenticationError(RayError):
@@ -247,7 +353,18 @@ class ClusterConnectionError(RayError, ConnectionError):
     the component and its address."""
 
 
-class RayletDiedError(ClusterConnectionError, NodeDiedError):
+class LocalRayletDiedError(RayError):
+    """The raylet of this process (the node's scheduler) died: Ray's name for it.
+
+    The runtime raises the more specific RayletDiedError, a subclass, so ``except
+    LocalRayletDiedError`` catches it."""
+
+    def __str__(self) -> str:
+        return super().__str__() or ("The task's local raylet died. Check the raylet's log "
+                                     "in the session's logs directory.")
+
+
+class RayletDiedError(LocalRayletDiedError, ClusterConnectionError, NodeDiedError):
     """The raylet this process leases workers from died and did not come back.
 
     Raised by get() of every task the process was still waiting for, and by work

@@ -34,9 +34,13 @@ _HEADER = struct.Struct("<I")
 MAX_HELLO_BYTES = 1024
 # From connect to the hello's answer, at either end; a peer dribbling bytes gets no longer.
 HANDSHAKE_TIMEOUT_S = 10.0
-# Connections of one call port that have not authenticated yet; beyond it new ones are
-# closed unread. Each costs a socket and at most MAX_HELLO_BYTES, no thread.
+# Connections of one call port that have not authenticated yet, in all and from one host
+# (an IPv4 address, an IPv6 /64). Each costs a socket and at most MAX_HELLO_BYTES, no
+# thread. A new connection beyond either cap pushes out the oldest waiting one (of its
+# host, or of all): a caller sends its hello at once, so it has long been read by then,
+# and a flood can hold no more than the cap and lock nobody out.
 MAX_UNAUTHENTICATED = 256
+MAX_UNAUTHENTICATED_PER_HOST = 64
 
 
 class FrameError(Exception):

@@ -38,6 +38,7 @@ from typing import Any, Dict, List, Optional
 
 from runtime import config, ids
 from runtime.gpu import resolve_gpu_ids
+from runtime.private_fs import ensure_private_dir
 from runtime.rpc import TOKEN_ENV, new_cluster_token
 from runtime.supervisor import ComponentStartError, ManagedProcess, ProcessSpec, RestartPolicy, Supervisor
 
@@ -152,7 +153,7 @@ class Node:
 
     def _spec(self, name: str, module: str, args: List[str]) -> ProcessSpec:
         run_dir = os.path.join(self.session_dir, "run")
-        os.makedirs(run_dir, exist_ok=True)
+        ensure_private_dir(run_dir)  # ready files name every component: 0700 like the session
         ready_file = os.path.join(run_dir, f"{name}-{self.node_id.hex()[:8]}.ready")
         argv = [sys.executable, "-m", module, "--session-dir", self.session_dir,
                 "--ready-file", ready_file] + args

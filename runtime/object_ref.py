@@ -11,6 +11,7 @@ import asyncio
 import concurrent.futures
 from typing import Any, Tuple
 
+from runtime.ids import ObjectID, TaskID, task_id_of
 from runtime.serialization import record_contained_ref
 
 # (ip, port, worker_id): how to reach the owner's CoreWorker service.
@@ -52,8 +53,17 @@ class ObjectRef:
     def hex(self) -> str:
         return self._id.hex()
 
-    def task_id(self) -> bytes:
-        return self._id[:24]
+    def task_id(self) -> TaskID:
+        """The id of the task that creates this object (a put's is a random one), as a
+        TaskID: Ray's type, and bytes underneath for the runtime's own use."""
+        return TaskID(task_id_of(self._id))
+
+    def is_nil(self) -> bool:
+        return ObjectID(self._id).is_nil()
+
+    @classmethod
+    def size(cls) -> int:
+        return ObjectID.SIZE
 
     @property
     def owner_address(self) -> OwnerAddress:

@@ -31,7 +31,7 @@ def validate_task_options(opts: Dict[str, Any]) -> Dict[str, Any]:
             raise ValueError(f"Invalid option keyword {key} for remote functions. "
                              f"Valid ones are {sorted(TASK_OPTIONS)}.")
     out = dict(opts)
-    for key in ("num_cpus", "num_gpus", "memory"):
+    for key in ("num_cpus", "num_gpus", "memory", "object_store_memory"):
         if out.get(key) is not None:
             _nonneg_number(key, out[key])
     if out.get("num_gpus") and out["num_gpus"] > 1 and out["num_gpus"] != int(out["num_gpus"]):

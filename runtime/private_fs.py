@@ -18,19 +18,29 @@ rules:
 * a file or socket we are about to trust (a token, a cluster address, an agent to
   ask for one) must belong to us (or root) and sit in a directory that passes the
   checks above; a file is checked on the open descriptor, so it cannot be swapped
-  between the check and the read.
+  between the check and the read;
+* one exception, for the system-wide agent: a socket in one of the service's own
+  directories (/run/node-agent, /var/lib/node-agent) may belong to the user that owns
+  that directory, when only root can have made it there (see system_dir_owner).
+  That is how root and the members of group node-agent reach an agent that systemd
+  runs as the node-agent user.
 """
 from __future__ import annotations
 
 import os
 import stat
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Tuple
 
 __all__ = [
     "UnsafePathError", "check_private_dir", "ensure_private_dir", "write_private_file",
     "owned_by_trusted_user", "default_session_root", "check_trusted_socket",
-    "read_trusted_file", "replace_symlink",
+    "read_trusted_file", "replace_symlink", "SYSTEM_SERVICE_DIRS", "system_dir_owner",
+    "trusted_socket_uids",
 ]
+
+#: The directories systemd makes for the node-agent service (RuntimeDirectory=,
+#: StateDirectory=) and hands to its User=. See system_dir_owner.
+SYSTEM_SERVICE_DIRS = ("/run/node-agent", "/var/lib/node-agent")
 
 #: Largest file read_trusted_file reads: cluster.json and tokens are tiny, and a planted
 #: /dev/zero look-alike must not make a driver read forever.
@@ -48,9 +58,12 @@ def _owners(allow_root: bool) -> tuple:
 
 
 def _owner_text(owners: Iterable[int]) -> str:
-    owners = tuple(owners)
-    me = f"uid {os.getuid()}"
-    return f"{me} or root" if 0 in owners and os.getuid() != 0 else me
+    me = os.getuid()
+    names = [f"uid {me}"]
+    names += [f"uid {uid}" for uid in dict.fromkeys(owners) if uid not in (me, 0)]
+    if 0 in owners and me != 0:
+        names.append("root")
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 def _describe_problem(path: str, st: os.stat_result, owners: Iterable[int],
@@ -130,23 +143,23 @@ def check_private_dir(path: str, *, allow_root: bool = False) -> str:
 def ensure_private_dir(path: str, mode: int = 0o700, *, allow_root: bool = False) -> str:
     """Create path (and missing parents, each with `mode`) or check the existing one.
 
-    Every directory created here, and path itself, must then pass
-    :func:`check_private_dir`: a parent that someone else created between our two
-    attempts is checked like one we made. Parents that already existed are only
-    checked as ancestors (see check_private_dir). Returns the absolute path.
+    The directories above path are checked before anything is created, so a refused
+    path leaves nothing of ours behind in a place someone else controls. Every
+    directory created here, and path itself, must then pass :func:`check_private_dir`:
+    a parent that someone else created between our check and our mkdir is checked like
+    one we made. Parents that already existed are only checked as ancestors (see
+    check_private_dir). Returns the absolute path.
     """
     path = os.path.abspath(path)
+    _check_ancestors(path)  # stops at the first missing one; what we create is checked below
+    parent = os.path.dirname(path)
+    if parent != path and not os.path.lexists(parent):
+        ensure_private_dir(parent, mode, allow_root=allow_root)
     try:
         os.mkdir(path, mode)
     except FileNotFoundError:
-        parent = os.path.dirname(path)
-        if parent == path:
-            raise UnsafePathError(f"cannot create {path}: no such file system root") from None
-        ensure_private_dir(parent, mode, allow_root=allow_root)
-        try:
-            os.mkdir(path, mode)
-        except FileExistsError:
-            pass
+        raise UnsafePathError(f"cannot create {path}: {parent} vanished while we created "
+                              f"it") from None
     except FileExistsError:
         pass
     return check_private_dir(path, allow_root=allow_root)
@@ -233,20 +246,66 @@ def read_trusted_file(path: str, *, allow_root: bool = False,
     return data
 
 
+def system_dir_owner(path: str) -> Optional[int]:
+    """The uid that owns path when path is one of SYSTEM_SERVICE_DIRS and only root can
+    have made it; None otherwise.
+
+    Only root can create a name in a directory that belongs to root and that neither
+    group nor others may write (no sticky-bit exception here: in /tmp anyone creates
+    names). When every directory above path is like that, path was made by root, or by
+    systemd for the unit's User=, and whoever owns it was given it by root: the user
+    the system agent runs as. Its socket and files are then as trustworthy as root's.
+    This holds on these fixed paths only: that root gave a user a directory elsewhere
+    (a home directory) says nothing about whether to trust that user. path itself must
+    be a real directory that neither group nor others may write.
+    """
+    path = os.path.abspath(path)
+    if path not in SYSTEM_SERVICE_DIRS:
+        return None
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode) or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            return None
+        cur = os.path.dirname(path)
+        while True:
+            up = os.lstat(cur)
+            if (not stat.S_ISDIR(up.st_mode) or up.st_uid != 0
+                    or up.st_mode & (stat.S_IWGRP | stat.S_IWOTH)):
+                return None
+            if cur == os.sep:
+                return st.st_uid
+            cur = os.path.dirname(cur)
+    except OSError:
+        return None
+
+
+def trusted_socket_uids(path: str, *, allow_root: bool = True) -> Tuple[int, ...]:
+    """Whose socket (and listening process) at path we trust: us, root (allow_root),
+    and the owner of a system service directory holding it (system_dir_owner)."""
+    owners = _owners(allow_root)
+    service = system_dir_owner(os.path.dirname(os.path.abspath(path)))
+    return owners + (service,) if service is not None and service not in owners else owners
+
+
 def check_trusted_socket(path: str, *, allow_root: bool = True) -> str:
     """Raise UnsafePathError unless path is a unix socket bound by us (or root, when
-    allow_root) in a directory that passes check_private_dir (with the same owners).
+    allow_root) in a directory that passes check_private_dir (with the same owners),
+    or by the service user in that user's system directory (system_dir_owner).
 
     Only its owner (or root) can have bound a socket in such a directory, so a client
     that passes this check talks to an endpoint nobody else planted. Root is trusted
-    by default: it can read our memory anyway. FileNotFoundError when nothing is there.
+    by default: it can read our memory anyway. FileNotFoundError when nothing is there
+    (PermissionError when we may not even look, e.g. a 0750 directory of a group we
+    are not in).
     """
     path = os.path.abspath(path)
     st = os.lstat(path)  # FileNotFoundError: the caller reports "nothing there"
-    problem = _describe_problem(path, st, _owners(allow_root), "socket")
+    owners = trusted_socket_uids(path, allow_root=allow_root)
+    problem = _describe_problem(path, st, owners, "socket")
     if problem:
         raise UnsafePathError(problem)
-    check_private_dir(os.path.dirname(path), allow_root=allow_root)
+    if system_dir_owner(os.path.dirname(path)) is None:
+        check_private_dir(os.path.dirname(path), allow_root=allow_root)
     return path
 
 

@@ -6,6 +6,13 @@ interceptor rejects a call from its headers alone: the request body of an
 unauthenticated peer is never read, let alone decoded or unpickled, and the server's
 HTTP/2 windows stay at their defaults for it (no BDP probing), so such a peer cannot
 make a server buffer more than a few KB, whatever it sends.
+
+What it can still cost is its connections: about 15 KB and an fd each, with or
+without the token (grpc-python has no cap on connections, and no option lowers
+that cost: read-buffer and lookahead sizes change nothing measurable). So every
+process that serves raises its fd limit to the hard limit (`make_server`), and
+servers close connections that carry no call for
+`config.GRPC_MAX_CONNECTION_IDLE_S`; clients reconnect on their next call.
 """
 from __future__ import annotations
 
@@ -25,7 +32,11 @@ _HEADER = "authorization"
 CHANNEL_OPTIONS: Sequence[tuple[str, Any]] = (
     ("grpc.max_send_message_length", config.GRPC_MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", config.GRPC_MAX_MESSAGE_BYTES),
-    ("grpc.enable_retries", 0),
+    # Transparent retries only (no retry policy is configured anywhere): a call the server
+    # never saw goes out again on a fresh connection. A server closing an idle connection
+    # (max_connection_idle_ms) just as a client sends on it would otherwise fail the call
+    # with UNAVAILABLE ("GOAWAY received"), about one call in 400 sent near that moment.
+    ("grpc.enable_retries", 1),
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
@@ -45,6 +56,20 @@ SERVER_OPTIONS: Sequence[tuple[str, Any]] = (
     # are as fast as before.
     ("grpc.http2.bdp_probe", 0),
 )
+
+
+def server_options() -> Sequence[tuple[str, Any]]:
+    """SERVER_OPTIONS and the idle-connection timeout (read now, so a test can set it).
+
+    max_connection_idle closes a connection once no call has been open on it for that
+    long, a peer without the token included (its calls are refused at once). Open streams
+    are calls, so long-lived streams keep their connections. Never max_connection_age:
+    it would cut those streams.
+    """
+    idle_ms = int(config.GRPC_MAX_CONNECTION_IDLE_S * 1000)
+    if idle_ms <= 0:
+        return SERVER_OPTIONS
+    return (*SERVER_OPTIONS, ("grpc.max_connection_idle_ms", idle_ms))
 
 AUTH_FAILED_MESSAGE = (
     "authentication failed: the request carried {what} cluster token; "
@@ -116,14 +141,21 @@ class _DropInvalidEncoding(logging.Filter):
         return not str(record.msg).startswith("Invalid encoding on")
 
 
-def make_server(token: str) -> grpc.aio.Server:
-    """An asyncio gRPC server that enforces the cluster token."""
+def make_server(token: str, interceptor: grpc.aio.ServerInterceptor | None = None
+                ) -> grpc.aio.Server:
+    """An asyncio gRPC server that enforces the cluster token (or what `interceptor`, which
+    replaces TokenAuthInterceptor, checks), in a process whose fd limit is raised so that
+    idle connections, which anyone can open, cannot use its fds up."""
     if not token:
         raise ValueError("a cluster token is required to start a server")
+    from runtime.component import raise_open_file_limit  # component imports this module
+
+    raise_open_file_limit()
     grpc_log = logging.getLogger("grpc._cython.cygrpc")
     if not any(isinstance(f, _DropInvalidEncoding) for f in grpc_log.filters):
         grpc_log.addFilter(_DropInvalidEncoding())
-    return grpc.aio.server(interceptors=[TokenAuthInterceptor(token)], options=SERVER_OPTIONS)
+    return grpc.aio.server(interceptors=[interceptor or TokenAuthInterceptor(token)],
+                           options=server_options())
 
 
 class PortInUseError(OSError):

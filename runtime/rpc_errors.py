@@ -10,9 +10,12 @@ import grpc
 
 from runtime.exceptions import AuthenticationError, ClusterConnectionError, RayError, RaySystemError
 
+#: What to check, by the first word of the component's name ("raylet of node 1a2b3c4d").
 _HINTS = {
     "GCS": "Is the head node running (`agentctl status`, or the driver that started a "
            "private cluster still alive) and its port reachable?",
+    "raylet": "Is that node still up (`agentctl status` on it) and its port reachable from "
+              "here?",
 }
 
 
@@ -23,7 +26,7 @@ def component_error(component: str, address: str, exc: grpc.RpcError, doing: str
     name = code.name if code is not None else "UNKNOWN"
     where = f"{component} at {address}"
     while_ = f" while {doing}" if doing else ""
-    hint = _HINTS.get(component, f"Is the {component} running?")
+    hint = _HINTS.get(component.split(" ", 1)[0], f"Is the {component} running?")
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return AuthenticationError(f"{where} refused this process's cluster token{while_}: "
                                    f"{details}")

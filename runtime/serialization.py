@@ -147,15 +147,48 @@ def serialize(value: Any, kind: int = KIND_VALUE) -> Serialized:
     return Serialized(kind, pickled, views, contained)
 
 
+class _ErrorEnvelope:
+    """An error value on the wire: the exception pickled on its own, and its text. A
+    receiver that cannot unpickle the exception (its class is not importable there, or
+    it does not survive pickling) still gets the text, as UnserializableException."""
+
+    __slots__ = ("payload", "text")
+
+    def __init__(self, payload: bytes, text: str) -> None:
+        self.payload = payload
+        self.text = text
+
+    def __reduce__(self):
+        return (_ErrorEnvelope, (self.payload, self.text))
+
+    def unwrap(self) -> BaseException:
+        try:
+            _kind, exc = parse(self.payload)
+        except Exception:
+            from runtime.exceptions import UnserializableException
+
+            return UnserializableException(self.text)
+        return exc
+
+
+def _error_text(exc: BaseException) -> str:
+    if exc.__traceback__ is None:  # a RayTaskError's message already holds the remote one
+        return f"{type(exc).__name__}: {exc}"
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
 def serialize_error(exc: BaseException) -> Serialized:
     """An exception as an error value; falls back to a description if unpicklable."""
     try:
-        return serialize(exc, KIND_ERROR)
+        inner = serialize(exc, KIND_ERROR)
     except SerializationError:
         from runtime.exceptions import RaySystemError
 
-        return serialize(RaySystemError(f"unpicklable exception {type(exc).__name__}: {exc}"),
-                         KIND_ERROR)
+        inner = serialize(RaySystemError(f"unpicklable exception {type(exc).__name__}: {exc}"),
+                          KIND_ERROR)
+    outer = serialize(_ErrorEnvelope(inner.to_bytes(), _error_text(exc)), KIND_ERROR)
+    outer.contained = inner.contained  # refs inside the exception stay counted
+    return outer
 
 
 def parse(data: Any) -> tuple[int, Any]:
@@ -171,8 +204,12 @@ def parse(data: Any) -> tuple[int, Any]:
         for i in range(nbuf):
             off, n = _ENTRY.unpack_from(mv, _HEADER.size + i * _ENTRY.size)
             bufs.append(mv[off: off + n])
-        return kind, pickle.loads(pickled, buffers=bufs)
-    return kind, pickle.loads(pickled)
+        value = pickle.loads(pickled, buffers=bufs)
+    else:
+        value = pickle.loads(pickled)
+    if kind == KIND_ERROR and type(value) is _ErrorEnvelope:
+        value = value.unwrap()
+    return kind, value
 
 
 def kind_of(data: Any) -> int:

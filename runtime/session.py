@@ -399,13 +399,12 @@ def find_running_cluster(root: Optional[str] = None, why_not: Optional[List[str]
     """The cluster a driver on this machine should attach to, or None (with the reason
     for each candidate it skipped appended to why_not).
 
-    With $NODE_AGENT_SOCKET set, the agent on that socket is asked first. Otherwise
-    the newest session under root whose GCS process is still alive wins (a private
-    cluster someone started on purpose), then the node agent on its default socket.
+    This machine's node agent is asked first ($NODE_AGENT_SOCKET, else its default
+    sockets): as with Ray's `ray start`, the node this machine runs is the cluster
+    "auto" means. Without one, the newest private session under root whose GCS is
+    still alive is used (a driver's init() cluster, for a second script to share).
     """
-    if os.environ.get(AGENT_SOCKET_ENV):
-        return query_local_agent(why_not=why_not) or _latest_private_cluster(root, why_not)
-    return _latest_private_cluster(root, why_not) or query_local_agent(why_not=why_not)
+    return query_local_agent(why_not=why_not) or _latest_private_cluster(root, why_not)
 
 
 def require_running_cluster(root: Optional[str] = None) -> dict:

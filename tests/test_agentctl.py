@@ -8,6 +8,9 @@ import socket
 import stat
 import subprocess
 import threading
+import time
+from concurrent import futures
+from typing import List, Tuple
 
 import grpc
 import psutil
@@ -20,6 +23,9 @@ from runtime.protocol import agent_pb2
 
 #: A well-formed token no cluster uses.
 SOME_TOKEN = "0123456789abcdef" * 4
+NOBODY = 65534
+needs_root = pytest.mark.skipif(os.getuid() != 0,
+                                reason="playing another user needs chown, i.e. running as root")
 
 
 @pytest.fixture(scope="module")
@@ -342,3 +348,154 @@ def test_agent_refuses_a_socket_or_state_dir_others_can_write(tmp_path):
     assert "unsafe state dir" in proc.stderr and "writable by others" in proc.stderr, proc.stderr
     # What the agent creates itself is private from the start.
     assert stat.S_IMODE(os.stat(private).st_mode) == 0o700
+
+
+# ---- agentctl never hands the token to an agent it cannot trust --------------------------
+
+
+class FakeAgent:
+    """A NodeAgent server standing in for one a local attacker planted: it answers
+    every call (Status with the agent pid it is told to claim) and records each
+    call's name and raw request bytes, so a test can tell whether the token reached it."""
+
+    REPLIES = {"Status": agent_pb2.StatusReply, "Join": agent_pb2.JoinReply,
+               "StartHead": agent_pb2.StartHeadReply, "StartNode": agent_pb2.NodeActionReply}
+
+    def __init__(self, path: str, claimed_pid: int = 0) -> None:
+        self.calls: List[Tuple[str, bytes]] = []
+        self.claimed_pid = claimed_pid
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        self.server.add_generic_rpc_handlers((self._Handler(self),))
+        if not self.server.add_insecure_port(f"unix:{path}"):
+            raise RuntimeError(f"cannot bind the fake agent to {path}")
+        self.server.start()
+
+    class _Handler(grpc.GenericRpcHandler):
+        def __init__(self, fake: "FakeAgent") -> None:
+            self.fake = fake
+
+        def service(self, details):
+            name = details.method.rsplit("/", 1)[-1]
+
+            def handle(request: bytes, context) -> bytes:
+                self.fake.calls.append((name, request))
+                reply = self.fake.REPLIES.get(name, agent_pb2.NodeActionReply)()
+                if name == "Status":
+                    reply.role, reply.agent_pid = "idle", self.fake.claimed_pid
+                if name == "Join":
+                    reply.gcs_address, reply.node_id = "127.0.0.1:1", "f" * 56
+                return reply.SerializeToString()
+            return grpc.unary_unary_rpc_method_handler(handle)
+
+    def names(self) -> List[str]:
+        return [name for name, _ in self.calls]
+
+    def saw_token(self, token: str) -> bool:
+        return any(token.encode() in request for _, request in self.calls)
+
+    def stop(self) -> None:
+        self.server.stop(None).wait(10)
+
+
+@pytest.fixture
+def here(tmp_path):
+    """Kills, by pid, every process whose command line names this test's directory
+    (a node-agent agentctl launched), even when the test failed."""
+    f = Farm(tmp_path)
+    yield f
+    f.cleanup()
+
+
+def _token_file(tmp_path) -> str:
+    path = tmp_path / "cluster-token"
+    path.write_text(SOME_TOKEN + "\n")
+    os.chmod(path, 0o600)
+    return str(path)
+
+
+PLANTED_DIRS = {  # name: (owner, mode, what the refusal says)
+    "dir-of-another-user": (NOBODY, 0o755, f"owned by uid {NOBODY}"),
+    "dir-writable-by-others": (0, 0o777, "writable by others (mode 0777)"),
+    "world-writable-dir-of-another-user": (NOBODY, 0o777, f"owned by uid {NOBODY}"),
+}
+
+
+@needs_root
+@pytest.mark.parametrize("plant", sorted(PLANTED_DIRS))
+def test_join_and_start_do_not_send_the_token_to_a_planted_socket(tmp_path, here, plant):
+    """Another local user made the agent's socket directory first (as anyone can with
+    /tmp/node-agent-<uid>) and serves a fake NodeAgent in it: agentctl refuses the
+    path at once, launches nothing and sends the fake no request, let alone the token."""
+    owner, mode, problem = PLANTED_DIRS[plant]
+    planted = tmp_path / "node-agent-planted"
+    planted.mkdir()
+    sock = planted / "agent.sock"
+    fake = FakeAgent(str(sock))
+    state_dir = tmp_path / "state"
+    try:
+        os.chown(sock, owner, owner)
+        os.chown(planted, owner, owner)
+        os.chmod(planted, mode)
+        for args in (["join", "127.0.0.1:1"], ["start", "--head"]):
+            proc = subprocess.run(
+                ["agentctl", *args, "--token-file", _token_file(tmp_path), "--state-dir",
+                 str(state_dir)], capture_output=True, text=True, timeout=90, cwd=str(tmp_path),
+                env=clean_env(NODE_AGENT_SOCKET=str(sock)))
+            line = _one_line_error(proc)
+            assert f"cannot launch node-agent on {sock}" in line and str(planted) in line, line
+            assert problem in line, line
+    finally:
+        fake.stop()
+    assert fake.calls == [], fake.names()
+    assert not state_dir.exists()  # nothing was launched
+
+
+def test_launch_trusts_only_the_agent_it_started(tmp_path, here):
+    """The socket's directory is ours and private, but while the agent agentctl
+    launched starts up, another process of ours binds the socket (and claims, in its
+    Status reply, to be that agent). agentctl checks who listens (the kernel's
+    SO_PEERCRED pid), sees it is not the agent it started and sends it nothing; it
+    reports both that and why its agent exited (the socket was taken)."""
+    sock_dir = tmp_path / "agent"
+    sock_dir.mkdir(mode=0o700)
+    sock = sock_dir / "agent.sock"
+    state_dir = tmp_path / "state"
+    ctl = subprocess.Popen(
+        ["agentctl", "join", "127.0.0.1:1", "--token-file", _token_file(tmp_path),
+         "--socket", str(sock), "--state-dir", str(state_dir)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(tmp_path),
+        env=clean_env())
+    fake = None
+    try:
+        # Hold the launched agent still (SIGSTOP) while the stand-in binds its socket,
+        # so the stand-in is there first whatever the machine's speed.
+        launched = None
+        deadline = time.monotonic() + 60
+        while launched is None and time.monotonic() < deadline and ctl.poll() is None:
+            launched = next((c for c in psutil.Process(ctl.pid).children()
+                             if "agent.daemon" in " ".join(c.cmdline())), None)
+            if launched is None:
+                time.sleep(0.005)
+        assert launched is not None, "agentctl launched no node-agent"
+        launched.suspend()
+        try:
+            assert not sock.exists(), "the launched agent bound its socket before the stand-in"
+            fake = FakeAgent(str(sock), claimed_pid=launched.pid)
+        finally:
+            launched.resume()
+        out, err = ctl.communicate(timeout=90)
+    finally:
+        if ctl.poll() is None:
+            ctl.kill()
+            ctl.wait(10)
+        if fake is not None:
+            fake.stop()
+    assert ctl.returncode != 0, out
+    announce, line = err.strip().splitlines()  # "starting one in the background", the error
+    assert announce.startswith("no node-agent running; starting one"), err
+    assert line.startswith("agentctl: "), err
+    assert "another node-agent is already serving on" in line, line
+    assert (f"{sock} is served by pid {os.getpid()} (uid {os.getuid()}), not by the node-agent "
+            f"started here (pid {launched.pid})") in line, line
+    assert "Join" not in fake.names() and "StartHead" not in fake.names(), fake.names()
+    assert not fake.saw_token(SOME_TOKEN)

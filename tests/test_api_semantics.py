@@ -28,18 +28,20 @@ def noop():
 
 
 # -- NaN and infinity ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("bad", [NAN, INF])
-@pytest.mark.parametrize("option", ["num_cpus", "num_gpus", "memory", "resources"])
+@pytest.mark.parametrize("bad", [NAN, INF, -1])
+@pytest.mark.parametrize("option", ["num_cpus", "num_gpus", "memory", "object_store_memory",
+                                    "resources"])
 def test_non_finite_resource_options_are_refused(cluster, option, bad):
     value = {"custom": bad} if option == "resources" else bad
 
-    @ray.remote
-    class Actor:
+    class Plain:
         pass
 
+    Actor = ray.remote(Plain)
     for make in (lambda: noop.options(**{option: value}),
                  lambda: ray.remote(**{option: value})(lambda: None),
-                 lambda: Actor.options(**{option: value})):
+                 lambda: Actor.options(**{option: value}),
+                 lambda: ray.remote(**{option: value})(Plain)):
         with pytest.raises(ValueError, match=option):
             make()
 

@@ -97,3 +97,4 @@ def test_large_objects_cross_nodes_both_ways(two_nodes):
     assert s == float(src.size)
     assert made.shape == src.shape and made[0] == 2.0 and made[-1] == 2.0
     assert not made.flags.writeable  # a zero-copy view of the local copy
+

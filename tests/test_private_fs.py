@@ -269,6 +269,36 @@ def test_ensure_private_dir_checks_what_it_finds(tmp_path):
     assert_one_line_naming(ei.value, loose, "writable by its group")
 
 
+def test_every_directory_of_a_session_is_private(fresh_runtime, tmp_path):
+    """logs/, run/ (ready files) and the rest are 0700 whatever the umask: another user
+    cannot even list which components a session runs."""
+    root = tmp_path / "root"
+    old_umask = os.umask(0o022)
+    try:
+        ray.init(num_cpus=1, _temp_dir=str(root))
+    finally:
+        os.umask(old_umask)
+    (name,) = session_names(root)
+    sd = root / name
+    dirs = [Path(d) for d, _, _ in os.walk(sd)]
+    assert {sd / "logs", sd / "run"} <= set(dirs), dirs
+    loose = {str(d): f"{mode_of(d):04o}" for d in dirs if mode_of(d) != 0o700}
+    assert not loose, loose
+
+
+def test_ensure_private_dir_creates_nothing_under_a_refused_ancestor(tmp_path):
+    """The ancestors are checked before anything is created: a refused path leaves no
+    directory of ours behind in a place another user controls."""
+    open_parent = tmp_path / "openparent"
+    open_parent.mkdir()
+    os.chmod(open_parent, 0o777)
+    for target in (open_parent / "sub", open_parent / "sub" / "deeper"):
+        with pytest.raises(UnsafePathError) as ei:
+            ensure_private_dir(str(target))
+        assert_one_line_naming(ei.value, open_parent, "writable by others")
+        assert os.listdir(open_parent) == [], os.listdir(open_parent)
+
+
 def test_agent_does_not_default_to_a_system_dir_others_can_write(tmp_path, monkeypatch):
     """A /run/node-agent (or /var/lib/node-agent) that someone made writable for all is
     not taken as the agent's default, even by a user who can write it: the per-user

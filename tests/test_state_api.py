@@ -2,11 +2,11 @@
 placement groups as lists of records, with filters and limits — checked against
 Ray's documented behaviour.
 
-Every test but the last shares the module's private 2-CPU ``cluster``. Task events
-reach the GCS in batches about once a second, so task checks poll with wait_for.
-The last test (bounded task-event window) needs a GCS started with
-RUNTIME_TASK_EVENTS_MAX_TASKS=50 and so starts its own cluster in ``fresh_runtime``,
-which stops the module's cluster: it must stay the last test of this file.
+Every test but the last two shares the module's private 2-CPU ``cluster``. Task
+events reach the GCS in batches about once a second, so task checks poll with
+wait_for. The last two (the bounded task-event window, which needs a GCS started with
+RUNTIME_TASK_EVENTS_MAX_TASKS=50, and a GCS that is killed) start their own cluster
+in ``fresh_runtime``, which stops the module's cluster: they must stay last.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 import runtime as ray
+from runtime.exceptions import ClusterConnectionError
 from runtime.util import placement_group, remove_placement_group
 from runtime.util.state import (get_actor, list_actors, list_jobs, list_nodes, list_objects,
                                 list_placement_groups, list_tasks, list_workers, summarize_tasks)
@@ -193,8 +194,8 @@ def test_running_task_is_in_a_non_final_state(cluster, tmp_path):
     try:
         rec = wait_for(lambda: (lambda rs: rs[0] if rs else None)(tasks_named("long_task")), 15,
                        message="the long_task record")
-        # RUNNING is reported by the owner once the result is back; until then the task
-        # shows as pending or submitted to its worker — never as finished
+        # The owner reports RUNNING at its next flush after the push (about a second);
+        # until then the task shows as pending or submitted — never as finished
         assert rec["state"] in ("PENDING_ARGS_AVAIL", "PENDING_NODE_ASSIGNMENT",
                                 "SUBMITTED_TO_WORKER", "RUNNING"), rec
         again = tasks_named("long_task")[0]
@@ -296,6 +297,35 @@ def test_list_placement_groups(cluster):
     assert {created.id.hex(), pending.id.hex()} <= removed
 
 
+def _cmdline(p: psutil.Process) -> list:
+    try:
+        return p.cmdline()
+    except psutil.Error:  # exited meanwhile (a zombie has no command line)
+        return []
+
+
+def test_unanswering_raylet_is_named_or_left_out(cluster):
+    """A raylet that does not answer (stopped here with SIGSTOP) fails list_workers and
+    list_objects with an error naming it and its address; with
+    raise_on_missing_output=False its node is left out instead (Ray's behaviour)."""
+    (node,) = list_nodes()
+    address = f"{node['node_ip']}:{node['raylet_port']}"
+    (raylet,) = [p for p in psutil.Process().children(recursive=True)
+                 if "runtime.raylet" in _cmdline(p)]
+    raylet.suspend()
+    try:
+        for call in (list_workers, list_objects):
+            with pytest.raises(ClusterConnectionError) as ei:
+                call(timeout=2)
+            message = str(ei.value)
+            assert f"raylet of node {node['node_id'][:8]} at {address} did not answer in time" \
+                in message, message
+            assert call(timeout=2, raise_on_missing_output=False) == []
+    finally:
+        raylet.resume()
+    assert list_workers()  # answers again once resumed
+
+
 # -- the bounded task-event window (must stay last: it stops the module's cluster) ---------------
 def test_task_events_window_is_bounded(fresh_runtime, monkeypatch):
     from runtime.util.state import _tasks
@@ -313,3 +343,24 @@ def test_task_events_window_is_bounded(fresh_runtime, monkeypatch):
     listed = list_tasks(limit=1000)
     assert 0 < len(listed) <= 50
     assert summarize_tasks()["cluster"]["dropped"] >= 150
+
+
+# -- a GCS that is gone (stops the module's cluster too: stays at the end) ---------------------
+def test_state_api_names_the_gcs_when_it_is_gone(fresh_runtime, tmp_path):
+    """Every list_*/summarize_* raises ClusterConnectionError naming the GCS and its
+    address, never a raw grpc.RpcError."""
+    ray.init(num_cpus=1, _temp_dir=str(tmp_path))
+    assert list_nodes()  # the state API works before
+    (gcs,) = [p for p in psutil.Process().children(recursive=True)
+              if "runtime.gcs" in p.cmdline()]
+    gcs.kill()
+    gcs.wait(30)
+    calls = {"list_nodes": list_nodes, "list_jobs": list_jobs, "list_actors": list_actors,
+             "get_actor": lambda: get_actor("ab" * 16), "list_tasks": list_tasks,
+             "summarize_tasks": summarize_tasks, "list_workers": list_workers,
+             "list_objects": list_objects, "list_placement_groups": list_placement_groups}
+    for name, call in calls.items():
+        with pytest.raises(ClusterConnectionError) as ei:
+            call()
+        message = str(ei.value)
+        assert "GCS at" in message and ":" in message.split("GCS at", 1)[1], (name, message)

@@ -449,3 +449,28 @@ def test_init_unknown_keyword(cluster):
         ray.init(no_such_init_keyword=1)
     assert ray.is_initialized()
     _cluster_still_runs()
+
+
+def _refuse_to_rebuild():
+    raise RuntimeError("this exception cannot be rebuilt here")
+
+
+class UnrebuildableError(Exception):
+    """Pickles fine in the worker; unpickling it anywhere fails."""
+
+    def __reduce__(self):
+        return (_refuse_to_rebuild, ())
+
+
+@ray.remote(max_retries=0)
+def raises_unrebuildable():
+    raise UnrebuildableError("the original message")
+
+
+def test_an_exception_that_cannot_be_unpickled_arrives_as_its_text(cluster):
+    # Ray: UnserializableException, carrying the original text and traceback.
+    with pytest.raises(rex.UnserializableException) as info:
+        ray.get(raises_unrebuildable.remote(), timeout=60)
+    text = str(info.value)
+    assert "the original message" in text and "UnrebuildableError" in text, text
+    assert "raises_unrebuildable" in text, text  # the remote traceback came along

@@ -17,13 +17,19 @@ A peer gets a thread only once its hello carried the cluster token. Until then
 one thread (`actor-calls`) holds every connection in a selector: it accepts, reads
 exactly the hello's bytes (never what is pipelined behind them), and closes a
 connection whose hello is not complete by its deadline, is over the size limit,
-or does not match. At most `frames.MAX_UNAUTHENTICATED` connections wait there;
-beyond that new ones are closed unread. So an unauthenticated peer costs a
-socket and at most a KiB, for at most `frames.HANDSHAKE_TIMEOUT_S`, and can make
-the actor log one line per `REFUSAL_LOG_INTERVAL_S` at most.
+or does not match. At most `frames.MAX_UNAUTHENTICATED` connections wait there,
+at most `frames.MAX_UNAUTHENTICATED_PER_HOST` of them from one host. A new
+connection beyond a cap pushes out the oldest waiting one (its host's, or the
+oldest of all), after the hellos that have already arrived are read: a caller
+writes its hello as soon as it is connected, so a flood of silent connections
+churns through its own and never locks a caller out, which closing the new
+ones did. So an unauthenticated peer costs a socket and at most a KiB, for at
+most `frames.HANDSHAKE_TIMEOUT_S`, and can make the actor log one line per
+`REFUSAL_LOG_INTERVAL_S` at most.
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 import selectors
 import socket
@@ -44,6 +50,10 @@ log = logging.getLogger("runtime.worker")
 PARTIAL_RESULTS_S = 0.002
 # Refused connections are logged at most once per this many seconds, with a count of the rest.
 REFUSAL_LOG_INTERVAL_S = 10.0
+# Connections accepted per turn of the handshake thread: between two batches it reads the
+# hellos that came in, so a burst of connections cannot push out a caller whose hello is
+# already waiting to be read.
+ACCEPT_BATCH = 32
 _HEADER_SIZE = 4
 
 
@@ -93,14 +103,29 @@ class RateLimitedLog:
         return None
 
 
+def host_of(peer: Any) -> str:
+    """What a peer's waiting connections are counted under: its IPv4 address, or the /64
+    of its IPv6 one (a host is usually given a whole /64)."""
+    try:
+        ip = ipaddress.ip_address(str(peer[0]).split("%", 1)[0])
+    except (ValueError, TypeError, IndexError):
+        return str(peer)
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+    return str(ip)
+
+
 class _Hello:
     """A connection that has not authenticated yet: its peer, deadline and the bytes of
     its hello read so far."""
 
-    __slots__ = ("peer", "deadline", "buf", "need")
+    __slots__ = ("peer", "host", "deadline", "buf", "need")
 
     def __init__(self, peer: Any, deadline: float) -> None:
         self.peer = peer
+        self.host = host_of(peer)
         self.deadline = deadline
         self.buf = bytearray()
         self.need = _HEADER_SIZE  # bytes still to read of the header, then of the payload
@@ -108,12 +133,14 @@ class _Hello:
 
 class ActorCallServer:
     def __init__(self, executor: "Executor", handshake_timeout_s: float = frames.HANDSHAKE_TIMEOUT_S,
-                 max_unauthenticated: int = frames.MAX_UNAUTHENTICATED) -> None:
+                 max_unauthenticated: int = frames.MAX_UNAUTHENTICATED,
+                 max_unauthenticated_per_host: int = frames.MAX_UNAUTHENTICATED_PER_HOST) -> None:
         cw = executor.cw
         self.executor = executor
         self.token = cw.token
         self.handshake_timeout_s = handshake_timeout_s
         self.max_unauthenticated = max_unauthenticated
+        self.max_per_host = max_unauthenticated_per_host
         family, kind, proto, _name, addr = socket.getaddrinfo(
             cw.node_ip, 0, type=socket.SOCK_STREAM)[0]
         self.sock = socket.socket(family, kind, proto)
@@ -123,7 +150,9 @@ class ActorCallServer:
         self.port = self.sock.getsockname()[1]
         self._selector = selectors.DefaultSelector()
         self._selector.register(self.sock, selectors.EVENT_READ, None)
+        # Waiting connections, oldest first (so also by deadline), in all and by host.
         self._pending: Dict[socket.socket, _Hello] = {}
+        self._by_host: Dict[str, Dict[socket.socket, None]] = {}
         self._refusals = RateLimitedLog("refused actor call connections")
         self._errors = RateLimitedLog("actor call port")
         try:
@@ -146,26 +175,33 @@ class ActorCallServer:
     def _turn(self) -> bool:
         """One select and what it found; False once the listening socket is closed."""
         now = time.monotonic()
-        wake = [h.deadline for h in self._pending.values()]
+        wake = []
+        if self._pending:
+            wake.append(next(iter(self._pending.values())).deadline)
         for limiter in (self._refusals, self._errors):
             at = limiter.flush(now)
             if at is not None:
                 wake.append(at)
         timeout = max(0.0, min(wake) - now) if wake else None
-        for key, _mask in self._selector.select(timeout):
+        events = self._selector.select(timeout)
+        accept = False
+        for key, _mask in events:  # hellos first: accepting may push out a waiting one
             if key.data is None:
-                if not self._accept():
-                    return False
-            else:
+                accept = True
+            elif key.fileobj in self._pending:
                 self._read_hello(key.fileobj, key.data)
+        if accept and not self._accept():
+            return False
         now = time.monotonic()
-        for sock, h in list(self._pending.items()):
-            if now >= h.deadline:
-                self._refuse(sock, h.peer, f"no complete hello within {self.handshake_timeout_s:g}s")
+        while self._pending:
+            sock, h = next(iter(self._pending.items()))
+            if now < h.deadline:
+                break
+            self._refuse(sock, h.peer, f"no complete hello within {self.handshake_timeout_s:g}s")
         return True
 
     def _accept(self) -> bool:
-        while True:
+        for _ in range(ACCEPT_BATCH):
             try:
                 sock, peer = self.sock.accept()
             except BlockingIOError:
@@ -178,16 +214,37 @@ class ActorCallServer:
                 self._errors.note(f"accept failed ({exc}); trying again")
                 time.sleep(0.05)
                 return True
-            if len(self._pending) >= self.max_unauthenticated:
-                sock.close()
-                self._refusals.note(f"{peer}: {self.max_unauthenticated} connections already "
-                                    f"waiting to authenticate")
-                continue
-            sock.setblocking(False)
             h = _Hello(peer, time.monotonic() + self.handshake_timeout_s)
+            self._make_room(h.host)
+            sock.setblocking(False)
             self._pending[sock] = h
+            self._by_host.setdefault(h.host, {})[sock] = None
             self._selector.register(sock, selectors.EVENT_READ, h)
             self._read_hello(sock, h)  # the hello often came with the connection
+        return True  # more may wait: the next turn reads the hellos that came, then accepts
+
+    def _make_room(self, host: str) -> None:
+        """Below both caps for a new connection from `host`: the hellos that have arrived
+        are read, then the oldest waiting connection of that host (if it has its share)
+        or of all (if the table is full) is closed."""
+        if (len(self._by_host.get(host, ())) < self.max_per_host
+                and len(self._pending) < self.max_unauthenticated):
+            return
+        for key, _mask in self._selector.select(0):
+            if key.data is not None and key.fileobj in self._pending:
+                self._read_hello(key.fileobj, key.data)
+        bucket = self._by_host.get(host, {})
+        if len(bucket) >= self.max_per_host:
+            victim = next(iter(bucket))
+            why = (f"{self.max_per_host} connections from {host} were waiting to authenticate; "
+                   f"the oldest of them goes")
+        elif len(self._pending) >= self.max_unauthenticated:
+            victim = next(iter(self._pending))
+            why = (f"{self.max_unauthenticated} connections were waiting to authenticate; "
+                   f"the oldest goes")
+        else:
+            return
+        self._refuse(victim, self._pending[victim].peer, why)
 
     def _read_hello(self, sock: socket.socket, h: _Hello) -> None:
         while True:
@@ -229,7 +286,12 @@ class ActorCallServer:
             self._errors.note(f"cannot serve the caller at {h.peer}: {exc}")
 
     def _drop(self, sock: socket.socket, close: bool = True) -> None:
-        self._pending.pop(sock, None)
+        h = self._pending.pop(sock, None)
+        if h is not None:
+            bucket = self._by_host[h.host]
+            del bucket[sock]
+            if not bucket:
+                del self._by_host[h.host]
         try:
             self._selector.unregister(sock)
         except (KeyError, ValueError):

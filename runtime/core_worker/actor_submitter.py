@@ -33,7 +33,7 @@ from runtime.core_worker.submitter import (PendingTask, new_task, push, record_r
                                            resolve_slots, return_refs)
 from runtime.core_worker.task_args import prepare_args
 from runtime.core_worker.worker_connection import Connection, WorkerConnection
-from runtime.exceptions import (ActorDiedError, ActorUnavailableError, RayActorError,
+from runtime.exceptions import (ActorAlreadyExistsError, ActorDiedError, ActorUnavailableError, RayActorError,
                                 RayletDiedError, RayTaskError)
 from runtime.object_ref import ObjectRef
 from runtime.options import placed_resources, strategy_proto, task_resources
@@ -49,6 +49,8 @@ HANDLE_INDEX = b"\xff\xff\xff\xff"
 # long the caller then waits for the GCS to report the actor moved or dead.
 HANDSHAKE_ATTEMPTS = 3
 HANDSHAKE_RECHECK_S = 2.0
+# How many calls an async actor is taken to run at once, for task events (RUNNING).
+ASYNC_ACTOR_CONCURRENCY = 1000
 
 
 def handle_object_id(actor_id: bytes) -> bytes:
@@ -57,7 +59,7 @@ def handle_object_id(actor_id: bytes) -> bytes:
 
 class _Actor:
     __slots__ = ("actor_id", "state", "version", "conn", "queue", "limbo", "death", "watching",
-                 "address", "endpoint", "handshake_failures", "redial")
+                 "address", "endpoint", "handshake_failures", "redial", "pid", "is_async")
 
     def __init__(self, actor_id: bytes) -> None:
         self.actor_id = actor_id
@@ -72,6 +74,8 @@ class _Actor:
         self.endpoint: Optional[common_pb2.Address] = None  # where it was last seen alive
         self.handshake_failures = 0  # in a row, on the call port; reset by any result
         self.redial = False  # the next call dials `endpoint` again (it is alive there)
+        self.pid = 0  # of the actor's process, as the GCS last reported it (task events)
+        self.is_async = False
 
 
 class ActorSubmitter:
@@ -133,7 +137,7 @@ class ActorSubmitter:
         if not reply.ok:
             if reply.HasField("existing"):
                 return self.handle_from_info(reply.existing, ac)
-            raise ValueError(reply.error)
+            raise ActorAlreadyExistsError(reply.error)  # the GCS's only refusal: a taken name
         hoid = handle_object_id(actor_id)
         pinned = (list(slots), held)
         if held:
@@ -293,6 +297,8 @@ class ActorSubmitter:
                     self._dead(a, info.death_cause, info.death_error)
                     return
                 if info.state == "ALIVE":
+                    a.pid = info.pid
+                    a.is_async = info.is_async
                     self._connect(a, info.address)
                     self._resend_limbo(a)
                     self._pump(a)
@@ -312,6 +318,12 @@ class ActorSubmitter:
         else:
             a.conn = WorkerConnection(self, self.cw.channel(addr), addr, address.worker_id,
                                       self.cw.job_config)
+            if a.is_async:
+                # It runs up to max_concurrency calls at once (Ray's default 1000): the
+                # caller does not know the actor's own limit, so it takes the default.
+                a.conn.concurrency = ASYNC_ACTOR_CONCURRENCY
+        a.conn.node_id = address.node_id
+        a.conn.pid = a.pid
 
     def _unreachable(self, a: _Actor, error: str) -> None:
         """The actor is alive (the GCS says so) but its call port would not take this

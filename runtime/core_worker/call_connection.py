@@ -45,6 +45,10 @@ class CallConnection(Connection, asyncio.Protocol):
             handshake_timeout_s, self._handshake_expired)
         self._connecting = asyncio.ensure_future(self._connect())
 
+    def running_slots(self) -> int:
+        """None of the calls runs before the port accepted the hello (they may never)."""
+        return self.concurrency if self._accepted else 0
+
     def _describe(self) -> str:
         return (f"the actor's call port at {self.address} (worker {self.worker_id.hex()[:8]}, "
                 f"control port {self.control_address})")

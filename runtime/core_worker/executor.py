@@ -104,6 +104,8 @@ class Executor:
         self.actor_limit = 1
         self.creation_stream: Optional[_Stream] = None
         self.creation_task_id = b""
+        self.creation_spec = None  # the actor's creation TaskSpec (its placement group)
+        self.cancelled_running: set = set()  # running tasks cancel() was called for
         self.actor_exiting = False
         self.actor_lock = threading.Lock()  # a sync actor runs one call at a time
         self.call_server = None  # ActorCallServer, for a sync actor
@@ -166,6 +168,8 @@ class Executor:
         threaded actor call runs to its end (as in Ray: an actor has state), and a task
         not started yet is dropped when it comes up."""
         with self._start_lock:
+            if task_id in self.running_calls or self.running == task_id:
+                self.cancelled_running.add(task_id)
             if task_id in self.running_calls:
                 call = self.running_calls[task_id]
                 if call is not None and self.actor_loop is not None:
@@ -182,6 +186,10 @@ class Executor:
                 how = "not running here, it will not run"
         log.info("cancel of %s: %s", task_id.hex(), how)
         return True
+
+    def is_cancelled(self, task_id: bytes) -> bool:
+        """Whether cancel() was called for this task while it ran (is_canceled())."""
+        return task_id in self.cancelled_running
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         """Main thread, between two bytecodes of whatever runs there. A cancel's SIGINT may
@@ -239,7 +247,7 @@ class Executor:
                 self.running = task_id
         token = task_context.enter(task_id, spec.name,
                                    self.actor_gpu_ids if call else spec.gpu_ids,
-                                   bool(spec.actor_id))
+                                   bool(spec.actor_id), spec)
         start = time.perf_counter()
         wall_start = time.time()
         try:
@@ -269,6 +277,7 @@ class Executor:
                 self.running_calls.pop(task_id, None)
             else:
                 self.running = None
+            self.cancelled_running.discard(task_id)
             task_context.leave(token)
         return common_pb2.TaskResult(task_id=task_id, returns=returns, app_error=app_error,
                                      exec_seconds=time.perf_counter() - start,
@@ -311,6 +320,7 @@ class Executor:
             self.actor_gpu_ids = tuple(spec.gpu_ids)
             self.creation_stream = stream
             self.creation_task_id = spec.task_id
+            self.creation_spec = spec
         return fn, args, kwargs
 
     # -- actors ---------------------------------------------------------------------------------------
@@ -376,7 +386,7 @@ class Executor:
         self.cw.post(self._post_result, stream, result)
 
     async def _run_async(self, spec: common_pb2.TaskSpec, stream: _Stream) -> common_pb2.TaskResult:
-        token = task_context.enter(spec.task_id, spec.name, self.actor_gpu_ids, True)
+        token = task_context.enter(spec.task_id, spec.name, self.actor_gpu_ids, True, spec)
         start = time.perf_counter()
         wall_start = time.time()
         try:
@@ -394,6 +404,7 @@ class Executor:
             returns = self._error_returns(spec, exc)
             app_error = True
         finally:
+            self.cancelled_running.discard(spec.task_id)
             task_context.leave(token)
         return common_pb2.TaskResult(task_id=spec.task_id, returns=returns, app_error=app_error,
                                      exec_seconds=time.perf_counter() - start,

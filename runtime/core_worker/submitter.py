@@ -52,7 +52,7 @@ class PendingTask:
                  "arg_values", "arg_ids", "return_ids", "key", "resources", "strategy",
                  "retries_left", "retry_exceptions", "attempt", "cancelled", "force_cancel",
                  "conn", "lease", "state", "waiting", "actor_id", "method_name",
-                 "parent_task_id")
+                 "parent_task_id", "pushed_at", "placed_attempt", "running_attempt")
 
     def __init__(self) -> None:
         self.arg_values: List[common_pb2.ObjectLocation] = []
@@ -65,6 +65,9 @@ class PendingTask:
         self.waiting = 0
         self.actor_id = b""
         self.method_name = ""
+        # The attempt whose place, and whose RUNNING, task events reported (task_events.py).
+        self.placed_attempt = -1
+        self.running_attempt = -1
 
 
 def new_task(name: str, args: bytes, slots, held: List[bytes], num_returns: int,
@@ -100,7 +103,7 @@ def push(cw, conn: WorkerConnection, task: PendingTask, spec: common_pb2.TaskSpe
         spec.arg_values.extend(task.arg_values)
     task.conn = conn
     task.state = "SUBMITTED_TO_WORKER"
-    cw.task_events.event(task.task_id, te.SUBMITTED_TO_WORKER)
+    cw.task_events.submitted(task)
     conn.inflight[task.task_id] = task
     conn.send(spec)
 
@@ -142,20 +145,41 @@ class KeyState:
 def resolve_slots(cw, task: PendingTask, done) -> None:
     """Fill task.arg_values with the values of its slot refs, then call done(task).
 
-    task.waiting counts the slots still missing (actor calls use it to keep order)."""
-    task.waiting = len(task.slot_refs)
-    task.arg_values = [None] * len(task.slot_refs)  # type: ignore[list-item]
+    task.waiting counts the slots still missing (actor calls use it to keep order).
+    While some are missing, the task's pending reason (task events) names the first
+    of them, and the next one when that arrives; it is cleared once none is."""
+    slots = task.slot_refs
+    task.waiting = len(slots)
+    task.arg_values = [None] * len(slots)  # type: ignore[list-item]
+    named: List[Optional[bytes]] = [None]  # the object the reported reason names
+
+    def name_next() -> None:
+        for j, loc in enumerate(task.arg_values):
+            if loc is None:
+                oid = slots[j]._id
+                if oid != named[0]:  # (the same object may be passed twice)
+                    named[0] = oid
+                    cw.task_events.reason(task.task_id, f"waiting for argument object {oid.hex()}")
+                return
 
     def make_cb(i: int):
         def cb(oid: bytes, value: Value) -> None:
             task.arg_values[i] = value.to_proto(oid)
             task.waiting -= 1
+            if named[0] is not None:  # only a task that had to wait has a reason to change
+                if task.waiting == 0:
+                    named[0] = None
+                    cw.task_events.reason(task.task_id, "")
+                elif oid == named[0]:
+                    name_next()
             if task.waiting == 0:
                 done(task)
         return cb
 
-    for i, ref in enumerate(task.slot_refs):
+    for i, ref in enumerate(slots):
         cw.wait_for_value(ref, make_cb(i))
+    if task.waiting and cw.task_events.enabled:
+        name_next()
 
 
 class TaskSubmitter:
@@ -362,6 +386,8 @@ class TaskSubmitter:
         if conn is None or conn.dead:
             conn = self.connections[grant.worker.worker_id] = WorkerConnection(
                 self, self.cw.channel(addr), addr, grant.worker.worker_id, self.cw.job_config)
+            conn.node_id = grant.worker.node_id
+            conn.pid = grant.worker_pid
         lease = LeaseState(grant.lease_id, ks, conn, list(grant.gpu_ids), raylet)
         ks.leases.append(lease)
         self._pump(ks)
@@ -375,7 +401,7 @@ class TaskSubmitter:
             task_id=task.task_id, job_id=self.cw.job_id, function_id=task.function_id,
             name=task.name, args=task.args, return_ids=task.return_ids,
             owner=self.cw.address_proto, attempt=task.attempt, gpu_ids=lease.gpu_ids,
-            parent_task_id=task.parent_task_id)
+            parent_task_id=task.parent_task_id, resources=task.resources)
         if task.strategy.kind == "PLACEMENT_GROUP":
             spec.placement_group_id = task.strategy.placement_group_id
             spec.capture_child_tasks = task.strategy.soft
@@ -446,6 +472,7 @@ class TaskSubmitter:
     def _requeue(self, task: PendingTask) -> None:
         task.conn = None
         task.lease = None
+        self.cw.task_events.requeued_task(task)
         if self.cw.raylet_error is not None:
             self._fail(task, self.cw.raylet_error)
             return
@@ -611,14 +638,16 @@ def record_result(cw, conn, task: PendingTask, result: common_pb2.TaskResult) ->
     task.state = "FINISHED_AT_WORKER"
     if not ev.enabled:
         return
-    ev.event(task.task_id, te.RUNNING, result.start_time or None)
+    conn.last_end = result.end_time
+    if task.running_attempt != task.attempt:  # else reported at a flush while it ran
+        ev.event(task.task_id, te.RUNNING, result.start_time or None)
     failed = result.app_error
     ev.event(task.task_id, te.FAILED if failed else te.FINISHED, result.end_time or None)
     etype = emsg = ""
     if failed and result.returns:
         etype, emsg = _describe_error(result.returns[0].inline_data)
-    ev.outcome(task.task_id, conn.worker_id, result.worker_pid, cw.node_id, task.attempt,
-               etype, emsg)
+    ev.outcome(task.task_id, conn.worker_id, result.worker_pid, conn.node_id or cw.node_id,
+               task.attempt, etype, emsg)
 
 
 def _failed_without_result(cw, task: PendingTask, value: Value) -> None:
@@ -627,8 +656,9 @@ def _failed_without_result(cw, task: PendingTask, value: Value) -> None:
         return
     etype, emsg = _describe_error(value.data) if value.data else ("", "")
     ev.event(task.task_id, te.FAILED)
-    ev.outcome(task.task_id, task.conn.worker_id if task.conn else b"", 0, cw.node_id,
-               task.attempt, etype, emsg)
+    conn = task.conn  # None: it never reached a worker, so it ran nowhere
+    ev.outcome(task.task_id, conn.worker_id if conn else b"", conn.pid if conn else 0,
+               (conn.node_id or cw.node_id) if conn else b"", task.attempt, etype, emsg)
 
 
 def _describe_error(data: bytes) -> tuple:

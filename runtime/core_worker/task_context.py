@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextvars
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +28,7 @@ class TaskContext:
     name: str = ""
     gpu_ids: Tuple[int, ...] = ()
     is_actor: bool = False
+    spec: Any = None  # the TaskSpec it runs from (get_runtime_context reads it)
 
 
 NO_TASK = TaskContext()
@@ -36,10 +37,10 @@ current: contextvars.ContextVar[TaskContext] = contextvars.ContextVar("runtime_t
 
 
 def enter(task_id: bytes, name: str, gpu_ids: Sequence[int] = (),
-          is_actor: bool = False) -> contextvars.Token:
+          is_actor: bool = False, spec: Any = None) -> contextvars.Token:
     """Make `task_id` the current task of this thread / asyncio task; give the token to
     leave() in the same thread / asyncio task when the task ends."""
-    return current.set(TaskContext(task_id, name, tuple(gpu_ids), is_actor))
+    return current.set(TaskContext(task_id, name, tuple(gpu_ids), is_actor, spec))
 
 
 def leave(token: contextvars.Token) -> None:

@@ -6,6 +6,16 @@ are appended to three parallel lists (a few hundred nanoseconds each) and
 flushed as one columnar TaskEventBatch per second, or sooner when many pile
 up; if the GCS cannot keep up, the oldest are dropped and counted, never
 buffered without bound.
+
+Where tasks run is learnt at flush time, not per task: each flush walks the
+owner's connections to workers, and every task still in flight on one is sent
+once per attempt with that worker's node, id and pid (placed_* columns, each
+worker once per batch). The tasks a worker is running at that moment (the
+oldest in flight on a leased worker or a sync actor; all of them on an async
+actor) get their RUNNING event then, timed from when they were pushed or when
+the worker finished the one before. So a task that lasts past a flush shows
+RUNNING where it runs, and a short one costs nothing more than before: its
+result carries the real start time and its outcome the place.
 """
 from __future__ import annotations
 
@@ -39,6 +49,8 @@ class TaskEventBuffer:
         self.times: List[float] = []
         self.statics: List[tuple] = []
         self.outcomes: List[tuple] = []
+        self.reasons: List[tuple] = []    # (task id, why it waits, or "" once it does not)
+        self.requeued: List[tuple] = []   # (task id, attempt): out on no worker any more
         self.dropped = 0
         self._task: Optional[asyncio.Task] = None
         self._kick = None
@@ -73,6 +85,25 @@ class TaskEventBuffer:
         elif len(self.task_ids) >= 20_000 and self._kick is not None:
             self._kick.set()
 
+    def submitted(self, task) -> None:
+        """The task was pushed to a worker (its place is sampled at flush time)."""
+        if self.enabled:
+            task.pushed_at = now = time.time()
+            self.event(task.task_id, SUBMITTED_TO_WORKER, now)
+
+    def reason(self, task_id: bytes, why: str) -> None:
+        """Why a task still waits as only its owner knows it ("" once it does not)."""
+        if self.enabled:
+            self.reasons.append((task_id, why))
+
+    def requeued_task(self, task) -> None:
+        """A task back in its queue for another attempt (its worker died, or it raised and
+        retries): pending again, and on no worker until it is pushed again."""
+        if not self.enabled:
+            return
+        self.event(task.task_id, PENDING_NODE_ASSIGNMENT)
+        self.requeued.append((task.task_id, task.attempt))
+
     def outcome(self, task_id: bytes, worker_id: bytes, pid: int, node_id: bytes, attempt: int,
                 error_type: str = "", error_message: str = "") -> None:
         if not self.enabled:
@@ -95,8 +126,52 @@ class TaskEventBuffer:
             self._kick.clear()
             await self.flush()
 
+    def _sample_placements(self) -> tuple:
+        """(task ids, worker indexes, attempts, workers): where the tasks out on workers
+        are, for those not yet reported in their current attempt, and RUNNING events
+        for those the workers are running now (see the module's docstring)."""
+        tids: List[bytes] = []
+        where: List[int] = []
+        attempts: List[int] = []
+        workers: List[tuple] = []
+        if self.requeued:  # first: the same task may be out again, on a worker, by now
+            workers.append((b"", b"", 0))
+            for tid, attempt in self.requeued:
+                tids.append(tid)
+                where.append(0)
+                attempts.append(attempt)
+            self.requeued = []
+        cw = self.cw
+        conns = list(cw.submitter.connections.values())
+        conns += [a.conn for a in cw.actors.actors.values() if a.conn is not None]
+        for conn in conns:
+            if conn.dead or not conn.inflight:
+                continue
+            index = -1
+            running = conn.running_slots()
+            last_end = conn.last_end
+            for i, task in enumerate(conn.inflight.values()):
+                attempt = task.attempt
+                if task.placed_attempt != attempt:
+                    task.placed_attempt = attempt
+                    if index < 0:
+                        index = len(workers)
+                        workers.append((conn.node_id, conn.worker_id, conn.pid))
+                    tids.append(task.task_id)
+                    where.append(index)
+                    attempts.append(attempt)
+                if i < running and task.running_attempt != attempt:
+                    task.running_attempt = attempt
+                    pushed = getattr(task, "pushed_at", 0.0)
+                    started = pushed if running > 1 else max(pushed, last_end)
+                    self.event(task.task_id, RUNNING, started or None)
+        return tids, where, attempts, workers
+
     async def flush(self) -> None:
-        if not (self.task_ids or self.statics or self.outcomes):
+        if not self.enabled:
+            return
+        placed = self._sample_placements()
+        if not (self.task_ids or self.statics or self.outcomes or self.reasons or placed[0]):
             return
         batch = gcs_pb2.TaskEventBatch(job_id=self.cw.job_id, node_id=self.cw.node_id,
                                        dropped=self.dropped)
@@ -111,7 +186,17 @@ class TaskEventBuffer:
             batch.outcomes.add(task_id=task_id, worker_id=worker_id, worker_pid=pid,
                                node_id=node_id, error_type=etype, error_message=emsg[:2000],
                                attempt=attempt)
+        for task_id, why in self.reasons:
+            batch.reasons.add(task_id=task_id, reason=why)
+        tids, where, attempts, workers = placed
+        if tids:
+            batch.placed_task_ids.extend(tids)
+            batch.placed_workers.extend(where)
+            batch.placed_attempts.extend(attempts)
+            for node_id, worker_id, pid in workers:
+                batch.workers.add(node_id=node_id, worker_id=worker_id, worker_pid=pid)
         self.task_ids, self.states, self.times, self.statics, self.outcomes = [], [], [], [], []
+        self.reasons = []
         self.dropped = 0
         try:
             stub = gcs_pb2_grpc.GcsStub(self.cw.channel(self.cw.gcs_address))

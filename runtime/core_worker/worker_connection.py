@@ -37,6 +37,17 @@ class Connection:
         self.out: List[common_pb2.TaskSpec] = []
         self._job_sent = False
         self.dead = False
+        # Where the worker is, for task events (runtime/core_worker/task_events.py): from
+        # the lease grant, or the actor's entry in the GCS.
+        self.node_id = b""
+        self.pid = 0
+        self.concurrency = 1      # in-flight tasks the worker runs at once (async actors: all)
+        self.last_end = 0.0       # when the worker finished the last task answered here
+
+    def running_slots(self) -> int:
+        """How many of the oldest in-flight tasks the worker is running now: it runs them
+        in the order they were sent, `concurrency` at a time."""
+        return self.concurrency
 
     def _take_batch(self) -> core_worker_pb2.TaskBatch:
         """Everything queued since the last write, as one TaskBatch."""

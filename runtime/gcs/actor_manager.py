@@ -28,6 +28,15 @@ from runtime.protocol import (common_pb2, core_worker_pb2_grpc, gcs_pb2, raylet_
 from runtime.raylet.resources import add, missing, subtract
 
 log = logging.getLogger("runtime.gcs.actors")
+#: Fields of an actor record (runtime/util/state.py actor_record) a filter may name, and
+#: raytop's column titles for them.
+ACTOR_FIELDS = ("actor_id", "class_name", "state", "job_id", "name", "ray_namespace", "node_id",
+                "node_ip", "pid", "address", "num_restarts", "max_restarts", "death_cause",
+                "is_detached", "required_resources", "repr_name", "pending_reason",
+                "start_time_ms", "end_time_ms")
+ACTOR_ALIASES = {"id": "actor_id", "class": "class_name", "node": "node_ip",
+                 "restarts": "num_restarts", "namespace": "ray_namespace",
+                 "reason": "pending_reason", "job": "job_id", "death": "death_cause"}
 _DEFAULT = common_pb2.SchedulingStrategy(kind="DEFAULT")
 
 
@@ -179,6 +188,15 @@ class ActorManager:
         log.info("actor %s (%s) is dead: %s", actor.spec.actor_id.hex()[:8], actor.spec.class_name,
                  cause)
         self._changed(actor)
+        self._event(actor, "dead", cause, "WARNING" if actor.kill is None else "INFO")
+
+    def _event(self, actor: _Actor, state: str, message: str, severity: str = "INFO") -> None:
+        info = actor.info
+        node = self.gcs.nodes.get(info.node_id) if info.node_id else None
+        label = f"{info.class_name}{' ' + repr(info.name) if info.name else ''}"
+        self.gcs.events.record("actor", info.actor_id.hex(), state, f"{label}: {message}",
+                               severity=severity, node_id=info.node_id,
+                               node_ip=node.node_ip if node else "", pid=info.pid)
 
     def on_pending_reason(self, request_id: int, message: str) -> None:
         actor = self.by_request.get(request_id)
@@ -383,6 +401,9 @@ class ActorManager:
                         info.class_name, cause, info.num_restarts,
                         "inf" if info.max_restarts == -1 else info.max_restarts)
             self._changed(actor)
+            self._event(actor, "restarting",
+                        f"{cause}; restart {info.num_restarts}/"
+                        f"{'inf' if info.max_restarts == -1 else info.max_restarts}", "WARNING")
             actor.creating = asyncio.ensure_future(self._create(actor))
         else:
             self._set_dead(actor, f"{cause}; no restarts left (max_restarts={info.max_restarts})")

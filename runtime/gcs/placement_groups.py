@@ -154,6 +154,8 @@ class PlacementGroupManager:
                         ", ".join(n.hex()[:8] for n in left))
         log.info("placement group %s removed", spec.placement_group_id.hex()[:8])
         self._changed(g)
+        self.gcs.events.record("placement_group", spec.placement_group_id.hex(), "removed",
+                               spec.name or "unnamed")
 
     def list(self) -> gcs_pb2.PlacementGroupList:
         return gcs_pb2.PlacementGroupList(groups=[g.info for g in self.groups.values()])
@@ -257,3 +259,6 @@ class PlacementGroupManager:
         log.info("placement group %s created (%s, %d bundles)",
                  spec.placement_group_id.hex()[:8], spec.strategy, len(spec.bundles))
         self._changed(g)
+        self.gcs.events.record("placement_group", spec.placement_group_id.hex(), "created",
+                               f"{spec.name or 'unnamed'}: {spec.strategy}, "
+                               f"{len(spec.bundles)} bundles")

@@ -24,6 +24,8 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from runtime import config
+
 FILE_PREFIX = "rt-"
 
 
@@ -273,12 +275,23 @@ class StoreState:
                 "or give the node a larger object_store_memory.")
 
 
+def _open_new(path: str, access: int) -> int:
+    """Create path (never an existing name, never through a symlink) with STORE_FILE_MODE;
+    the umask would strip a group-write bit the packaged agent asks for, so the new
+    file's mode is set on its descriptor."""
+    mode = config.STORE_FILE_MODE
+    fd = os.open(path, access | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    if mode != 0o600:
+        os.fchmod(fd, mode)
+    return fd
+
+
 class FileOps:
     """The store's only file-system calls, so tests can inject failures (ENOSPC)."""
 
     def create(self, path: str, size: int) -> None:
         """A new private file of `size` bytes; sparse, the client writes the data."""
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fd = _open_new(path, os.O_RDWR)
         try:
             os.ftruncate(fd, size)
         except BaseException:
@@ -292,7 +305,7 @@ class FileOps:
         fd_in = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
         try:
             size = os.fstat(fd_in).st_size
-            fd_out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fd_out = _open_new(dst, os.O_WRONLY)
             try:
                 offset = 0
                 while offset < size:

@@ -16,6 +16,9 @@ Policy:
   unblocks (so nested tasks cannot deadlock the node);
 * at most ``max_starting`` workers start at once (starting a Python process is
   the expensive part on small machines);
+* every request it cannot grant yet records why (``waiting``), cheaply, as a code;
+  ``pending_reasons()`` turns the codes into text ("needs {GPU: 1}; no alive node
+  has GPU") for the GCS, the state API and raytop, off the hot path;
 * a SPREAD request is placed once, when first scheduled, by Ray's spread policy:
   round-robin over the alive nodes in node-id order (this one included), taking
   the next node that has the resources free now, else the next one that has them
@@ -46,6 +49,15 @@ def _remember(table: "OrderedDict", key: str, value) -> None:
         table.popitem(last=False)
 
 
+# Why a request waits (PendingRequest.waiting); see Scheduler.reason_text.
+WAIT_NEW, WAIT_INFEASIBLE, WAIT_GROUP, WAIT_RESOURCES, WAIT_WORKER, WAIT_GPU = range(6)
+
+
+def brief(res: Resources) -> str:
+    """{GPU: 1, CPU: 2}: resources as an operator reads them (no quotes)."""
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(res.items())) + "}"
+
+
 def _group_of(resource: str) -> str:
     """The placement group a bundle resource name belongs to ('CPU_group_0_<pg>' -> pg)."""
     if "_group_" not in resource:
@@ -68,6 +80,18 @@ class PendingRequest:
     warned: bool = False
     told_queued: bool = False
     spread_placed: bool = False  # SPREAD: its node is chosen (it waits here if this one)
+    job_id: bytes = b""
+    waiting: int = WAIT_NEW      # why it is not granted yet (WAIT_*)
+
+
+@dataclass
+class Demand:
+    """A pending request as the GCS and `status` see it."""
+    resources: Resources
+    infeasible: bool
+    name: str
+    job_id: bytes
+    reason: str
 
 
 @dataclass
@@ -273,17 +297,21 @@ class Scheduler:
                         del self.pending[key]
                         actions.append(Reject(req.client, req.request_id,
                                               f"its placement group {gone} was removed"))
+                    req.waiting = WAIT_GROUP
                     continue  # otherwise it waits for its group to be created
+                req.waiting = WAIT_INFEASIBLE
                 if not req.warned:
                     req.warned = True
                     actions.append(Warn(req.client, req.request_id, self._infeasible_message(req)))
                 continue
             if not fits(self.available, req.resources):
+                req.waiting = WAIT_RESOURCES
                 if not req.told_queued:
                     req.told_queued = True
                     actions.append(Queued(req.client, req.request_id))
                 continue
             if not self.idle:
+                req.waiting = WAIT_WORKER
                 free = dict(self.available)
                 subtract(free, spoken_for)
                 if fits(free, req.resources):
@@ -293,6 +321,7 @@ class Scheduler:
             held = req.resources if req.hold is None else req.hold
             gpu_ids = self.gpus.allocate(held.get("GPU", 0.0))
             if gpu_ids is None:
+                req.waiting = WAIT_GPU
                 continue
             worker = self.workers[self.idle.pop()]
             lease = Lease(next(self._lease_ids), req.client, req.request_id, worker.worker_id,
@@ -390,6 +419,45 @@ class Scheduler:
     def pending_demand(self) -> List[Tuple[Resources, bool]]:
         """(shape, infeasible) of every pending request, for the GCS and `status`."""
         return [(r.resources, not self._feasible_here(r.resources)) for r in self.pending.values()]
+
+    def pending_demand_detail(self) -> List[Demand]:
+        """Every pending request with its function, job and why it waits (the GCS joins
+        them to the tasks it lists: "why is it pending?")."""
+        return [Demand(r.resources, not self._feasible_here(r.resources), r.name, r.job_id,
+                       text) for r, text in self.pending_reasons()]
+
+    def pending_reasons(self) -> List[Tuple[PendingRequest, str]]:
+        """(request, why it waits) for every pending request, in queue order."""
+        return [(r, self.reason_text(r)) for r in self.pending.values()]
+
+    def reason_text(self, req: PendingRequest) -> str:
+        """Why req waits, in words, from the code schedule() recorded."""
+        code = req.waiting
+        if code == WAIT_INFEASIBLE:
+            return self._infeasible_reason(req.resources)
+        if code == WAIT_GROUP:
+            group = next((g for g in map(_group_of, req.resources) if g), "")
+            return f"waiting for placement group {group} to be created on this node"
+        if code == WAIT_RESOURCES:
+            free = {k: max(0.0, self.available.get(k, 0.0)) for k in req.resources}
+            total = {k: self.total.get(k, 0.0) for k in req.resources}
+            return (f"waiting for free resources: needs {brief(req.resources)}; {brief(free)} "
+                    f"of {brief(total)} free")
+        if code == WAIT_WORKER:
+            return (f"waiting for a worker to start ({self.starting} starting, "
+                    f"{len(self.workers)} running on this node)")
+        if code == WAIT_GPU:
+            return "waiting for a free GPU instance"
+        return "waiting to be scheduled"
+
+    def _infeasible_reason(self, res: Resources) -> str:
+        parts = []
+        for k in sorted(missing(self.total, res)):
+            largest = max([self.total.get(k, 0.0)] +
+                          [n.total.get(k, 0.0) for n in self.remote_nodes.values()])
+            parts.append(f"no alive node has {k}" if largest <= 0
+                         else f"the largest node has {k}: {largest:g}")
+        return f"needs {brief(res)}; {', '.join(parts) or 'no node can run it'}"
 
     # -- helpers -----------------------------------------------------------------------------
     def _feasible_here(self, res: Resources) -> bool:

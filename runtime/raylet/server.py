@@ -28,6 +28,8 @@ from runtime.raylet.scheduler import (Grant, PendingRequest, Queued, Reject, Rem
 from runtime.supervisor import ManagedProcess, ProcessSpec, Supervisor
 
 log = logging.getLogger("runtime.raylet")
+#: How often the object store's usage is read for the resource report.
+STORE_STATS_INTERVAL_S = 1.0
 
 
 class Client:
@@ -63,6 +65,8 @@ class Raylet(raylet_pb2_grpc.RayletServicer):
         self.port = 0
         self._report_seq = 0
         self.gcs = None
+        self._store_used = 0
+        self._store_spilled = 0
 
     # -- gRPC ---------------------------------------------------------------------------------
     async def Connect(self, request_iterator, context):
@@ -97,7 +101,8 @@ class Raylet(raylet_pb2_grpc.RayletServicer):
             s = r.strategy
             self.sched.request_lease(PendingRequest(
                 client.cid, r.request_id, dict(r.resources), s.kind or "DEFAULT", s.node_id, s.soft,
-                r.grant_or_reject, r.function_name, dict(r.hold) if r.hold_differs else None))
+                r.grant_or_reject, r.function_name, dict(r.hold) if r.hold_differs else None,
+                job_id=r.job_id or client.job_id))
         elif kind == "return_lease":
             lease = self.sched.leases.get(msg.return_lease.lease_id)
             if msg.return_lease.kill_worker and lease is not None:
@@ -313,19 +318,63 @@ class Raylet(raylet_pb2_grpc.RayletServicer):
                 await asyncio.sleep(0.5)
             await asyncio.sleep(0.05)  # coalesce bursts of changes
 
+    async def _membership_loop(self, gcs) -> None:
+        """Refresh the view of other nodes as soon as the membership changes (long poll), so
+        a node that just joined takes SPREAD tasks and spillback at once; the periodic
+        refresh in _gcs_loop remains the fallback."""
+        seen = 0
+        while not self._stopping.is_set():
+            try:
+                reply = await gcs.WaitMembership(
+                    gcs_pb2.MembershipRequest(newer_than=seen, timeout_s=30.0), timeout=40)
+                if reply.version != seen:
+                    seen = reply.version
+                    await self._refresh_nodes(gcs)
+            except grpc.RpcError:
+                await asyncio.sleep(0.5)  # the GCS is restarting: _gcs_loop reports it
+
     def _report(self) -> gcs_pb2.ResourceReport:
         self._report_seq += 1
+        sched = self.sched
         report = gcs_pb2.ResourceReport(node_id=self.node_id, seq=self._report_seq,
-                                        draining=self.sched.draining,
-                                        resources_available=self.sched.available,
-                                        resources_total=self.sched.total)
-        shapes: Dict[str, list] = {}
-        for shape, infeasible in self.sched.pending_demand():
-            key = json.dumps(shape, sort_keys=True)
-            shapes.setdefault(key, [shape, 0, infeasible])[1] += 1
-        for shape, count, infeasible in shapes.values():
-            report.pending.add(shape=shape, count=count, infeasible=infeasible)
+                                        draining=sched.draining,
+                                        resources_available=sched.available,
+                                        resources_total=sched.total,
+                                        object_store_used=self._store_used,
+                                        object_store_spilled=self._store_spilled,
+                                        leased_workers=len(sched.leases),
+                                        num_workers=len(sched.workers))
+        # One entry per (shape, function, job, reason): the GCS tells why each task waits.
+        groups: Dict[tuple, list] = {}
+        for d in sched.pending_demand_detail():
+            key = (json.dumps(d.resources, sort_keys=True), d.name, d.job_id, d.reason)
+            entry = groups.get(key)
+            if entry is None:
+                groups[key] = [d, 1]
+            else:
+                entry[1] += 1
+        for d, count in groups.values():
+            report.pending.add(shape=d.resources, count=count, infeasible=d.infeasible,
+                               reason=d.reason, function_name=d.name, job_id=d.job_id)
         return report
+
+    async def _store_loop(self) -> None:
+        """Poll the object store's usage for the resource report (raytop's nodes view).
+        A store that does not answer (restarting) keeps the last figures."""
+        from runtime.protocol import object_store_pb2_grpc
+
+        stub = object_store_pb2_grpc.ObjectStoreStub(
+            rpc.aio_channel(self.args.store_address, self.token))
+        while not self._stopping.is_set():
+            try:
+                st = await stub.Stats(common_pb2.Empty(), timeout=5)
+                used, spilled = st.used, st.spilled_bytes
+                if (used, spilled) != (self._store_used, self._store_spilled):
+                    self._store_used, self._store_spilled = used, spilled
+                    self._dirty.set()
+            except grpc.RpcError:
+                pass
+            await asyncio.sleep(STORE_STATS_INTERVAL_S)
 
     async def _report_now(self) -> None:
         """Tell the GCS at once (bundle changes must be visible when the RPC returns)."""
@@ -372,6 +421,8 @@ class Raylet(raylet_pb2_grpc.RayletServicer):
         log.info("raylet serving on %s:%s with resources %s", a.node_ip, self.port, self.sched.total)
         component.install_stop_handler(lambda: self.loop.call_soon_threadsafe(self._stopping.set))
         tasks = [asyncio.ensure_future(self._gcs_loop(gcs)),
+                 asyncio.ensure_future(self._membership_loop(gcs)),
+                 asyncio.ensure_future(self._store_loop()),
                  asyncio.ensure_future(self._reap_idle_workers())]
         await self._stopping.wait()
         log.info("raylet stopping")

@@ -7,15 +7,19 @@ HPACK literals (never Huffman-coded, never indexed), an optional DATA frame,
 then frames are read until the stream ends. The reply's header block is decoded
 with HPACK's static table and a dynamic table; grpc core writes plain (not
 Huffman-coded) strings for the fields read here (grpc-status, grpc-message).
+
+`idle_connections` opens connections that complete the HTTP/2 handshake and then
+carry nothing: what a flood of idle connections costs a server.
 """
 from __future__ import annotations
 
+import selectors
 import socket
 import struct
 import time
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-__all__ = ["GrpcReply", "call"]
+__all__ = ["GrpcReply", "call", "idle_connections", "closed_by_peer"]
 
 _DATA, _HEADERS, _RST_STREAM, _SETTINGS, _PING, _GOAWAY, _WINDOW_UPDATE, _CONTINUATION = (
     0, 1, 3, 4, 6, 7, 8, 9)
@@ -225,3 +229,60 @@ def call(address: Tuple[str, int], path: str, headers: Sequence[Tuple[Union[str,
                 reply.reset_code = int.from_bytes(payload[:4], "big")
                 break
     return reply
+
+
+def idle_connections(address: Tuple[str, int], n: int,
+                     timeout: float = 60.0) -> Tuple[List[socket.socket], int]:
+    """`n` connections to a gRPC server at `address` (loopback only) that open no stream.
+
+    Each sends the preface and an empty SETTINGS frame, then acknowledges the server's
+    SETTINGS, so that no settings timeout of the server's closes it: only an idle timeout
+    can. Returns the sockets (non-blocking; the caller closes them) and how many got the
+    server's SETTINGS within `timeout`; the rest were never accepted (a server out of fds
+    leaves them in its listen backlog).
+    """
+    assert address[0].startswith("127."), "tests talk to loopback only"
+    hello = _PREFACE + _frame(_SETTINGS, 0, 0)
+    socks: List[socket.socket] = []
+    waiting = selectors.DefaultSelector()
+    try:
+        for _ in range(n):
+            s = socket.create_connection(address, timeout=10)
+            socks.append(s)
+            s.sendall(hello)
+            s.setblocking(False)
+            waiting.register(s, selectors.EVENT_READ)
+        answered = 0
+        deadline = time.monotonic() + timeout
+        while waiting.get_map() and time.monotonic() < deadline:
+            for key, _mask in waiting.select(max(0.0, min(1.0, deadline - time.monotonic()))):
+                s = key.fileobj
+                waiting.unregister(s)
+                try:
+                    first = s.recv(4096)
+                except OSError:
+                    continue
+                if len(first) >= 9 and first[3] == _SETTINGS and not first[4] & _ACK:
+                    s.sendall(_frame(_SETTINGS, _ACK, 0))
+                    answered += 1
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+    finally:
+        waiting.close()
+    return socks, answered
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    """True once the peer has closed a non-blocking socket (what it sent before, such as a
+    GOAWAY, is read and dropped)."""
+    while True:
+        try:
+            data = sock.recv(65536)
+        except BlockingIOError:
+            return False
+        except OSError:  # reset
+            return True
+        if not data:
+            return True

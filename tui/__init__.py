@@ -1,0 +1,1 @@
+"""raytop: the cluster's terminal UI (a Textual app; ``raytop --help``)."""
