@@ -10,6 +10,8 @@
     agentctl status
     agentctl logs [COMPONENT] [-f] [-n N]
     agentctl token                      the cluster token, for scripts
+    agentctl job submit|list|status|logs [-f]|stop|delete   the head's jobs API
+                                        (Ray's `ray job`; agent/jobs/cli.py)
     agentctl up CLUSTER.yaml [--deb PATH] [-o SSH_OPTION]...
     agentctl down CLUSTER.yaml [-o SSH_OPTION]...
 
@@ -25,6 +27,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import Any, Dict, List, Optional
 
 import grpc
@@ -32,6 +35,7 @@ import grpc
 from agent import client as agent_client
 from agent import tokens
 from agent.config import ConfigError
+from agent.jobs import cli as job_cli
 from agent.views import brief_reason
 from runtime.protocol import agent_pb2
 
@@ -148,6 +152,11 @@ def _options(args: argparse.Namespace) -> agent_pb2.NodeOptions:
     opts = agent_pb2.NodeOptions(node_ip=args.node_ip or "")
     if getattr(args, "port", None):
         opts.gcs_port = args.port
+    if getattr(args, "dashboard_port", None) is not None:
+        if not 0 <= args.dashboard_port <= 65535:
+            raise CliError(f"--dashboard-port must be a TCP port (0-65535; 0 turns the jobs API "
+                           f"off), got {args.dashboard_port}")
+        opts.dashboard_port = args.dashboard_port
     if args.num_cpus is not None:
         opts.num_cpus = args.num_cpus
     if args.num_gpus is not None:
@@ -186,6 +195,29 @@ def _systemd_owns_agent(args: argparse.Namespace) -> bool:
         os.path.exists(p) for p in SYSTEM_UNIT_PATHS)
 
 
+#: How long start/join wait for an agent that is exiting (after `agentctl stop`) to go.
+EXITING_WAIT_S = 20.0
+
+
+def _wait_if_exiting(path: str) -> bool:
+    """True when the agent on path was exiting and is gone now (a new one is to be
+    launched); False when it serves normally. An agent that `agentctl stop` told to exit
+    takes no new role, so start/join wait for it rather than fail."""
+    try:
+        with agent_client.AgentClient(path) as c:
+            if not c.status(local_only=True, timeout=5.0).exiting:
+                return False
+    except grpc.RpcError:
+        return False  # the call that follows reports what is wrong
+    deadline = time.monotonic() + EXITING_WAIT_S
+    while time.monotonic() < deadline:
+        if not agent_client.socket_alive(path):
+            return True
+        time.sleep(0.1)
+    raise CliError(f"the node-agent on {path} is exiting but has not gone after "
+                   f"{EXITING_WAIT_S:g}s; see its log, then run the command again")
+
+
 def _client_or_launch(args: argparse.Namespace) -> agent_client.AgentClient:
     """The running agent, or (plain shell) a node-agent started in the background.
 
@@ -193,7 +225,7 @@ def _client_or_launch(args: argparse.Namespace) -> agent_client.AgentClient:
     return an agent nobody else can have planted (see agent.client)."""
     why_not: List[str] = []
     path = agent_client.find_socket(args.socket, why_not)
-    if path is not None:
+    if path is not None and not _wait_if_exiting(path):
         return agent_client.AgentClient(path)
     if _systemd_owns_agent(args):
         if why_not:
@@ -207,7 +239,11 @@ def _client_or_launch(args: argparse.Namespace) -> agent_client.AgentClient:
         if not args.json:
             print(f"no node-agent running; starting one in the background (socket {target})",
                   file=sys.stderr)
-        return agent_client.launch_agent(args.socket, args.state_dir, args.config)
+        extra = []
+        if getattr(args, "dashboard_port", None) is not None:
+            extra = ["--dashboard-port", str(args.dashboard_port)]
+        return agent_client.launch_agent(args.socket, args.state_dir, args.config,
+                                         extra_args=extra)
     except ConfigError as exc:
         raise CliError(str(exc))
 
@@ -380,6 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(s, launches=True)
     s.add_argument("--head", action="store_true", help="start the head of a new cluster")
     s.add_argument("--port", type=int, default=None, help="GCS port (default 6379)")
+    s.add_argument("--dashboard-port", type=int, default=None, metavar="PORT",
+                   help="where the head serves the jobs API (default 8265; 0: not at all); "
+                        "for an agent this command launches, else set [ports] dashboard in "
+                        "agent.toml")
     s.add_argument("--token", default=None, help="cluster token to use (default: a new one); "
                    f"at least {tokens.MIN_LENGTH} printable ASCII characters, no spaces")
     s.add_argument("--token-file", default=None, metavar="FILE",
@@ -425,6 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("-n", "--lines", type=int, default=50)
     lg.set_defaults(func=cmd_logs)
 
+    job_cli.add_parser(sub, _common)
+
     tk = sub.add_parser("token", help="print the cluster token (for scripts; keep it secret)")
     _common(tk)
     tk.set_defaults(func=cmd_token)
@@ -451,7 +493,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CliError, agent_client.AgentNotRunning, ConfigError) as exc:
+    except (CliError, agent_client.AgentNotRunning, ConfigError, job_cli.JobCliError) as exc:
         print(f"agentctl: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except grpc.RpcError as exc:

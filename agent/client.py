@@ -239,7 +239,8 @@ def _stop_launched(proc: subprocess.Popen) -> None:
 
 
 def launch_agent(socket_path: Optional[str], state_dir: Optional[str],
-                 config_path: Optional[str], timeout: float = LAUNCH_TIMEOUT_S) -> AgentClient:
+                 config_path: Optional[str], timeout: float = LAUNCH_TIMEOUT_S,
+                 extra_args: Optional[List[str]] = None) -> AgentClient:
     """Start node-agent in the background (its own session, detached from our
     terminal; output to <log dir>/node-agent.out) and wait until it serves, as
     `ray start` does where no service manager runs the agent.
@@ -262,6 +263,7 @@ def launch_agent(socket_path: Optional[str], state_dir: Optional[str],
             "--state-dir", paths.state_dir]
     if config_path:
         argv += ["--config", os.path.abspath(config_path)]
+    argv += extra_args or []
     env = dict(os.environ)
     if not _importable_from_anywhere("agent"):
         # Run as `python -m agent.cli` from an uninstalled checkout: the agent starts

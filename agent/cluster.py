@@ -27,10 +27,13 @@ import grpc
 import psutil
 
 from agent.errors import AgentError
-from agent.views import (COLUMNS, KEY_FIELD, VIEWS, describe_fields, fmt_resources,
-                         make_table, process_info, short_rpc_reason, sort_field, table_rows)
+from agent.views import (COLUMNS, KEY_FIELD, VIEWS, column_aliases, describe_fields,
+                         fmt_resources, make_table, process_info, short_rpc_reason, sort_field,
+                         table_rows)
+from runtime.object_store.server import LIST_MAX
 from runtime.protocol import (agent_pb2, agent_pb2_grpc, common_pb2, core_worker_pb2,
-                              core_worker_pb2_grpc, gcs_pb2, gcs_pb2_grpc, raylet_pb2_grpc)
+                              core_worker_pb2_grpc, gcs_pb2, gcs_pb2_grpc, object_store_pb2,
+                              object_store_pb2_grpc, raylet_pb2_grpc)
 from runtime.util import query
 
 if TYPE_CHECKING:
@@ -53,6 +56,11 @@ ACTIONS = {"kill_actor": "actors", "cancel_task": "tasks", "drain_node": "nodes"
            "restart_process": "procs", "stop_job": "jobs"}
 #: The components an agent supervises, which restart_process may restart.
 RESTARTABLE = ("gcs", "object_store", "raylet")
+#: Fields of an objects-view record that the stores' listings fill in (not the owners').
+STORE_FIELDS = frozenset({"where", "spilled", "locations"})
+#: The most objects one refresh asks the stores about (the most one List may name): a
+#: filter on a store field needs an answer for every candidate.
+STORE_LOOKUP_MAX = LIST_MAX
 _WORKER_LOG = re.compile(r"(worker-[0-9a-f]{8})\.log")
 _FOLLOWED_PROCESS_STATES = {"exited": "WARNING", "failed": "ERROR", "running": "INFO",
                             "stopped": "INFO"}
@@ -93,10 +101,14 @@ def node_record(n: gcs_pb2.NodeInfo, now: float) -> Dict[str, Any]:
     }
 
 
+def ip_order(ip: str) -> Tuple:
+    """IPv4 addresses in numeric order (127.0.0.2 before 127.0.0.10)."""
+    return tuple(int(p) if p.isdigit() else 0 for p in ip.split(".")), ip
+
+
 def node_order(r: Dict[str, Any]) -> Tuple:
     """The nodes view's natural order: the head, then the rest by IP, the dead last."""
-    return (r["state"] == "DEAD", r["role"] != "head", tuple(
-        int(p) if p.isdigit() else 0 for p in r["node_ip"].split(".")), r["node_ip"])
+    return (r["state"] == "DEAD", r["role"] != "head", *ip_order(r["node_ip"]))
 
 
 def node_numbers(r: Dict[str, Any]) -> Dict[str, float]:
@@ -490,12 +502,23 @@ class ClusterViews:
         fill_task_summary(reply.aux, ((s.func_or_class_name, s.type, dict(s.state_counts))
                                       for s in r.summary))
 
-    async def _view_jobs(self, req, reply, cs) -> None:
-        jobs = (await self._gcs().GetAllJobs(common_pb2.Empty(), timeout=GCS_TIMEOUT_S)).jobs
+    async def _job_records(self, gcs) -> List[Dict[str, Any]]:
+        """Jobs submitted through the jobs API (agent/jobs/) and drivers started by hand,
+        newest first; a submitted job's driver shows as its job, not a second row (Ray's
+        list_jobs does the same)."""
+        from agent.jobs.records import view_record
+
+        drivers = (await gcs.GetAllJobs(common_pb2.Empty(), timeout=GCS_TIMEOUT_S)).jobs
+        submitted = (await gcs.ListSubmittedJobs(common_pb2.Empty(),
+                                                 timeout=GCS_TIMEOUT_S)).jobs
         now = time.time()
-        records = [_job_record(j, now) for j in jobs]
-        records.reverse()  # newest first
-        self._table("jobs", records, req, reply.table)
+        records = [view_record(j, now) for j in submitted]
+        records += [_job_record(j, now) for j in drivers if not j.submission_id]
+        records.sort(key=lambda r: r.get("start_time") or 0, reverse=True)
+        return records
+
+    async def _view_jobs(self, req, reply, cs) -> None:
+        self._table("jobs", await self._job_records(self._gcs()), req, reply.table)
 
     async def _view_pgs(self, req, reply, cs) -> None:
         groups = (await self._gcs().ListPlacementGroups(common_pb2.Empty(),
@@ -543,6 +566,11 @@ class ClusterViews:
 
     async def _view_objects(self, req, reply, cs) -> None:
         records, missing = await self._objects(cs)
+        ids, unasked = self._store_lookups(records, req)
+        missing += await self._join_stores(cs, records, ids)
+        if unasked:
+            missing.append(f"where {unasked} smaller objects are held (a filter or sort on "
+                           f"WHERE or SPILLED looks up the largest {STORE_LOOKUP_MAX})")
         if missing:
             reply.error = f"left out: {'; '.join(missing[:3])}" + (
                 f" and {len(missing) - 3} more" if len(missing) > 3 else "")
@@ -551,7 +579,11 @@ class ClusterViews:
         fill_stores(reply.aux, [node_record(n, now) for n in cs.nodes if n.alive])
 
     async def _objects(self, cs) -> Tuple[List[Dict[str, Any]], List[str]]:
-        """Every owner's objects (each core worker's ListObjects), asked in parallel."""
+        """Every owner's objects (each core worker's ListObjects), asked in parallel.
+
+        The fields the stores know (where, spilled, locations) start as what the
+        owner alone can say; _join_stores fills them in for the rows it looks up.
+        """
         a = self.agent
         sem = asyncio.Semaphore(32)
         missing: List[str] = []
@@ -593,9 +625,87 @@ class ClusterViews:
                                 "ip": r.ip, "node_id": n.node_id.hex(),
                                 "in_object_store": o.in_store,
                                 "where": "object store" if o.in_store else "owner's memory",
-                                "borrowers": o.borrowers})
+                                "spilled": "", "locations": [], "borrowers": o.borrowers})
         records.sort(key=lambda r: -(r["object_size"] or 0))
         return records, missing
+
+    @staticmethod
+    def _store_lookups(records: List[Dict[str, Any]],
+                       req: agent_pb2.ViewRequest) -> Tuple[List[bytes], int]:
+        """The objects whose stores a refresh asks about, and how many in-store
+        objects it leaves unasked.
+
+        When neither the filter nor the sort reads a store field, these are exactly
+        the rows shown (at most the view's limit). Otherwise each candidate needs its
+        stores' answer before it can be filtered, so the largest STORE_LOOKUP_MAX
+        that pass the owner-side terms are asked about; the rest are reported.
+        """
+        if not records:
+            return [], 0
+        flt = query.parse(req.filter, set(records[0]), column_aliases("objects"), "objects")
+        owner_terms = [t for t in flt.terms if t.key and not STORE_FIELDS.intersection(t.keys)]
+        sort = sort_field("objects", req.sort)
+        needs_stores = len(owner_terms) < len(flt.terms) or sort in STORE_FIELDS
+        rows, _ = query.apply(records, query.Filter(flt.text, owner_terms),
+                              "" if sort in STORE_FIELDS else sort, req.descending,
+                              0 if needs_stores else _limit(req))
+        ids = [bytes.fromhex(r["object_id"]) for r in rows if r["in_object_store"]]
+        return ids[:STORE_LOOKUP_MAX], max(0, len(ids) - STORE_LOOKUP_MAX)
+
+    async def _join_stores(self, cs, records: List[Dict[str, Any]],
+                           ids: List[bytes]) -> List[str]:
+        """Ask every alive node's object store which of ids it holds (ObjectStore.List,
+        in parallel) and write where each is held and whether it is spilled into its
+        record. Returns the stores that did not answer."""
+        if not ids:
+            return []
+        a = self.agent
+        missing: List[str] = []
+        nodes = [n for n in cs.nodes if n.alive and n.store_port]
+        ip_count: Dict[str, int] = {}
+        for n in nodes:
+            ip_count[n.node_ip] = ip_count.get(n.node_ip, 0) + 1
+        request = object_store_pb2.ListObjectsRequest(object_ids=ids, limit=len(ids))
+
+        async def listing(n):
+            stub = object_store_pb2_grpc.ObjectStoreStub(
+                a._channel(f"{n.node_ip}:{n.store_port}", a.token))
+            try:
+                return n, await stub.List(request, timeout=PEER_TIMEOUT_S)
+            except grpc.RpcError as exc:
+                missing.append(f"object store of {n.node_ip}: {short_rpc_reason(exc)}")
+                return n, None
+
+        held: Dict[bytes, List[Tuple[gcs_pb2.NodeInfo, Any]]] = {}
+        for n, r in await asyncio.gather(*(listing(n) for n in nodes)):
+            if r is not None:
+                for o in r.objects:
+                    held.setdefault(o.object_id, []).append((n, o))
+        by_id = {r["object_id"]: r for r in records}
+        for oid in ids:
+            rec = by_id.get(oid.hex())
+            if rec is None:
+                continue
+            copies = sorted(held.get(oid, ()), key=lambda c: (ip_order(c[0].node_ip),
+                                                               c[0].store_port))
+            rec["locations"] = [{
+                "node_ip": n.node_ip, "node_id": n.node_id.hex(),
+                "store": f"{n.node_ip}:{n.store_port}", "state": o.state,
+                "disk_copy": o.disk_copy, "busy": o.busy, "writers": o.writers}
+                for n, o in copies]
+            if not copies:
+                rec["where"] = "object store (not found)" if not missing else "object store"
+                continue
+            labels = []
+            for n, o in copies:
+                label = n.node_ip if ip_count.get(n.node_ip, 0) <= 1 else \
+                    f"{n.node_ip}:{n.store_port}"
+                if o.state != "sealed":
+                    label += " (spilled)" if o.state == "spilled" else f" ({o.state})"
+                labels.append(label)
+            rec["where"] = "store " + ", ".join(labels)
+            rec["spilled"] = "yes" if any(o.state == "spilled" for _, o in copies) else "no"
+        return missing
 
     # ---- details ----------------------------------------------------------------------------
 
@@ -665,8 +775,7 @@ class ClusterViews:
             return {"component": key, "path": known[key][0]} if key in known else None
         cs = await gcs.GetClusterStatus(common_pb2.Empty(), timeout=GCS_TIMEOUT_S)
         if view == "jobs":
-            jobs = (await gcs.GetAllJobs(common_pb2.Empty(), timeout=GCS_TIMEOUT_S)).jobs
-            records = [_job_record(j, time.time()) for j in jobs]
+            records = await self._job_records(gcs)
         elif view == "pgs":
             groups = (await gcs.ListPlacementGroups(common_pb2.Empty(),
                                                     timeout=GCS_TIMEOUT_S)).groups
@@ -676,8 +785,14 @@ class ClusterViews:
             evs = (await gcs.ListClusterEvents(gcs_pb2.ClusterEventsRequest(),
                                                timeout=GCS_TIMEOUT_S)).events
             records = [_event_record(e) for e in evs]
-        else:  # objects
+        else:  # objects: this one's copies, from every store
             records, _ = await self._objects(cs)
+            rec = next((r for r in records if r["object_id"] == key), None)
+            if rec is not None and rec["in_object_store"]:
+                missing = await self._join_stores(cs, [rec], [bytes.fromhex(key)])
+                if missing:
+                    rec["store_errors"] = "; ".join(missing)
+            return rec
         return next((r for r in records if str(r.get(field)) == key), None)
 
     # ---- actions ------------------------------------------------------------------------------
@@ -846,6 +961,10 @@ class ClusterViews:
 
     async def _act_stop_job(self, req, key: str, who: str) -> Tuple[bool, str]:
         gcs = self._gcs()
+        submitted = (await gcs.ListSubmittedJobs(common_pb2.Empty(),
+                                                 timeout=GCS_TIMEOUT_S)).jobs
+        if any(j.submission_id == key for j in submitted):
+            return await self._stop_submitted_job(gcs, key)
         jobs = (await gcs.GetAllJobs(common_pb2.Empty(), timeout=GCS_TIMEOUT_S)).jobs
         job = next((j for j in jobs if j.job_id.hex() == key), None)
         if job is None:
@@ -877,6 +996,39 @@ class ClusterViews:
             return False, (f"job {key}: driver pid {job.driver_pid} belongs to another user; "
                            f"the agent may not signal it")
         return True, f"job {key}: sent SIGTERM to its driver (pid {job.driver_pid})"
+
+    async def _stop_submitted_job(self, gcs, submission_id: str) -> Tuple[bool, str]:
+        """Stop a job of the jobs API through that API (its head supervises the job's
+        process group: SIGTERM, then SIGKILL)."""
+        from agent.jobs.manager import KV_KEY, KV_NAMESPACE
+
+        reply = await gcs.KvGet(gcs_pb2.KvRequest(ns=KV_NAMESPACE, key=KV_KEY),
+                                timeout=GCS_TIMEOUT_S)
+        if not reply.found:
+            return False, f"job {submission_id}: the head serves no jobs API to stop it through"
+        address = reply.value.decode()
+        try:
+            status, body = await _post_stop(address, self.agent.token, submission_id)
+        except Exception as exc:  # aiohttp's errors: the API is unreachable
+            return False, f"job {submission_id}: the jobs API at {address} did not answer: {exc}"
+        if status != 200:
+            return False, f"job {submission_id}: the jobs API answered {status}: {body[:200]}"
+        try:
+            stopped = bool(json.loads(body).get("stopped"))
+        except (ValueError, AttributeError):
+            stopped = False
+        return True, (f"job {submission_id}: stopping (SIGTERM, then SIGKILL to its process "
+                      f"group)" if stopped else f"job {submission_id} had already ended")
+
+
+async def _post_stop(address: str, token: str, submission_id: str) -> Tuple[int, str]:
+    import aiohttp
+
+    url = f"{address.rstrip('/')}/api/jobs/{submission_id}/stop"
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        async with session.post(url, headers={"Authorization": f"Bearer {token}"}) as resp:
+            return resp.status, await resp.text()
 
 
 def _limit(req: agent_pb2.ViewRequest) -> int:

@@ -5,11 +5,14 @@ Every key is optional; an agent without a config file runs idle until
 (see ``systemd/agent.toml.example``)::
 
     [node]        role, head_address, token_file, node_ip, api_host
-    [ports]       gcs (6379), agent (6380), raylet (6381), object_store (6382)
+    [ports]       gcs (6379), agent (6380), raylet (6381), object_store (6382),
+                  dashboard (8265: the head's Jobs REST API; 0 turns it off)
     [resources]   num_cpus, num_gpus, memory, object_store_memory, custom = {name = amount}
     [paths]       state_dir, runtime_dir, socket, log_dir, session_root
     [supervision] backoff_initial_s, backoff_max_s, stable_after_s, crash_loop_failures,
                   crash_loop_window_s, stop_grace_s, drain_timeout_s
+    [jobs]        stop_grace_s, max_package_bytes, max_packages_bytes,
+                  max_unpacked_bytes, max_log_response_bytes
     [component_env.<gcs|object_store|raylet|all>]  NAME = "value"
 
 Paths default to the system locations (``/var/lib/node-agent``,
@@ -49,6 +52,7 @@ class Ports:
     agent: int = 6380           # the TCP API; 0 disables it
     raylet: int = 6381
     object_store: int = 6382
+    dashboard: int = 8265       # the head's Jobs REST API (agent/jobs/); 0 disables it
 
 
 @dataclass
@@ -87,6 +91,17 @@ class Supervision:
 
 
 @dataclass
+class Jobs:
+    """The head's job server (agent/jobs/): limits and the stop grace period."""
+
+    stop_grace_s: float = 3.0                         # SIGTERM, then SIGKILL (Ray: 3 s)
+    max_package_bytes: int = 100 * 1024 * 1024        # one uploaded package (Ray's limit)
+    max_packages_bytes: int = 2 * 1024 * 1024 * 1024  # all uploaded packages together
+    max_unpacked_bytes: int = 1024 * 1024 * 1024      # one package once unpacked
+    max_log_response_bytes: int = 32 * 1024 * 1024   # GET .../logs returns the log's end
+
+
+@dataclass
 class AgentConfig:
     role: str = "idle"          # the role to take when the state dir holds none yet
     head_address: str = ""      # worker role: the head's GCS (host:port)
@@ -97,11 +112,13 @@ class AgentConfig:
     resources: Resources = field(default_factory=Resources)
     paths: Paths = field(default_factory=Paths)
     supervision: Supervision = field(default_factory=Supervision)
+    jobs: Jobs = field(default_factory=Jobs)
     component_env: Dict[str, Dict[str, str]] = field(default_factory=dict)
     source: str = ""            # the file it was read from, for messages
 
 
-_SECTIONS = {"ports": Ports, "resources": Resources, "paths": Paths, "supervision": Supervision}
+_SECTIONS = {"ports": Ports, "resources": Resources, "paths": Paths, "supervision": Supervision,
+             "jobs": Jobs}
 _NODE_KEYS = ("role", "head_address", "token_file", "node_ip", "api_host")
 
 
@@ -170,6 +187,14 @@ def parse(data: Dict[str, Any], source: str = "agent.toml") -> AgentConfig:
         else:
             raise ConfigError(f"{source}: unknown section [{top}] (known: node, "
                               f"{', '.join(_SECTIONS)}, component_env)")
+    for name in ("gcs", "agent", "raylet", "object_store", "dashboard"):
+        port = getattr(cfg.ports, name)
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"{source}: [ports] {name} must be a TCP port (0-65535), got {port}")
+    for f in dataclasses.fields(Jobs):
+        if getattr(cfg.jobs, f.name) <= 0:
+            raise ConfigError(f"{source}: [jobs] {f.name} must be > 0, got "
+                              f"{getattr(cfg.jobs, f.name)}")
     if cfg.role not in ROLES:
         raise ConfigError(f"{source}: [node] role must be one of {', '.join(ROLES)}, "
                           f"got {cfg.role!r}")

@@ -89,6 +89,7 @@ class NodeAgent:
         self._cluster: Optional[gcs_pb2.ClusterStatus] = None
         self._cluster_error = ""
         self._closing = False
+        self._exiting = False  # StopNode asked this agent to exit (no service manager)
         self.views = ClusterViews(self)
 
     # ---- start-up -----------------------------------------------------------------------
@@ -101,7 +102,15 @@ class NodeAgent:
         self.state = self.store.load()
 
     async def restore(self) -> None:
-        """Take the saved role again (or the one agent.toml names on first start)."""
+        """Take the saved role again (or the one agent.toml names on first start).
+
+        Under the operations lock: the agent serves its socket (and tells systemd it is
+        ready) before this runs, and an `agentctl start` arriving meanwhile must find the
+        restored node, not start a second one beside it."""
+        async with self._op_lock:
+            await self._restore()
+
+    async def _restore(self) -> None:
         state = self.state
         fresh = not os.path.exists(self.store.path("state.json"))
         if fresh and self.cfg.role != "idle":
@@ -285,6 +294,12 @@ class NodeAgent:
 
     # ---- operations ------------------------------------------------------------------------
 
+    def _refuse_if_exiting(self) -> None:
+        if self._exiting or self._closing:
+            raise AgentError(grpc.StatusCode.UNAVAILABLE, (
+                "this node-agent is exiting (`agentctl stop` ends an agent that no service "
+                "manager runs); run the command again and agentctl starts a new one"))
+
     def _require_idle(self) -> None:
         if self.state.role != "idle":
             where = f" at {self.gcs_address}" if self.gcs_address else ""
@@ -296,6 +311,7 @@ class NodeAgent:
         if token:
             valid_token(token, "the StartHead request")
         async with self._op_lock:
+            self._refuse_if_exiting()
             self._require_idle()
             return await self._start_head(options, token or rpc.new_cluster_token())
 
@@ -465,6 +481,7 @@ class NodeAgent:
             self._set_phase("idle", "node stopped; `agentctl start` (StartNode) starts it again")
             exiting = exit_agent and not self.under_systemd
             if exiting:
+                self._exiting = True
                 self.loop.call_later(0.2, self._request_exit)
             return agent_pb2.NodeActionReply(role="idle", message=msg or "no node was running",
                                               agent_exiting=exiting)
@@ -472,9 +489,14 @@ class NodeAgent:
     async def start_node(self) -> agent_pb2.NodeActionReply:
         """Start the node again: after StopNode (the last role), or to retry a node
         whose components failed (the current role)."""
+        self._refuse_if_exiting()
         await self._cancel_join()
         async with self._op_lock:
             st = self.state
+            if st.role != "idle" and self.node is not None and self.phase == "running":
+                return agent_pb2.NodeActionReply(
+                    role=st.role, message=f"the {st.role} node already runs"
+                    + (f" (GCS {self.gcs_address})" if self.gcs_address else ""))
             if st.role != "idle":
                 await self._stop_node(0.0)
                 role, head, options = st.role, st.head_address, st.options
@@ -690,7 +712,7 @@ class NodeAgent:
             role=self.state.role, phase=phase, message=message, gcs_address=self.gcs_address,
             agent_pid=os.getpid(), agent_uptime_s=time.monotonic() - self.started,
             api_address=self.api_address, state_dir=self.paths.state_dir,
-            socket_path=self.paths.socket)
+            socket_path=self.paths.socket, exiting=self._exiting or self._closing)
         if include_token:
             reply.token = self.token
             if self.token:

@@ -1,12 +1,14 @@
 """``node-agent``: the per-machine daemon.
 
     node-agent [--config /etc/node-agent/agent.toml] [--state-dir DIR] [--socket PATH]
+               [--dashboard-port 8265]
 
 It serves the NodeAgent API on a unix socket at once (and tells systemd
 READY=1), then takes its saved role again in the background. Its main loop
 watches the supervised processes (events, systemd STATUS=, WATCHDOG=1 pings
 that stop when the supervisor's monitor is stuck), keeps the TCP API in step
-with the cluster token, rotates component logs and reaps orphans. SIGTERM
+with the cluster token, serves the Jobs REST API while this machine is a head
+(agent/jobs/), rotates component logs and reaps orphans. SIGTERM stops the jobs,
 drains the node (bounded), sends STOPPING=1 and stops every child in order.
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ import signal
 import stat
 import sys
 import time
-from typing import List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import grpc
 import grpc.aio
@@ -32,6 +34,7 @@ from agent.core import AgentError, NodeAgent
 from agent.sdnotify import Notifier, PriorityPrefixFormatter, WatchdogGate, journal_handler
 from agent.service import AgentService, make_tcp_server
 from runtime import rpc
+from runtime.net import describe_port_holder as rpc_port_holder
 from runtime.private_fs import UnsafePathError, ensure_private_dir
 from runtime.protocol import agent_pb2_grpc
 
@@ -60,6 +63,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--socket", default=None,
                    help="control socket (default $NODE_AGENT_SOCKET, /run/node-agent/agent.sock, "
                         "or a per-user path)")
+    p.add_argument("--dashboard-port", type=int, default=None, metavar="PORT",
+                   help="where a head serves Ray's Jobs REST API, on its node IP (default "
+                        "[ports] dashboard in the config, 8265; 0 turns it off)")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--detached", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -144,6 +150,9 @@ class Daemon:
         self.tcp_endpoint: Optional[Tuple[str, int, str]] = None
         self.agent: Optional[NodeAgent] = None
         self.status_sent = ""
+        self.jobs_server: Optional[Any] = None  # agent.jobs.server.JobServer
+        self.jobs_endpoint: Optional[Tuple[str, int, str, str, str]] = None
+        self._jobs_switch: Optional[asyncio.Task] = None
 
     async def _serve_unix(self, agent: NodeAgent) -> None:
         path = self.paths.socket
@@ -201,6 +210,66 @@ class Daemon:
         agent.api_address = f"{host}:{bound}"
         log.info("TCP API serving on %s (cluster token required)", agent.api_address)
 
+    def _jobs_wanted(self, agent: NodeAgent) -> Optional[Tuple[str, int, str, str, str]]:
+        """(host, port, token, GCS address, session dir) the Jobs API should serve
+        with, None when it should not: only a running head serves it, and it stops as
+        soon as the node starts stopping, so its jobs are stopped and recorded while
+        the GCS is still there. A restarted raylet (a new node id) or GCS changes none
+        of these: running jobs carry on."""
+        # `agentctl start --head --dashboard-port P` is kept with the role; else the config.
+        port = agent.state.options.get("dashboard_port", self.cfg.ports.dashboard)
+        node = agent.node
+        if (not port or node is None or agent.state.role != "head" or not agent.token
+                or not agent.gcs_address or agent.phase not in ("running", "degraded")):
+            return None
+        return node.cfg.node_ip, port, agent.token, agent.gcs_address, node.session_dir
+
+    def _sync_jobs(self, agent: NodeAgent) -> None:
+        wanted = self._jobs_wanted(agent)
+        if wanted == self.jobs_endpoint:
+            if self.jobs_server is not None and agent.node is not None:
+                self.jobs_server.manager.set_node_id(agent.node.node_id.hex())
+            return
+        if self._jobs_switch is not None and not self._jobs_switch.done():
+            return  # the next tick looks again
+        self.jobs_endpoint = wanted
+        self._jobs_switch = asyncio.ensure_future(self._switch_jobs(wanted))
+
+    async def _close_jobs(self) -> None:
+        server, self.jobs_server = self.jobs_server, None
+        if server is not None:
+            try:
+                await server.close()
+            except Exception:
+                log.exception("stopping the jobs API failed")
+            log.info("jobs API stopped")
+
+    async def _switch_jobs(self, wanted: Optional[Tuple[str, int, str, str, str]]) -> None:
+        await self._close_jobs()
+        if wanted is None:
+            return
+        from agent.jobs.manager import HeadInfo, JobManager
+        from agent.jobs.server import JobServer
+
+        host, port, token, gcs_address, session_dir = wanted
+        node_id = self.agent.node.node_id.hex() if self.agent and self.agent.node else ""
+        head = HeadInfo(gcs_address=gcs_address, token=token, node_id=node_id, node_ip=host,
+                        session_dir=session_dir, http_address=f"http://{host}:{port}")
+        server = JobServer(JobManager(head, self.cfg.jobs), token)
+        try:
+            await server.start(host, port)
+        except OSError as exc:
+            holder = rpc_port_holder(port)
+            log.error("jobs API not served on %s:%d: %s%s", host, port, exc.strerror or exc,
+                      f" ({holder})" if holder else "")
+            return
+        except Exception:
+            log.exception("jobs API not served on %s:%d", host, port)
+            return
+        self.jobs_server = server
+        log.info("jobs API (Ray's REST API) serving on http://%s:%d (cluster token required)",
+                 host, port)
+
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         agent = NodeAgent(self.cfg, self.paths, under_systemd=self.notifier.enabled
@@ -227,6 +296,9 @@ class Daemon:
             log.info("node-agent stopping")
             if not restore.done():
                 restore.cancel()
+            if self._jobs_switch is not None and not self._jobs_switch.done():
+                await asyncio.gather(self._jobs_switch, return_exceptions=True)
+            await self._close_jobs()  # first: jobs are recorded STOPPED while the GCS runs
             await agent.shutdown()
             if self.tcp_server is not None:
                 await self.tcp_server.stop(0.5)
@@ -279,6 +351,7 @@ class Daemon:
                     last_refresh = now
                     refresh = asyncio.ensure_future(self._refresh_cluster(agent))
                 await self._sync_tcp(agent)
+                self._sync_jobs(agent)
                 if now - last_house >= HOUSEKEEPING_S:
                     last_house = now
                     agent.housekeeping()
@@ -297,6 +370,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except agent_config.ConfigError as exc:
         print(f"node-agent: {exc}", file=sys.stderr)
         return 2
+    if args.dashboard_port is not None:
+        if not 0 <= args.dashboard_port <= 65535:
+            print(f"node-agent: --dashboard-port must be a TCP port (0-65535), got "
+                  f"{args.dashboard_port}", file=sys.stderr)
+            return 2
+        cfg.ports.dashboard = args.dashboard_port
     paths = agent_config.resolve_paths(cfg, args.state_dir, args.socket)
     notifier = Notifier()
     try:

@@ -16,7 +16,8 @@ may call every view, Status and the logs, and nothing that changes the cluster:
 * A caller may also declare itself read-only (``node-agent-readonly: 1`` metadata,
   as raytop --readonly does on the unix socket): honoured as a safety catch for
   honest callers, never relied on against dishonest ones. The unix socket itself
-  is 0600: whoever can open it is the agent's user (or root) and may act.
+  is 0600 (0660 for group node-agent under the packaged unit): whoever can open it is
+  the agent's user, root, or a member of that group, and may act.
 """
 from __future__ import annotations
 
@@ -192,6 +193,7 @@ class AgentService(agent_pb2_grpc.NodeAgentServicer):
 
     async def StartNode(self, request, context):
         await self._refuse_readonly(context, "start the node")
+        log.info("StartNode requested (%s)", context.peer() or "local")
         try:
             return await self.agent.start_node()
         except AgentError as exc:

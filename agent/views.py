@@ -51,6 +51,8 @@ def options_dict(opts: agent_pb2.NodeOptions) -> Dict[str, Any]:
         out["node_ip"] = opts.node_ip
     if opts.gcs_port:
         out["gcs_port"] = opts.gcs_port
+    if opts.HasField("dashboard_port"):
+        out["dashboard_port"] = opts.dashboard_port
     for name in ("num_cpus", "num_gpus", "object_store_memory", "memory"):
         if opts.HasField(name):
             out[name] = getattr(opts, name)
@@ -81,7 +83,8 @@ def cpu_summary(total: Dict[str, float], available: Dict[str, float]) -> str:
 # ---- raytop's tables: the columns of every view -----------------------------------------------
 # A view's rows are records (dicts with Ray's state-API field names where Ray has one);
 # a Column says which field it shows, sorts and filters on and how it is written.
-# Titles double as filter keys (`node=127.0.0.2`), lower-cased.
+# Titles double as filter keys, in any case (`STATE=PENDING`); `node=` reads a node's id
+# and its IP in every view, whichever its NODE column shows (runtime/util/query.py).
 
 def fmt_bytes(n: Optional[float]) -> str:
     if n is None:
@@ -205,6 +208,7 @@ COLUMNS: Dict[str, Tuple[Column, ...]] = {
     ),
     "jobs": (
         Column("JOB", "job_id"),
+        Column("TYPE", "type"),
         Column("STATUS", "status"),
         Column("DRIVER", "driver_pid"),
         Column("IP", "driver_ip"),
@@ -227,6 +231,7 @@ COLUMNS: Dict[str, Tuple[Column, ...]] = {
         Column("OWNER", "pid"),
         Column("NODE", "ip"),
         Column("WHERE", "where"),
+        Column("SPILLED", "spilled"),
         Column("REFERENCE", "reference_type"),
         Column("TASK", "task_status"),
     ),
@@ -270,7 +275,7 @@ VIEWS = tuple(COLUMNS)
 
 
 def column_aliases(view: str) -> Dict[str, str]:
-    """Filter keys raytop users type (column titles, lower-cased) -> record fields."""
+    """Filter keys raytop users type (column titles; the filter ignores case) -> record fields."""
     return {c.title.lower().replace(" ", "_").rstrip("%"): c.field for c in COLUMNS[view]}
 
 

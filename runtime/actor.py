@@ -15,9 +15,13 @@ import hashlib
 import inspect
 from typing import Any, Dict, List, Optional
 
+from runtime.core_worker.actor_submitter import ActorCreation
+from runtime.core_worker.current import core_worker, core_worker_or_none
 from runtime.exceptions import ActorExitRequested, AsyncioActorExit
 from runtime.object_ref import ObjectRef
-from runtime.options import validate_task_options
+from runtime.options import (placed_resources, strategy_proto, task_resources,
+                             validate_task_options)
+from runtime.vocabulary import STRATEGY_PLACEMENT_GROUP
 
 ACTOR_OPTIONS = {
     "num_cpus", "num_gpus", "resources", "name", "namespace", "lifetime", "get_if_exists",
@@ -39,8 +43,6 @@ def exit_actor() -> None:
     Calls already queued on the actor fail with ActorDiedError. In an async actor this
     raises AsyncioActorExit, as Ray does; in a sync one an ActorExitRequested, which
     ``except Exception`` cannot swallow."""
-    from runtime.core_worker.current import core_worker_or_none
-
     cw = core_worker_or_none()
     if cw is None or not getattr(cw, "current_actor_id", None):
         raise TypeError("exit_actor() called outside an actor method")
@@ -148,13 +150,40 @@ class ActorClass:
             self._class_id = hashlib.sha1(self._blob).digest()
 
     def _remote(self, args: tuple, kwargs: dict, opts: Dict[str, Any]) -> "ActorHandle":
-        from runtime.api import _ensure_initialized
-
-        cw = _ensure_initialized()
+        cw = core_worker()
         self._export()
+        others = task_resources({k: v for k, v in opts.items() if k != "num_cpus"})
+        others.pop("CPU", None)
+        if opts.get("num_cpus") is not None:
+            place = dict(others)
+            if opts["num_cpus"]:
+                place["CPU"] = float(opts["num_cpus"])
+            hold = dict(place)
+        else:  # Ray's default: 1 CPU to place the actor, none held while it lives
+            place = dict(others, CPU=1.0)
+            hold = dict(others)
+        strategy = strategy_proto(opts.get("scheduling_strategy"))
+        if strategy.kind == STRATEGY_PLACEMENT_GROUP:
+            place = placed_resources(place, strategy)
+            hold = placed_resources(hold, strategy) if hold else {}
+        max_task_retries = opts.get("max_task_retries") or 0
         # The GCS refuses a taken name atomically at registration (Ray checks with a racy
         # get_actor first): ActorAlreadyExistsError.
-        return cw.actors.create(self, args, kwargs, opts)
+        actor_id, handle_ref, existing = cw.actors.create(ActorCreation(
+            class_name=self._name, class_blob=self._blob, class_id=self._class_id,
+            method_names=self._methods, is_async=self._is_async,
+            constructor=getattr(self._cls, "__init__", self._cls), args=args, kwargs=kwargs,
+            place=place, hold=hold, strategy=strategy, name=opts.get("name") or "",
+            namespace=opts.get("namespace") or "",
+            detached=opts.get("lifetime") == "detached",
+            get_if_exists=bool(opts.get("get_if_exists")),
+            max_restarts=opts.get("max_restarts") or 0,
+            max_concurrency=opts.get("max_concurrency") or (1000 if self._is_async else 1),
+            max_task_retries=max_task_retries))
+        if existing is not None:
+            return ActorHandle._from_info(existing, self)
+        return ActorHandle(actor_id, self._name, self._methods, self._method_options,
+                           max_task_retries, self._is_async, handle_ref)
 
 
 class _ActorClassOptions:
@@ -200,6 +229,14 @@ class ActorHandle:
     def _ray_actor_id(self):
         return self._actor_id
 
+    @classmethod
+    def _from_info(cls, info: Any, ac: Optional[ActorClass] = None) -> "ActorHandle":
+        """A handle to the actor the GCS describes in `info` (an ActorInfo): get_actor,
+        get_if_exists, the current actor's own handle. It does not keep the actor in scope."""
+        method_options = ac._method_options if ac is not None else {}
+        return cls(info.actor_id, info.class_name, list(info.method_names), method_options,
+                   info.max_task_retries, info.is_async, None)
+
     def __reduce__(self):
         return (ActorHandle, (self._actor_id, self._class_name, sorted(self._methods),
                               self._method_options, self._max_task_retries, self._is_async,
@@ -228,7 +265,12 @@ class ActorMethod:
         return ActorMethod(self._handle, self._name, merged)
 
     def remote(self, *args, **kwargs):
-        from runtime.api import _ensure_initialized
-
-        cw = _ensure_initialized()
-        return cw.actors.call(self._handle, self._name, args, kwargs, self._options)
+        cw = core_worker()
+        h = self._handle
+        opts = self._options
+        num_returns = opts.get("num_returns")
+        mtr = opts.get("max_task_retries")
+        return cw.actors.call(h._actor_id, h._class_name, self._name, h._handle_ref, args, kwargs,
+                              1 if num_returns is None else num_returns,
+                              h._max_task_retries if mtr is None else mtr,
+                              opts.get("retry_exceptions"))

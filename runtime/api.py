@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-import math
-import numbers
 import os
 import socket
 import sys
@@ -16,11 +14,16 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import grpc
 
 from runtime import rpc
+from runtime._version import __version__
+from runtime.actor import ActorHandle
 from runtime.core_worker.core_worker import DRIVER, CoreWorker
-from runtime.core_worker.current import core_worker_or_none, set_core_worker
+from runtime.core_worker.current import (core_worker, core_worker_or_none, set_auto_init,
+                                         set_core_worker)
 from runtime.exceptions import AuthenticationError, ClusterConnectionError
 from runtime.node import Node, NodeConfig, check_resource_amount
 from runtime.object_ref import ObjectRef
+from runtime.shapes import check_timeout
+from runtime.vocabulary import ACTOR_DEAD
 from runtime.protocol import common_pb2, gcs_pb2, gcs_pb2_grpc
 from runtime.rpc_errors import gcs_error
 from runtime.runtime_context import get_runtime_context  # noqa: F401  (re-exported)
@@ -104,8 +107,6 @@ class RuntimeContextInfo(dict):
         self.address_info = address_info
         self.dashboard_url = None
         self.python_version = ".".join(map(str, sys.version_info[:3]))
-        from runtime import __version__
-
         self.ray_version = __version__
 
     def __enter__(self) -> "RuntimeContextInfo":
@@ -136,11 +137,8 @@ def is_initialized() -> bool:
 
 
 def _ensure_initialized() -> CoreWorker:
-    cw = core_worker_or_none()
-    if cw is None:
-        init()
-        cw = core_worker_or_none()
-    return cw
+    """The process's core worker, connecting first (Ray's API auto-initializes)."""
+    return core_worker()
 
 
 def _configure_logging(level: Union[int, str], fmt: Optional[str]) -> None:
@@ -425,15 +423,6 @@ def wait(ray_waitables: Sequence[ObjectRef], *, num_returns: int = 1,
     return cw.wait(list(object_refs), num_returns, timeout)
 
 
-def check_timeout(name: str, timeout: Any) -> None:
-    """A timeout must be a finite, non-negative number of seconds (None: no timeout is
-    for the caller to allow). NaN would never compare and infinity cannot be waited on."""
-    if (not isinstance(timeout, numbers.Real) or isinstance(timeout, bool)
-            or not math.isfinite(timeout) or timeout < 0):
-        raise ValueError(f"'{name}' must be a finite non-negative number of seconds (or None "
-                         f"to wait without a limit), got {timeout!r}")
-
-
 def cancel(ray_waitable: ObjectRef, *, force: bool = False, recursive: bool = True) -> None:
     """Cancel the task that produces the ref; get() then raises TaskCancelledError."""
     ref = ray_waitable
@@ -443,7 +432,7 @@ def cancel(ray_waitable: ObjectRef, *, force: bool = False, recursive: bool = Tr
     if ref.owner_address[2] != cw.worker_id:
         raise ValueError("Only the owner of an ObjectRef (the process that submitted its task) "
                          "can cancel it.")
-    cw.cancel(ref, force)
+    cw.cancel(ref, force, recursive)
 
 
 # -- cluster information ------------------------------------------------------------------------------
@@ -502,14 +491,10 @@ def get_gpu_ids() -> List[int]:
 # -- actors ------------------------------------------------------------------------------------------
 def kill(actor: Any, *, no_restart: bool = True) -> None:
     """Kill an actor; calls then raise ActorDiedError (with no_restart=False it may restart)."""
-    from runtime.actor import ActorHandle
-
     if not isinstance(actor, ActorHandle):
         raise ValueError(f"kill() only supports actors; for tasks use cancel(). Got {type(actor)}.")
     cw = _ensure_initialized()
-    from runtime.protocol import gcs_pb2 as _g
-
-    req = _g.KillActorRequest(actor_id=actor._actor_id, no_restart=no_restart,
+    req = gcs_pb2.KillActorRequest(actor_id=actor._actor_id, no_restart=no_restart,
                               reason="it was killed by kill()" + ("" if no_restart else
                                                                   " (restart allowed)"))
     cw.gcs_call("KillActor", req, doing=f"killing actor {actor._actor_id.hex()}")
@@ -527,9 +512,12 @@ def get_actor(name: str, namespace: Optional[str] = None) -> Any:
     ns = namespace or cw.namespace
     req = gcs_pb2.GetActorRequest(name=name, namespace=ns)
     reply = cw.gcs_call("GetActor", req, doing=f"looking up actor {name!r}")
-    if not reply.found or reply.actor.state == "DEAD":
+    if not reply.found or reply.actor.state == ACTOR_DEAD:
         raise ValueError(f"Failed to look up actor with name '{name}'. This could because 1. You "
                          f"are trying to look up a named actor you didn't create. 2. The named "
                          f"actor died. 3. You did not use a namespace matching the namespace of "
                          f"the actor (looked in namespace {ns!r}).")
-    return cw.actors.handle_from_info(reply.actor)
+    return ActorHandle._from_info(reply.actor)
+
+
+set_auto_init(init)

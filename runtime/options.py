@@ -7,8 +7,11 @@ from typing import Any, Dict
 
 from runtime import config
 from runtime.protocol import common_pb2
+from runtime.shapes import group_resources
 from runtime.util.scheduling_strategies import (NodeAffinitySchedulingStrategy,
                                                 PlacementGroupSchedulingStrategy)
+from runtime.vocabulary import (STRATEGY_DEFAULT, STRATEGY_NODE_AFFINITY,
+                                STRATEGY_PLACEMENT_GROUP, STRATEGY_SPREAD)
 
 TASK_OPTIONS = {
     "num_cpus", "num_gpus", "resources", "num_returns", "max_retries", "retry_exceptions",
@@ -74,10 +77,10 @@ def validate_task_options(opts: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def strategy_proto(strategy: Any) -> common_pb2.SchedulingStrategy:
-    if strategy is None or strategy == "DEFAULT":
-        return common_pb2.SchedulingStrategy(kind="DEFAULT")
-    if strategy == "SPREAD":
-        return common_pb2.SchedulingStrategy(kind="SPREAD")
+    if strategy is None or strategy == STRATEGY_DEFAULT:
+        return common_pb2.SchedulingStrategy(kind=STRATEGY_DEFAULT)
+    if strategy == STRATEGY_SPREAD:
+        return common_pb2.SchedulingStrategy(kind=STRATEGY_SPREAD)
     if isinstance(strategy, NodeAffinitySchedulingStrategy):
         try:
             node_id = bytes.fromhex(strategy.node_id)
@@ -85,7 +88,7 @@ def strategy_proto(strategy: Any) -> common_pb2.SchedulingStrategy:
             raise ValueError(f"NodeAffinitySchedulingStrategy: node_id {strategy.node_id!r} is not "
                              f"a hex node id (see runtime.nodes() or get_runtime_context()."
                              f"get_node_id())") from None
-        return common_pb2.SchedulingStrategy(kind="NODE_AFFINITY", node_id=node_id,
+        return common_pb2.SchedulingStrategy(kind=STRATEGY_NODE_AFFINITY, node_id=node_id,
                                              soft=bool(strategy.soft))
     if isinstance(strategy, PlacementGroupSchedulingStrategy):
         pg = strategy.placement_group
@@ -98,7 +101,7 @@ def strategy_proto(strategy: Any) -> common_pb2.SchedulingStrategy:
         if pg.bundle_cache is not None and idx >= len(pg.bundle_cache):
             raise ValueError(f"placement_group_bundle_index {idx} is out of range: the group has "
                              f"{len(pg.bundle_cache)} bundles")
-        return common_pb2.SchedulingStrategy(kind="PLACEMENT_GROUP",
+        return common_pb2.SchedulingStrategy(kind=STRATEGY_PLACEMENT_GROUP,
                                              placement_group_id=pg.id.binary(), bundle_index=idx,
                                              soft=bool(strategy.placement_group_capture_child_tasks))
     raise ValueError(f"Invalid scheduling_strategy {strategy!r}: use 'DEFAULT', 'SPREAD', "
@@ -108,10 +111,8 @@ def strategy_proto(strategy: Any) -> common_pb2.SchedulingStrategy:
 def placed_resources(resources: Dict[str, float], strategy: common_pb2.SchedulingStrategy
                      ) -> Dict[str, float]:
     """The shape to request from the raylet: inside a placement group, its bundle's resources."""
-    if strategy.kind != "PLACEMENT_GROUP":
+    if strategy.kind != STRATEGY_PLACEMENT_GROUP:
         return resources
-    from runtime.util.placement_group import group_resources
-
     return group_resources(resources, strategy.placement_group_id, strategy.bundle_index)
 
 

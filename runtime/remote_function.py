@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Callable, Dict, List, Optional, Union
 
+from runtime.core_worker.current import core_worker
 from runtime.core_worker.submitter import new_task, return_refs
 from runtime.core_worker.task_args import prepare_args
 from runtime.object_ref import ObjectRef
@@ -11,6 +12,7 @@ from runtime.options import (default_max_retries, placed_resources, strategy_pro
                              task_resources, validate_task_options)
 from runtime.protocol import common_pb2
 from runtime.serialization import dumps_function
+from runtime.vocabulary import STRATEGY_PLACEMENT_GROUP
 
 
 class RemoteFunction:
@@ -59,9 +61,7 @@ class RemoteFunction:
     def _remote(self, args: tuple, kwargs: dict, opts: Dict[str, Any], holder: Any):
         """Submit with `opts`; `holder` (this function or an options() result) caches the
         resource shape those options make, for as long as it lives itself."""
-        from runtime.api import _ensure_initialized
-
-        cw = _ensure_initialized()
+        cw = core_worker()
         self._export()
         inherited = None
         if opts.get("scheduling_strategy") is None and cw.current_placement_group is not None:
@@ -71,7 +71,7 @@ class RemoteFunction:
             strategy = strategy_proto(opts.get("scheduling_strategy"))
             if inherited is not None:
                 strategy = common_pb2.SchedulingStrategy(
-                    kind="PLACEMENT_GROUP", placement_group_id=inherited[0], bundle_index=-1,
+                    kind=STRATEGY_PLACEMENT_GROUP, placement_group_id=inherited[0], bundle_index=-1,
                     soft=True)
             resources = placed_resources(task_resources(opts), strategy)
             key = (self._function_id, tuple(sorted(resources.items())),

@@ -17,7 +17,9 @@ import os
 import re
 from typing import Any, Dict, List, Optional
 
+from runtime.actor import ActorHandle
 from runtime.core_worker import task_context
+from runtime.core_worker.current import core_worker, core_worker_or_none
 from runtime.ids import ActorID, JobID, NodeID, PlacementGroupID, TaskID
 
 log = logging.getLogger("runtime")
@@ -51,9 +53,7 @@ def original_resources(resources: Dict[str, float]) -> Dict[str, float]:
 def get_runtime_context() -> "RuntimeContext":
     """The context of the calling driver, task or actor (connecting first if needed, as
     Ray's does)."""
-    from runtime.api import _ensure_initialized
-
-    _ensure_initialized()
+    core_worker()
     return RuntimeContext()
 
 
@@ -77,8 +77,6 @@ class RuntimeContext:
 
     def _check(self) -> Any:
         """The process's core worker; raises, as every getter does, unless connected."""
-        from runtime.core_worker.current import core_worker_or_none
-
         cw = core_worker_or_none()
         if cw is None:
             raise RuntimeError("The runtime is not initialized (or was shut down): call "
@@ -285,7 +283,7 @@ class RuntimeContext:
         cw = self._cw
         if not cw.current_actor_id:
             raise RuntimeError("This method is only available in an actor.")
-        return cw.actors.handle_from_info(self._actor_info())
+        return ActorHandle._from_info(self._actor_info())
 
     @property
     def was_current_actor_reconstructed(self) -> bool:

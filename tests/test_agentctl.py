@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -499,3 +500,59 @@ def test_launch_trusts_only_the_agent_it_started(tmp_path, here):
             f"started here (pid {launched.pid})") in line, line
     assert "Join" not in fake.names() and "StartHead" not in fake.names(), fake.names()
     assert not fake.saw_token(SOME_TOKEN)
+
+
+def test_start_right_after_stop_gets_a_new_agent(here):
+    """`agentctl stop` ends an agent no service manager runs; a `start` right after must
+    wait for it to go and launch a new one, not reach the exiting agent ("supervisor is
+    closed")."""
+    a = here.agent("s", "127.0.0.1")
+    started = a.ctl_json("start", "--head", "--node-ip", "127.0.0.1")
+    for _ in range(2):
+        assert a.ctl("stop").returncode == 0
+        out = a.ctl("start")
+        assert out.returncode == 0, out.stderr
+        st = a.status()
+        assert st.role == "head" and st.gcs_address == started["gcs_address"]
+
+
+def test_start_while_a_restarted_agent_restores_its_role(here):
+    """A daemon restarted by hand restores its role while `agentctl start` arrives: the
+    two never start two nodes side by side (the restore holds the operations lock), and
+    the node ends up running with each component once. The restore is held up on purpose:
+    its GCS port is busy (as when the old GCS is still on its way out) until the start
+    has been sent."""
+    a = here.agent("r", "127.0.0.1")
+    a.start_daemon()
+    a.ctl_json("start", "--head", "--node-ip", "127.0.0.1")
+    a.daemon.send_signal(signal.SIGTERM)
+    a.daemon.wait(60)
+    blocker = socket.socket()
+    blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    blocker.bind(("127.0.0.1", a.ports["gcs"]))
+    blocker.listen(1)
+    try:
+        a.start_daemon()  # serving; its restore waits for the GCS port
+        starter = subprocess.Popen(
+            ["agentctl", "start", "--socket", a.socket, "--state-dir", a.state_dir, "--config",
+             a.config], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=clean_env(), cwd=str(a.dir))
+        wait_for(lambda: any("StartNode requested" in line for line in _agent_log(a))
+                 or starter.poll() is not None, 30, interval=0.05,
+                 message="the start to reach the agent")
+    finally:
+        blocker.close()
+    out, err = starter.communicate(timeout=90)
+    assert starter.returncode == 0, err
+    wait_for(lambda: a.status().phase == "running", 60, message="the node to run")
+    names = sorted(p.component for p in a.status().processes if p.supervised_by == "agent")
+    assert names == ["gcs", "object_store", "raylet"], names
+    assert all(p.restarts == 0 for p in a.status().processes), a.status().processes
+
+
+def _agent_log(a) -> list:
+    try:
+        with open(os.path.join(a.state_dir, "logs", "node-agent.log")) as fh:
+            return fh.read().splitlines()
+    except OSError:
+        return []

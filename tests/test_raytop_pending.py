@@ -117,6 +117,12 @@ def ids(text, **kw):
     ("state==alive", ["aa01"]),                     # exact
     ("'127.0.0.1'", ["aa01"]),
     ("[unclosed", []),                              # not a regex: a plain substring
+    ("STATE=pending CLASS=Trainer", ["bb02"]),      # keys in any case: aliases...
+    ("Class_Name==COUNTER Node_IP=.2", ["cc03"]),   # ...and field names
+    ("^counter$", ["aa01", "cc03"]),                # anchors: a field's start and end
+    ("^127.0.0.1$", ["aa01"]),
+    ("ALIVE.*127", []),                             # no match spans two fields
+    ("!^trainer$", ["aa01", "cc03"]),
 ])
 def test_filter_grammar(text, expected):
     assert ids(text) == expected

@@ -12,7 +12,7 @@ import hashlib
 import math
 import threading
 import time
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 from agent.cluster import (fill_placement, fill_stores, fill_task_summary, node_numbers,
                            node_record)
@@ -213,12 +213,7 @@ class FakeSource:
                 groups.append(_pg_record(info, self._ips))
             return groups
         if view == "objects":
-            return [{"object_id": _id("obj", o, 28).hex(), "object_size": (o * 7919) % 50_000_000,
-                     "task_status": "FINISHED", "reference_type": "LOCAL_REFERENCE",
-                     "type": "DRIVER", "pid": 4100, "ip": "10.0.0.1",
-                     "node_id": self._nodes[0].node_id.hex(), "in_object_store": o % 3 != 0,
-                     "where": "object store" if o % 3 != 0 else "owner's memory", "borrowers": 0}
-                    for o in range(12)]
+            return [self._object(o) for o in range(12)]
         if view == "procs":
             procs = [agent_pb2.ProcessInfo(component=c, pid=900 + k, state="running",
                                            restarts=1 if c == "raylet" else 0,
@@ -259,6 +254,29 @@ class FakeSource:
                      "mtime": now - 10 * k, "path": f"/var/lib/node-agent/sessions/s/logs/{c}.log"}
                     for k, c in enumerate(("gcs", "node-agent", "object_store", "raylet"))]
         raise SourceError(f"no view {view!r}", unreachable=False)
+
+    def _object(self, o: int) -> Dict[str, Any]:
+        """One owned object: in the owner's memory, or in stores (every fourth a task's
+        return spilled on 10.0.0.2, whose store shows spilled bytes; every fifth also
+        copied to a second node), as the agent joins them."""
+        in_store = o % 3 != 0
+        spilled = in_store and o % 4 == 1
+        held = [] if not in_store else [self._nodes[1]] if spilled else \
+            [self._nodes[0]] + ([self._nodes[1]] if o % 5 == 2 else [])
+        locations = [{"node_ip": n.node_ip, "node_id": n.node_id.hex(),
+                      "store": f"{n.node_ip}:{n.store_port}",
+                      "state": "spilled" if spilled and k == 0 else "sealed",
+                      "disk_copy": spilled and k == 0, "busy": False, "writers": 0}
+                     for k, n in enumerate(held)]
+        where = "owner's memory" if not in_store else "store " + ", ".join(
+            loc["node_ip"] + (" (spilled)" if loc["state"] == "spilled" else "")
+            for loc in locations)
+        return {"object_id": _id("obj", o, 28).hex(), "object_size": (o * 7919) % 50_000_000,
+                "task_status": "FINISHED", "reference_type": "LOCAL_REFERENCE",
+                "type": "DRIVER", "pid": 4100, "ip": "10.0.0.1",
+                "node_id": self._nodes[0].node_id.hex(), "in_object_store": in_store,
+                "where": where, "spilled": ("yes" if spilled else "no") if in_store else "",
+                "locations": locations, "borrowers": 0}
 
     def view(self, q: Query) -> agent_pb2.ViewReply:
         self._check()

@@ -55,6 +55,15 @@ class BorrowerNotifier:
         ch.copies.append((oid, store_address))
         self._kick(owner, borrower, ch)
 
+    async def close(self) -> None:
+        """Stop sending: cancel and await every channel's sender (shutdown)."""
+        tasks = [ch.task for ch in self._channels.values() if ch.task is not None]
+        self._channels.clear()
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
     def has_pending(self) -> bool:
         return any(not ch.idle.is_set() for ch in self._channels.values())
 
@@ -92,7 +101,7 @@ class BorrowerNotifier:
                     log.debug("borrower update to %s:%s failed: %s", owner[0], owner[1], exc)
         finally:
             ch.task = None
-            if ch.add or ch.remove or ch.copies:
+            if (ch.add or ch.remove or ch.copies) and self._channels.get((owner, borrower)) is ch:
                 ch.task = asyncio.ensure_future(self._send(owner, borrower, ch))
             else:
                 ch.idle.set()

@@ -30,11 +30,13 @@ import grpc
 
 from runtime import config, ids, rpc
 from runtime.core_worker import task_context
+from runtime.core_worker.actor_submitter import ActorSubmitter
 from runtime.core_worker.borrowers import BorrowerNotifier
 from runtime.core_worker.memory_store import MemoryStore, Value
 from runtime.core_worker.raylet_client import RayletClient
 from runtime.core_worker.reference_table import ReferenceTable, RefEntry
 from runtime.core_worker.submitter import PendingTask, TaskSubmitter
+from runtime.core_worker.task_events import TaskEventBuffer
 from runtime.exceptions import (GetTimeoutError, ObjectLostError, OwnerDiedError, RayletDiedError,
                                 RayTaskError)
 from runtime.object_ref import ObjectRef
@@ -96,15 +98,13 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         self._stores: Dict[str, StoreClient] = {}
         self._fetching: set = set()
         self._store_deletes: Dict[str, List[bytes]] = {}
-        self.submitter = TaskSubmitter(self)
-        from runtime.core_worker.actor_submitter import ActorSubmitter
-
-        self.actors = ActorSubmitter(self)
-        from runtime.core_worker.task_events import TaskEventBuffer
-
-        self.task_events = TaskEventBuffer(self, config.TASK_EVENTS_ENABLED)
-        self.current_actor_id: Optional[bytes] = None
-        self.current_placement_group: Optional[Tuple[bytes, bool]] = None
+        self.task_events = TaskEventBuffer(
+            config.TASK_EVENTS_ENABLED, flights=lambda: self.submitter.flights(),
+            ident=lambda: (self.job_id, self.node_id),
+            send=lambda batch: self.gcs_stub().AddTaskEvents(batch, timeout=10))
+        self.submitter = TaskSubmitter(self, self.task_events)
+        self.actors = ActorSubmitter(self, self.submitter)
+        self.current_actor_id: Optional[bytes] = None  # the actor this process hosts
         self._exit_event: Optional[asyncio.Event] = None
         self.borrowers = BorrowerNotifier(self._owner_stub)
         self.raylet: RayletClient = None  # type: ignore[assignment]
@@ -160,6 +160,18 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         task_context.current.set(dataclasses.replace(ctx, gpu_ids=tuple(gpu_ids)))
 
     @property
+    def current_placement_group(self) -> Optional[Tuple[bytes, bool]]:
+        """The placement group that tasks submitted now join (capture_child_tasks): that
+        of the task this thread runs, or for an actor's calls that of its creation."""
+        ctx = task_context.current.get()
+        spec = ctx.spec
+        if spec is not None and ctx.is_actor and not spec.actor_creation:
+            spec = getattr(self.executor, "creation_spec", None)
+        if spec is not None and spec.placement_group_id and spec.capture_child_tasks:
+            return spec.placement_group_id, True
+        return None
+
+    @property
     def namespace(self) -> str:
         """The job's namespace: the driver's own, or (in a worker) that of the job whose
         task or actor runs now, from the job config that came with it."""
@@ -204,9 +216,10 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         self.address_proto = common_pb2.Address(ip=self.node_ip, port=self.port,
                                                 worker_id=self.worker_id, node_id=self.node_id)
         self.refs = ReferenceTable(self.address, self._on_free, self._on_release, self._on_borrow)
+        self.submitter.state.node_id = self.node_id
         self.raylet = RayletClient(self.channel(self.raylet_address), self.submitter.on_grant,
                                    self._raylet_lost)
-        ack = await self.raylet.connect(self._registration())
+        ack = await self.raylet.connect(self.registration())
         if ack.pid:
             self.raylet_pid = ack.pid
         self.raylet_up = True
@@ -217,7 +230,8 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
             log.debug("object store stats unavailable", exc_info=True)
         self.connected = True
 
-    def _registration(self) -> raylet_pb2.RegisterClient:
+    def registration(self) -> raylet_pb2.RegisterClient:
+        """How this process registers on a raylet's Connect stream."""
         return raylet_pb2.RegisterClient(
             worker_id=self.worker_id, is_driver=self.mode == DRIVER, pid=os.getpid(),
             port=self.port, job_id=self.job_id, startup_token=self.startup_token)
@@ -236,7 +250,7 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
             return
         if self._closing:
             return
-        self.submitter.on_raylet_lost(self.raylet)
+        self.submitter.on_raylet_lost()
         if self.raylet_error is not None:  # its death was learnt first (raylet_death)
             return
         log.warning("lost the raylet at %s (%s); reconnecting", self.raylet_address, reason)
@@ -277,7 +291,7 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         client = RayletClient(self.channel(self.raylet_address), self.submitter.on_grant,
                               self._raylet_lost)
         try:
-            ack = await client.connect(self._registration(), timeout)
+            ack = await client.connect(self.registration(), timeout)
         except BaseException:
             await client.close()
             raise
@@ -288,11 +302,35 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
             # A restarted raylet is a new node (its workers died with the old one).
             self.node_id = ack.node_id
             self.address_proto.node_id = ack.node_id
+            self.submitter.state.node_id = ack.node_id
         self.raylet_up = True
         self.connected = True
         log.warning("reconnected to the raylet at %s (node %s)", self.raylet_address,
                     self.node_id.hex()[:8])
         self.submitter.on_raylet_restored()
+
+    async def wait_raylet_exit(self, timeout: float) -> None:
+        """Loop thread: return once the local raylet has exited, or after `timeout`
+        seconds. The driver of a private cluster is the raylet's parent: a pidfd tells
+        it the moment the process ends (no polling)."""
+        pid = self.raylet_pid
+        if self.raylet_exit is None or not pid or self.raylet_death() is not None:
+            return
+        try:
+            fd = os.pidfd_open(pid)
+        except (OSError, AttributeError):  # gone already (reaped), or no pidfd here
+            return
+        loop = asyncio.get_running_loop()
+        ended = loop.create_future()
+        try:
+            loop.add_reader(fd, lambda: ended.done() or ended.set_result(None))
+            try:
+                await asyncio.wait_for(ended, timeout)
+            except asyncio.TimeoutError:
+                pass
+        finally:
+            loop.remove_reader(fd)
+            os.close(fd)
 
     def raylet_death(self) -> Optional[RayletDiedError]:
         """Loop thread: the error to fail work with if the local raylet is known to be
@@ -354,10 +392,10 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         if self._exit_event is not None:
             self._exit_event.set()
         await self.task_events.flush()
-        self.task_events.close()
-        self.submitter.close()
-        await self.submitter.close_remote_raylets()
-        self.actors.close()
+        await self.task_events.close()
+        await self.submitter.close()
+        await self.actors.close()
+        await self.borrowers.close()
         if self.raylet is not None:
             await self.raylet.close()
         for _ in range(3):  # let request generators observe the close before channels go
@@ -458,6 +496,7 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
             self.memory.delete(oid)
             self.actors.on_handle_freed(oid)
             return
+        self.submitter.released(oid)
         v = self.memory.delete(oid)
         if v is not None and v.in_store:
             self.delete_stored(oid, v)
@@ -578,8 +617,7 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
             value = Value(ser.to_bytes(), size=ser.total_size)
         else:
             value = self.write_to_store(oid, ser)
-        # A fresh id has no waiters: a plain store is enough (and visible at once).
-        self.memory._values[oid] = value
+        self.memory.put_fresh(oid, value)
         return ref
 
     def write_to_store(self, oid: bytes, ser: Serialized) -> Value:
@@ -798,11 +836,66 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
             self.refs.add_submitted(task.arg_ids)
         self.post(self.submitter.submit, task)
 
-    def cancel(self, ref: ObjectRef, force: bool) -> None:
+    def cancel(self, ref: ObjectRef, force: bool, recursive: bool = True) -> None:
         async def cancel() -> None:  # after the submission the caller posted before
-            self.submitter.cancel(ref.task_id(), force)
+            self.submitter.cancel(ref.task_id(), force, recursive)
 
         self.run(cancel(), timeout=30)
+
+    def arg_locations(self, refs: Sequence[ObjectRef]) -> List[common_pb2.ObjectLocation]:
+        """User thread: wait until every ref's value is known here; their locations."""
+        self._block_until(refs, len(refs), None)
+        return [self.memory.get(r._id).to_proto(r._id) for r in refs]
+
+    # -- the executor's host (executor.ExecutorHost) ---------------------------------------------------
+    def enter_job(self, job: common_pb2.JobConfig) -> None:
+        """A worker now runs the tasks of `job` (from its stream's first batch)."""
+        self.job_id = job.job_id
+        self.job_config = job
+
+    def host_actor(self, actor_id: bytes) -> None:
+        """This worker's process hosts `actor_id` from now on (its creation task runs)."""
+        self.current_actor_id = actor_id
+
+    def exit_soon(self, delay: float) -> None:
+        """exit_actor(): leave the process `delay` seconds from now, once the exit notice
+        and the failing result have had their chance to go out (any thread)."""
+        self.post(self.loop.call_later, delay, os._exit, 0)
+
+    def results_must_wait(self) -> bool:
+        """Borrower registrations (and what the task printed) go out before its result."""
+        out = self.output
+        return self.borrowers.has_pending() or (out is not None and out.has_pending())
+
+    async def flush_before_results(self) -> None:
+        await self.borrowers.flush()
+        if self.output is not None:
+            await self.output.flush()
+
+    def add_borrower_at(self, owner: Owner, borrower: Owner, oid: bytes) -> None:
+        """Any thread: register `borrower` with `oid`'s owner (ordered, batched)."""
+        self.post(self.borrowers.add, owner, borrower, oid)
+
+    # -- the submitter's host (submitter.OwnerHost) ---------------------------------------------------
+    def store_returns(self, task: PendingTask, values: List[Value]) -> None:
+        """Loop thread: a task is over. Its return values go into the memory store
+        (those nobody references any more are freed at once), and the references it
+        held on its arguments are released."""
+        refs = self.refs
+        memory = self.memory
+        for i, oid in enumerate(task.return_ids):
+            v = values[i] if i < len(values) else values[-1]
+            if oid in refs:
+                memory.put(oid, v)
+            elif v.in_store:
+                self.delete_stored(oid, v)
+        if task.arg_ids:
+            refs.remove_submitted(task.arg_ids)
+
+    def add_contained(self, loc: common_pb2.ObjectLocation) -> None:
+        """Loop thread: a returned value holds refs: they live as long as it does."""
+        self.refs.add_contained(loc.object_id, [
+            (c.object_id, (c.owner.ip, c.owner.port, c.owner.worker_id)) for c in loc.contained])
 
     # -- placement groups ----------------------------------------------------------------------------
     def placement_group_ready_ref(self, pg) -> ObjectRef:
@@ -906,6 +999,8 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
 
     async def CancelTask(self, request, context):
         found = self.executor.cancel(request.task_id, request.force) if self.executor else False
+        if request.recursive:  # the tasks it submitted are this process's to cancel
+            self.submitter.cancel_children(request.task_id, request.force)
         return core_worker_pb2.CancelReply(found=found)
 
     async def WaitForExit(self, request, context):

@@ -33,40 +33,48 @@ import signal
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
 from runtime import config
 from runtime.core_worker import task_context
 from runtime.core_worker.memory_store import Value
-from runtime.actor import ActorExitRequested
-from runtime.exceptions import ActorDiedError, RayTaskError, TaskCancelledError
+from runtime.core_worker.task_args import ArgSlot
+from runtime.exceptions import ActorDiedError, ActorExitRequested, RayTaskError, TaskCancelledError
 from runtime.protocol import common_pb2, core_worker_pb2
 from runtime.serialization import (KIND_ERROR, NONE_BYTES, format_remote_traceback, loads_function,
                                    parse, serialize, serialize_error)
 
-if TYPE_CHECKING:
-    from runtime.core_worker.core_worker import CoreWorker
-
 log = logging.getLogger("runtime.worker")
 
 
-class ArgSlot:
-    """Placeholder for a top-level ObjectRef argument, replaced by its value."""
+class ExecutorHost(Protocol):
+    """What the executor needs of its core worker (CoreWorker implements it): the
+    worker's identity, the I/O loop, the owner-side services a result needs (borrower
+    registrations, large values in the store), and the job and actor it now serves."""
 
-    __slots__ = ("index",)
+    worker_id: bytes
+    node_ip: str
+    current_actor_id: Optional[bytes]
+    refs: Any
 
-    def __init__(self, index: int) -> None:
-        self.index = index
-
-    def __reduce__(self):
-        return (ArgSlot, (self.index,))
+    def post(self, fn: Callable, *args: Any) -> None: ...
+    def spawn(self, coro: Any) -> Any: ...
+    def run(self, coro: Any, timeout: Optional[float] = None) -> Any: ...
+    def exit_soon(self, delay: float) -> None: ...
+    def enter_job(self, job: common_pb2.JobConfig) -> None: ...
+    def host_actor(self, actor_id: bytes) -> None: ...
+    def results_must_wait(self) -> bool: ...
+    async def flush_before_results(self) -> None: ...
+    def add_borrower_at(self, owner: tuple, borrower: tuple, oid: bytes) -> None: ...
+    def map_from_store(self, oid: bytes, v: Value) -> memoryview: ...
+    def write_to_store(self, oid: bytes, ser: Any) -> Value: ...
 
 
 class _Stream:
     """One PushTasks stream: results wait in `pending` until the stream's writer takes
     all of them as one ResultBatch (so results batch while a write is in flight)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self) -> None:
         self.pending: List[common_pb2.TaskResult] = []
         self.wake = asyncio.Event()
         self.closed = False
@@ -78,7 +86,7 @@ class _Stream:
 
 
 class Executor:
-    def __init__(self, cw: "CoreWorker") -> None:
+    def __init__(self, cw: ExecutorHost) -> None:
         self.cw = cw
         self.tasks: "queue.SimpleQueue" = queue.SimpleQueue()
         self.functions: Dict[bytes, Any] = {}
@@ -112,7 +120,7 @@ class Executor:
 
     # -- loop thread ------------------------------------------------------------------------------
     async def serve_stream(self, request_iterator):
-        stream = _Stream(self.cw.loop)
+        stream = _Stream()
         reader = asyncio.ensure_future(self._read(stream, request_iterator))
         try:
             while True:
@@ -144,19 +152,16 @@ class Executor:
 
     def _post_result(self, stream: _Stream, result: common_pb2.TaskResult) -> None:
         if self.must_flush():
-            asyncio.ensure_future(self._post_after_flush(stream, result))
+            self.cw.spawn(self._post_after_flush(stream, result))
             return
         stream.add(result)
 
     def must_flush(self) -> bool:
         """Borrower registrations (and what the task printed) go out before its result."""
-        out = self.cw.output
-        return self.cw.borrowers.has_pending() or (out is not None and out.has_pending())
+        return self.cw.results_must_wait()
 
     async def flush(self) -> None:
-        await self.cw.borrowers.flush()
-        if self.cw.output is not None:
-            await self.cw.output.flush()
+        await self.cw.flush_before_results()
 
     async def _post_after_flush(self, stream: _Stream, result) -> None:
         await self.flush()
@@ -297,8 +302,7 @@ class Executor:
             raise ActorExitRequested()  # calls that arrive after exit_actor() fail the same way
         job = stream.job
         if job is not None:
-            cw.job_id = job.job_id
-            cw.job_config = job
+            cw.enter_job(job)
             if job.job_id not in self.jobs_applied:
                 self._apply_job(job)
         if call:
@@ -307,16 +311,13 @@ class Executor:
             method = getattr(self.actor, spec.method_name)
             args, kwargs = self._args(spec)
             return method, args, kwargs
-        # Tasks run one at a time on the main thread, so the process-wide environment and
-        # placement group can follow the task; an actor's calls keep its creation's.
+        # Tasks run one at a time on the main thread, so the process-wide environment can
+        # follow the task (the placement group follows it in the task context).
         self._set_visible_gpus(spec.gpu_ids)
-        cw.current_placement_group = ((spec.placement_group_id, True)
-                                      if spec.placement_group_id and spec.capture_child_tasks
-                                      else None)
         fn = self._function(spec)
         args, kwargs = self._args(spec)
         if spec.actor_creation:
-            cw.current_actor_id = spec.actor_id
+            cw.host_actor(spec.actor_id)
             self.actor_gpu_ids = tuple(spec.gpu_ids)
             self.creation_stream = stream
             self.creation_task_id = spec.task_id
@@ -427,7 +428,7 @@ class Executor:
                                            exit_reason=reason)
             if self.creation_stream is not None:
                 self.cw.post(self._post_result, self.creation_stream, notice)
-            self.cw.post(self.cw.loop.call_later, 0.2, os._exit, 0)
+            self.cw.exit_soon(0.2)
         return result
 
     def _apply_job(self, job: common_pb2.JobConfig) -> None:
@@ -516,7 +517,7 @@ class Executor:
                 if owner[2] == cw.worker_id:
                     cw.refs.add_borrower(ref._id, caller_addr)
                 else:
-                    cw.post(cw.borrowers.add, owner, caller_addr, ref._id)
+                    cw.add_borrower_at(owner, caller_addr, ref._id)
         if ser.total_size <= config.INLINE_OBJECT_MAX_BYTES:
             loc.inline_data = ser.to_bytes()
         else:

@@ -65,6 +65,11 @@ class MemoryStore:
             for cb in waiters:
                 cb(oid, value)
 
+    def put_fresh(self, oid: bytes, value: Value) -> None:
+        """Any thread: store the value of an id made just now (a put, an actor's handle
+        object), which nobody can wait for yet: visible at once, no waiter to wake."""
+        self._values[oid] = value
+
     def add_waiter(self, oid: bytes, cb: Callable[[bytes, Value], None]) -> None:
         """Loop thread only: cb(oid, value) once the value is ready (at once if it is)."""
         v = self._values.get(oid)

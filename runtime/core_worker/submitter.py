@@ -1,73 +1,84 @@
-"""Task submission: from .remote() to a result in the owner's memory store.
+"""Task submission's I/O shell: from .remote() to a result in the owner's memory store.
 
-Runs on the core worker's event loop. Tasks are grouped by scheduling key
-(function, resource shape, strategy), as Ray does. For each key the submitter
-leases workers from the raylet (one message on the Connect stream) and pushes
-tasks straight to them on a long-lived PushTasks stream, several per message.
+What happens to a task or an actor call is decided by the owner's state machine
+(runtime/core_worker/owner_state.py); this module feeds it what the world says (lease
+grants on the raylets' Connect streams, results and broken streams from workers, the
+GCS's answers about actors, argument values, timers) and carries out the actions it
+returns, in order: lease requests and returns on the raylet streams, tasks pushed to
+workers on long-lived PushTasks streams (several per message) or a sync actor's call
+port, values stored in the memory store, CancelTask calls, actor watches.
 
+Tasks are grouped by scheduling key (function, resource shape, strategy), as Ray does.
 Pipelining: a function whose tasks are known to be short (mean run time under
-config.PIPELINE_MAX_TASK_SECONDS) may have up to config.PIPELINE_DEPTH tasks in
-flight per leased worker; others (and functions never seen before) get one at
-a time, so a long task never holds short ones hostage behind it.
+config.PIPELINE_MAX_TASK_SECONDS) may have up to config.PIPELINE_DEPTH tasks in flight
+per leased worker while the node is saturated; others get one at a time, so a long
+task never holds short ones hostage behind it. An idle lease is returned after
+config.LEASE_IDLE_RETURN_S, so back-to-back tasks do not pay a lease round trip each.
 
-An idle lease is returned after config.LEASE_IDLE_RETURN_S, so back-to-back
-tasks do not pay a lease round trip each.
+Runs on the core worker's event loop; ``new_task`` and ``return_refs`` run in the
+submitting thread.
 """
 from __future__ import annotations
 
 import asyncio
-import itertools
+import functools
 import logging
-import os
 from collections import deque
-from typing import TYPE_CHECKING, Deque, Dict, List, Optional
+from typing import Any, Callable, Deque, Dict, List, Optional, Protocol, Set
 
 import grpc
 
-from runtime import config, ids
+from runtime import config, frames, ids
 from runtime.core_worker import task_context
-from runtime.core_worker import task_events as te
+from runtime.core_worker.call_connection import CallConnection
 from runtime.core_worker.memory_store import Value
-from runtime.exceptions import TaskCancelledError, TaskUnschedulableError, WorkerCrashedError
-from runtime.core_worker.worker_connection import WorkerConnection
-from runtime.protocol import common_pb2, core_worker_pb2, core_worker_pb2_grpc, raylet_pb2
-from runtime.serialization import parse, serialize_error
+from runtime.core_worker.owner_state import (LOCAL_RAYLET, ActorQueue, ArmIdleTimer,
+                                             CancelLeaseRequest, CancelRemote, CloseLink, Connect,
+                                             Fail, Finish, FreeLineage, Lease, OwnerState,
+                                             PendingTask, Push, Recorder, RequestLease,
+                                             ResolveArgs, ReturnLease, WatchActor, WorkerDied,
+                                             WorkerLink, Warn)
+from runtime.core_worker.raylet_client import RayletClient
+from runtime.core_worker.worker_connection import Connection, WorkerConnection
+from runtime.exceptions import ActorDiedError, RayTaskError, WorkerCrashedError
 from runtime.object_ref import ObjectRef
-
-if TYPE_CHECKING:
-    from runtime.core_worker.core_worker import CoreWorker
+from runtime.protocol import common_pb2, core_worker_pb2, core_worker_pb2_grpc, gcs_pb2, raylet_pb2
+from runtime.serialization import parse, serialize_error
+from runtime.vocabulary import ACTOR_DEAD, STRATEGY_PLACEMENT_GROUP
 
 log = logging.getLogger("runtime.core_worker")
-MAX_LEASE_REQUESTS_PER_KEY = 10
-# How long a private cluster's driver waits, when a worker died under a task with no
-# retries left, for the raylet's death to show (it reaps the raylet a moment after the
-# worker's stream breaks) before calling it the worker's crash.
+# How a private cluster's driver waits, when a worker died under a task with no retries
+# left, for the raylet's death to show (it reaps the raylet a moment after the worker's
+# stream breaks) before calling it the worker's crash.
 RAYLET_DEATH_GRACE_S = 0.25
+# After call-port failures, how long the caller waits for the GCS to report the actor
+# moved or dead before failing what is queued with ActorUnavailableError.
+HANDSHAKE_RECHECK_S = 2.0
+
+__all__ = ["PendingTask", "TaskSubmitter", "new_task", "return_refs", "actor_died_error"]
 
 
-class PendingTask:
-    """A task from submission until its result is stored (owner side)."""
+class OwnerHost(Protocol):
+    """What the shell needs of its core worker (CoreWorker implements it)."""
 
-    __slots__ = ("task_id", "function_id", "function_blob", "name", "args", "slot_refs",
-                 "arg_values", "arg_ids", "return_ids", "key", "resources", "strategy",
-                 "retries_left", "retry_exceptions", "attempt", "cancelled", "force_cancel",
-                 "conn", "lease", "state", "waiting", "actor_id", "method_name",
-                 "parent_task_id", "pushed_at", "placed_attempt", "running_attempt")
+    job_id: bytes
+    job_config: common_pb2.JobConfig
+    address: tuple
+    address_proto: common_pb2.Address
+    token: str
+    session_dir: str
+    gcs_address: str
+    raylet: RayletClient                       # the local raylet's stream, current one
+    raylet_exit: Optional[Callable[[], Optional[str]]]
 
-    def __init__(self) -> None:
-        self.arg_values: List[common_pb2.ObjectLocation] = []
-        self.attempt = 0
-        self.cancelled = False
-        self.force_cancel = False
-        self.conn: Optional[WorkerConnection] = None
-        self.lease: Optional[LeaseState] = None
-        self.state = "PENDING_ARGS_AVAIL"
-        self.waiting = 0
-        self.actor_id = b""
-        self.method_name = ""
-        # The attempt whose place, and whose RUNNING, task events reported (task_events.py).
-        self.placed_attempt = -1
-        self.running_attempt = -1
+    def channel(self, address: str) -> grpc.aio.Channel: ...
+    def gcs_stub(self) -> Any: ...
+    def registration(self) -> raylet_pb2.RegisterClient: ...
+    def wait_for_value(self, ref: ObjectRef, cb: Callable[[bytes, Value], None]) -> None: ...
+    def store_returns(self, task: PendingTask, values: List[Value]) -> None: ...
+    def add_contained(self, locations: Any) -> None: ...
+    def raylet_death(self) -> Optional[BaseException]: ...
+    async def wait_raylet_exit(self, timeout: float) -> None: ...
 
 
 def new_task(name: str, args: bytes, slots, held: List[bytes], num_returns: int,
@@ -89,519 +100,375 @@ def new_task(name: str, args: bytes, slots, held: List[bytes], num_returns: int,
     return task
 
 
-def return_refs(cw, task: PendingTask):
+def return_refs(owner, task: PendingTask):
     """What .remote() returns: one ref, None (num_returns=0) or a list."""
-    refs = [ObjectRef(oid, cw.address, cw) for oid in task.return_ids]
+    refs = [ObjectRef(oid, owner.address, owner) for oid in task.return_ids]
     if len(refs) == 1:
         return refs[0]
     return refs or None
 
 
-def push(cw, conn: WorkerConnection, task: PendingTask, spec: common_pb2.TaskSpec) -> None:
-    """Send a task on its worker's stream and record that it went."""
-    if task.arg_values:
-        spec.arg_values.extend(task.arg_values)
-    task.conn = conn
-    task.state = "SUBMITTED_TO_WORKER"
-    cw.task_events.submitted(task)
-    conn.inflight[task.task_id] = task
-    conn.send(spec)
+def actor_died_error(actor_id: bytes, cause: str, error: bytes = b"") -> ActorDiedError:
+    """ActorDiedError for an actor the GCS reports dead: the cause, and the constructor's
+    error (with its remote traceback) when that is what killed it."""
+    original = None
+    detail = ""
+    if error:
+        try:
+            _k, raised = parse(error)
+        except Exception:
+            raised = None
+        if raised is not None:
+            original = getattr(raised, "cause", None) or raised
+            detail = str(raised) if isinstance(raised, RayTaskError) else (
+                f"{type(original).__name__}: {original}")
+    msg = f"The actor {actor_id.hex()} is dead: {cause}"
+    if detail:
+        msg += f":\n{detail}"
+    return ActorDiedError(msg, actor_id=actor_id.hex(), cause=original)
 
 
-class LeaseState:
-    __slots__ = ("lease_id", "key", "conn", "inflight", "gpu_ids", "idle_timer", "dead", "raylet")
-
-    def __init__(self, lease_id: int, key, conn: "WorkerConnection", gpu_ids: List[int],
-                 raylet) -> None:
-        self.raylet = raylet  # the raylet that granted it (another node's after spillback)
-        self.lease_id = lease_id
-        self.key = key
-        self.conn = conn
-        self.inflight = 0
-        self.gpu_ids = list(gpu_ids)
-        self.idle_timer: Optional[asyncio.TimerHandle] = None
-        self.dead = False
-
-
-class KeyState:
-    __slots__ = ("queue", "leases", "requests", "resources", "strategy", "function_id", "name",
-                 "warned", "queued_requests")
-
-    def __init__(self, resources: Dict[str, float], strategy: common_pb2.SchedulingStrategy,
-                 function_id: bytes, name: str) -> None:
-        self.queue: Deque[PendingTask] = deque()
-        self.leases: List[LeaseState] = []
-        self.requests: set = set()
-        self.resources = resources
-        self.strategy = strategy
-        self.function_id = function_id
-        self.name = name
-        self.warned = False
-        # Requests the raylet said wait for busy resources: while there are any, more
-        # workers are not coming soon, so short tasks may be pipelined.
-        self.queued_requests: set = set()
-
-
-def resolve_slots(cw, task: PendingTask, done) -> None:
-    """Fill task.arg_values with the values of its slot refs, then call done(task).
-
-    task.waiting counts the slots still missing (actor calls use it to keep order).
-    While some are missing, the task's pending reason (task events) names the first
-    of them, and the next one when that arrives; it is cleared once none is."""
-    slots = task.slot_refs
-    task.waiting = len(slots)
-    task.arg_values = [None] * len(slots)  # type: ignore[list-item]
-    named: List[Optional[bytes]] = [None]  # the object the reported reason names
-
-    def name_next() -> None:
-        for j, loc in enumerate(task.arg_values):
-            if loc is None:
-                oid = slots[j]._id
-                if oid != named[0]:  # (the same object may be passed twice)
-                    named[0] = oid
-                    cw.task_events.reason(task.task_id, f"waiting for argument object {oid.hex()}")
-                return
-
-    def make_cb(i: int):
-        def cb(oid: bytes, value: Value) -> None:
-            task.arg_values[i] = value.to_proto(oid)
-            task.waiting -= 1
-            if named[0] is not None:  # only a task that had to wait has a reason to change
-                if task.waiting == 0:
-                    named[0] = None
-                    cw.task_events.reason(task.task_id, "")
-                elif oid == named[0]:
-                    name_next()
-            if task.waiting == 0:
-                done(task)
-        return cb
-
-    for i, ref in enumerate(slots):
-        cw.wait_for_value(ref, make_cb(i))
-    if task.waiting and cw.task_events.enabled:
-        name_next()
+def _error_value(error) -> Value:
+    if isinstance(error, Value):
+        return error
+    return Value(serialize_error(error).to_bytes(), is_error=True)
 
 
 class TaskSubmitter:
-    def __init__(self, cw: "CoreWorker") -> None:
-        self.cw = cw
-        self.keys: Dict[tuple, KeyState] = {}
-        self.tasks: Dict[bytes, PendingTask] = {}
-        self.requests: Dict[int, KeyState] = {}
-        self.connections: Dict[bytes, WorkerConnection] = {}
-        self.fn_time: Dict[bytes, float] = {}
-        self.request_raylet: Dict[int, object] = {}   # request id -> raylet holding it
-        self.remote_raylets: Dict[str, object] = {}   # other nodes' raylets (spillback)
-        self._request_ids = itertools.count(1)
-        self._background: set = set()  # asyncio tasks of ours, cancelled at close
+    """Feeds the owner's state machine and carries out its actions (loop thread)."""
 
-    # -- submission -------------------------------------------------------------------------
+    def __init__(self, host: OwnerHost, recorder: Optional[Recorder] = None) -> None:
+        self.host = host
+        self.state = OwnerState(recorder=recorder, settings=config)
+        self.conns: Dict[WorkerLink, Connection] = {}
+        self.remote_raylets: Dict[str, RayletClient] = {}   # other nodes' raylets (spillback)
+        self._timers: Dict[Lease, asyncio.TimerHandle] = {}
+        self._queue: Deque[Any] = deque()
+        self._applying = False
+        self._background: Set[asyncio.Future] = set()  # asyncio tasks of ours, cancelled at close
+        self._handlers: Dict[type, Callable[[Any], None]] = {
+            RequestLease: self._request_lease, CancelLeaseRequest: self._cancel_request,
+            ReturnLease: self._return_lease, ArmIdleTimer: self._arm_idle_timer,
+            Connect: self._connect, CloseLink: self._close_link, ResolveArgs: self._resolve_args,
+            Push: self._push, Finish: self._store_result, Fail: self._store_error,
+            WorkerDied: self._worker_died, CancelRemote: self._cancel_remote,
+            WatchActor: self._watch_actor, Warn: self._warn, FreeLineage: self._free_lineage,
+        }
+
+    @property
+    def tasks(self) -> Dict[bytes, PendingTask]:
+        return self.state.tasks
+
+    # -- feeding the state machine -------------------------------------------------------------
+    def feed(self, actions: List[Any]) -> None:
+        """Carry out `actions` in order; actions of stimuli fed meanwhile (a value already
+        here, a connection that fails at once) queue behind them, so what goes out on a
+        connection keeps the machine's order."""
+        if not actions:
+            return
+        queue = self._queue
+        queue.extend(actions)
+        if self._applying:
+            return
+        self._applying = True
+        handlers = self._handlers
+        try:
+            while queue:
+                action = queue.popleft()
+                try:
+                    handlers[type(action)](action)
+                except Exception:
+                    log.exception("error carrying out %s", type(action).__name__)
+        finally:
+            self._applying = False
+
     def submit(self, task: PendingTask) -> None:
-        self.tasks[task.task_id] = task
-        self.cw.task_events.new_task(task, "NORMAL_TASK", te.PENDING_ARGS_AVAIL)
-        if task.slot_refs:
-            self._resolve_args(task)
+        self.feed(self.state.submit(task))
+
+    def submit_call(self, task: PendingTask) -> None:
+        self.feed(self.state.submit_call(task))
+
+    def cancel(self, task_id: bytes, force: bool, recursive: bool = False) -> bool:
+        found, actions = self.state.cancel(task_id, force, recursive)
+        self.feed(actions)
+        return found
+
+    def cancel_children(self, parent_task_id: bytes, force: bool) -> None:
+        self.feed(self.state.cancel_children(parent_task_id, force))
+
+    def released(self, oid: bytes) -> None:
+        """An owned object lost its last reference."""
+        if oid in self.state.lineage:
+            self.feed(self.state.references_released((oid,)))
+
+    def on_grant(self, grant: raylet_pb2.LeaseGrant, raylet: str = LOCAL_RAYLET) -> None:
+        st = self.state
+        rid = grant.request_id
+        outcome = grant.WhichOneof("outcome")
+        if outcome == "granted":
+            g = grant.granted
+            w = g.worker
+            actions = st.lease_granted(raylet, rid, g.lease_id, w.worker_id, f"{w.ip}:{w.port}",
+                                       w.node_id, g.worker_pid, g.gpu_ids)
+        elif outcome == "queued":
+            actions = st.lease_queued(rid)
+        elif outcome == "warning":
+            actions = st.lease_warning(rid, grant.warning.message)
+        elif outcome == "rejected":
+            actions = st.lease_rejected(rid, grant.rejected.message)
+        elif outcome == "spillback":
+            actions = st.lease_spilled(rid, grant.spillback.raylet_address)
         else:
-            self._enqueue(task)
-
-    def _resolve_args(self, task: PendingTask) -> None:
-        resolve_slots(self.cw, task, self._args_ready)
-
-    def _args_ready(self, task: PendingTask) -> None:
-        if task.cancelled:
             return
-        for loc in task.arg_values:
-            if loc.is_error:
-                # A failed dependency fails this task with the same error, without running it.
-                err = Value.from_proto(loc)
-                self.finish_task(task, [err] * len(task.return_ids))
-                return
-        task.slot_refs = None
-        self._enqueue(task)
+        self.feed(actions)
 
-    def _enqueue(self, task: PendingTask) -> None:
-        if self.cw.raylet_error is not None:
-            self._fail(task, self.cw.raylet_error)
-            return
-        ks = self.keys.get(task.key)
-        if ks is None:
-            ks = self.keys[task.key] = KeyState(task.resources, task.strategy, task.function_id,
-                                                task.name)
-        task.state = "PENDING_NODE_ASSIGNMENT"
-        self.cw.task_events.event(task.task_id, te.PENDING_NODE_ASSIGNMENT)
-        ks.queue.append(task)
-        self._pump(ks)
+    # connection handler (WorkerConnection and CallConnection call these)
+    def on_result(self, conn: Connection, result: common_pb2.TaskResult) -> None:
+        self.feed(self.state.task_result(conn.link, result))
 
-    # -- leases and dispatch ------------------------------------------------------------------
-    def _depth(self, ks: KeyState) -> int:
-        """Tasks in flight per leased worker: one, unless the node is saturated (no more
-        workers can be leased now) and this function's tasks are known to be short."""
-        if not ks.queued_requests:
-            return 1
-        t = self.fn_time.get(ks.function_id)
-        if t is not None and t < config.PIPELINE_MAX_TASK_SECONDS:
-            return config.PIPELINE_DEPTH
-        return 1
+    def on_connection_lost(self, conn: Connection, error: str) -> None:
+        link = conn.link
+        if self.conns.get(link) is conn:
+            del self.conns[link]
+        self.feed(self.state.worker_lost(link, error, getattr(conn, "handshake_error", None)))
 
-    def _pump(self, ks: KeyState) -> None:
-        depth = self._depth(ks)
-        queue = ks.queue
-        while queue:
-            best = None
-            for lease in ks.leases:
-                if lease.inflight < depth and (best is None or lease.inflight < best.inflight):
-                    best = lease
-            if best is None:
-                break
-            task = queue.popleft()
-            if task.cancelled:
-                continue
-            self._dispatch(task, best)
-        if queue:
-            if self.cw.raylet_up:  # else they wait for the reconnection (on_raylet_restored)
-                want = min(len(queue), MAX_LEASE_REQUESTS_PER_KEY) - len(ks.requests)
-                for _ in range(want):
-                    self._request_lease(ks)
-        elif ks.requests:
-            for rid in list(ks.requests):
-                self.request_raylet.pop(rid, self.cw.raylet).cancel_request(rid)
-                self.requests.pop(rid, None)
-            ks.requests.clear()
-            ks.queued_requests.clear()
-        for lease in ks.leases:
-            if lease.inflight == 0 and not queue and lease.idle_timer is None:
-                lease.idle_timer = self.cw.loop.call_later(config.LEASE_IDLE_RETURN_S,
-                                                           self._return_if_idle, lease)
+    # -- the local raylet going away and coming back (CoreWorker._raylet_lost) -------------------
+    def on_raylet_lost(self) -> None:
+        self.feed(self.state.raylet_lost(LOCAL_RAYLET))
 
-    def _request_lease(self, ks: KeyState, raylet=None) -> None:
-        """Ask the local raylet, or (after a spillback) the raylet it named, which must
-        then grant or reject: a request never bounces between nodes."""
-        rid = next(self._request_ids)
-        ks.requests.add(rid)
-        self.requests[rid] = ks
-        target = raylet or self.cw.raylet
-        self.request_raylet[rid] = target
-        target.request_lease(raylet_pb2.LeaseRequest(
-            request_id=rid, resources=ks.resources, strategy=ks.strategy, function_name=ks.name,
-            grant_or_reject=raylet is not None))
+    def on_raylet_restored(self) -> None:
+        self.feed(self.state.raylet_restored())
 
-    def _remote_raylet(self, address: str):
-        from runtime.core_worker.raylet_client import RayletClient
-
-        client = self.remote_raylets.get(address)
-        if client is None or client.closed:
-            client = RayletClient(self.cw.channel(address), self.on_grant,
-                                  lambda reason, a=address: self._remote_raylet_lost(a, reason))
-            self.remote_raylets[address] = client
-            client.start(raylet_pb2.RegisterClient(
-                worker_id=self.cw.worker_id, is_driver=True, pid=os.getpid(), port=self.cw.port,
-                job_id=self.cw.job_id))
-        return client
+    def on_raylet_gone(self, error: BaseException) -> None:
+        """The local raylet is not coming back: fail every task still waiting for a
+        worker (tasks running on other nodes' workers finish as usual)."""
+        self.feed(self.state.raylet_gone(error))
 
     def _remote_raylet_lost(self, address: str, reason: str) -> None:
         """Another node's raylet went away: its pending requests are asked again locally
         (its granted workers died with it; their streams report that)."""
-        client = self.remote_raylets.pop(address, None)
-        if client is not None:
+        if self.remote_raylets.pop(address, None) is not None:
             log.warning("lost the raylet at %s (%s); its pending lease requests go back to "
                         "the local raylet", address, reason)
-            self._forget_raylet(client)
+            self.feed(self.state.raylet_lost(address))
 
-    # -- the local raylet going away and coming back (driver side of CoreWorker._raylet_lost) -----
-    def _forget_raylet(self, raylet) -> None:
-        """Drop the requests pending at `raylet` and the leases it granted, so nothing
-        waits for an answer that will never come and no task goes to its dying workers;
-        then ask again (the queues stay as they are)."""
-        touched = []
-        for rid in [rid for rid, r in self.request_raylet.items() if r is raylet]:
-            del self.request_raylet[rid]
-            ks = self.requests.pop(rid, None)
-            if ks is not None:
-                ks.requests.discard(rid)
-                ks.queued_requests.discard(rid)
-                touched.append(ks)
-        for ks in self.keys.values():
-            for lease in [lease for lease in ks.leases if lease.raylet is raylet]:
-                lease.dead = True
-                if lease.idle_timer is not None:
-                    lease.idle_timer.cancel()
-                    lease.idle_timer = None
-                ks.leases.remove(lease)
-                touched.append(ks)
-        for ks in {id(k): k for k in touched}.values():
-            self._pump(ks)
+    # -- actions ----------------------------------------------------------------------------------
+    def _raylet(self, raylet: str, open_: bool = False) -> Optional[RayletClient]:
+        if raylet == LOCAL_RAYLET:
+            return self.host.raylet
+        client = self.remote_raylets.get(raylet)
+        if (client is None or client.closed) and open_:
+            client = RayletClient(self.host.channel(raylet),
+                                  functools.partial(self.on_grant, raylet=raylet),
+                                  functools.partial(self._remote_raylet_lost, raylet))
+            self.remote_raylets[raylet] = client
+            client.start(self.host.registration())
+        return client
 
-    def on_raylet_lost(self, raylet) -> None:
-        self._forget_raylet(raylet)
+    def _request_lease(self, a: RequestLease) -> None:
+        ks = a.key
+        self._raylet(a.raylet, open_=True).request_lease(raylet_pb2.LeaseRequest(
+            request_id=a.request_id, resources=ks.resources, strategy=ks.strategy,
+            function_name=ks.name, grant_or_reject=a.raylet != LOCAL_RAYLET))
 
-    def on_raylet_restored(self) -> None:
-        for ks in list(self.keys.values()):
-            if ks.queue:
-                self._pump(ks)
+    def _cancel_request(self, a: CancelLeaseRequest) -> None:
+        client = self._raylet(a.raylet)
+        if client is not None:
+            client.cancel_request(a.request_id)
 
-    def on_raylet_gone(self, error: Exception) -> None:
-        """The local raylet is not coming back: fail every task still waiting for a
-        worker (tasks running on other nodes' workers finish as usual)."""
-        for ks in self.keys.values():
-            while ks.queue:
-                self._fail(ks.queue.popleft(), error)
+    def _return_lease(self, a: ReturnLease) -> None:
+        client = self._raylet(a.raylet)
+        if client is not None:
+            client.return_lease(a.lease_id, kill_worker=a.kill_worker)
 
-    def _fail(self, task: PendingTask, error: Exception) -> None:
-        err = Value(serialize_error(error).to_bytes(), is_error=True)
-        self.finish_task(task, [err] * len(task.return_ids))
+    def _arm_idle_timer(self, a: ArmIdleTimer) -> None:
+        lease = a.lease
+        self._timers[lease] = asyncio.get_running_loop().call_later(a.delay, self._idle_timer,
+                                                                    lease)
 
-    def on_grant(self, grant: raylet_pb2.LeaseGrant) -> None:
-        ks = self.requests.get(grant.request_id)
-        if grant.queued:
-            if ks is not None:
-                ks.queued_requests.add(grant.request_id)
-                self._pump(ks)
-            return
-        if grant.message and not grant.rejected and not grant.lease_id and not grant.retry_at:
-            if ks is not None and not ks.warned:
-                ks.warned = True
-                log.warning("%s", grant.message)
-            return
-        raylet = self.request_raylet.pop(grant.request_id, self.cw.raylet)
-        if ks is None:
-            if grant.lease_id:  # cancelled meanwhile: give it back
-                raylet.return_lease(grant.lease_id)
-            return
-        del self.requests[grant.request_id]
-        ks.requests.discard(grant.request_id)
-        ks.queued_requests.discard(grant.request_id)
-        if grant.rejected:
-            err = Value(serialize_error(TaskUnschedulableError(grant.message)).to_bytes(),
-                        is_error=True)
-            while ks.queue:
-                t = ks.queue.popleft()
-                self.finish_task(t, [err] * len(t.return_ids))
-            return
-        if grant.retry_at:
-            log.debug("lease request for %s spilled back to %s", ks.name, grant.retry_at)
-            self._request_lease(ks, self._remote_raylet(grant.retry_at))
-            return
-        addr = f"{grant.worker.ip}:{grant.worker.port}"
-        conn = self.connections.get(grant.worker.worker_id)
-        if conn is None or conn.dead:
-            conn = self.connections[grant.worker.worker_id] = WorkerConnection(
-                self, self.cw.channel(addr), addr, grant.worker.worker_id, self.cw.job_config)
-            conn.node_id = grant.worker.node_id
-            conn.pid = grant.worker_pid
-        lease = LeaseState(grant.lease_id, ks, conn, list(grant.gpu_ids), raylet)
-        ks.leases.append(lease)
-        self._pump(ks)
+    def _idle_timer(self, lease: Lease) -> None:
+        self._timers.pop(lease, None)
+        self.feed(self.state.lease_idle(lease))
 
-    def _dispatch(self, task: PendingTask, lease: LeaseState) -> None:
-        if lease.idle_timer is not None:
-            lease.idle_timer.cancel()
-            lease.idle_timer = None
-        conn = lease.conn
-        spec = common_pb2.TaskSpec(
-            task_id=task.task_id, job_id=self.cw.job_id, function_id=task.function_id,
-            name=task.name, args=task.args, return_ids=task.return_ids,
-            owner=self.cw.address_proto, attempt=task.attempt, gpu_ids=lease.gpu_ids,
-            parent_task_id=task.parent_task_id, resources=task.resources)
-        if task.strategy.kind == "PLACEMENT_GROUP":
-            spec.placement_group_id = task.strategy.placement_group_id
-            spec.capture_child_tasks = task.strategy.soft
-        if task.function_id not in conn.functions_sent:
-            spec.function_blob = task.function_blob
-            conn.functions_sent.add(task.function_id)
-        lease.inflight += 1
-        task.lease = lease
-        push(self.cw, conn, task, spec)
-
-    def _return_if_idle(self, lease: LeaseState) -> None:
-        lease.idle_timer = None
-        ks = lease.key
-        if lease.inflight or ks.queue or lease.dead:
-            return
-        ks.leases.remove(lease)
-        lease.raylet.return_lease(lease.lease_id)
-
-    def return_idle_leases(self) -> None:
-        for ks in self.keys.values():
-            for lease in list(ks.leases):
-                if lease.inflight == 0:
-                    if lease.idle_timer is not None:
-                        lease.idle_timer.cancel()
-                    self._return_if_idle(lease)
-
-    # -- results ---------------------------------------------------------------------------------
-    def on_result(self, conn: WorkerConnection, result: common_pb2.TaskResult) -> None:
-        task = conn.inflight.pop(result.task_id, None)
-        if task is None:
-            return
-        lease = task.lease
-        if lease is not None:
-            lease.inflight -= 1
-        record_result(self.cw, conn, task, result)
-        prev = self.fn_time.get(task.function_id)
-        self.fn_time[task.function_id] = (result.exec_seconds if prev is None
-                                          else 0.8 * prev + 0.2 * result.exec_seconds)
-        if result.app_error and not result.cancelled and self._should_retry_app_error(task, result):
-            task.retries_left -= 1 if task.retries_left > 0 else 0
-            task.attempt += 1
-            log.info("retrying task %s after an application error (attempt %s)", task.name,
-                     task.attempt)
-            self._requeue(task)
+    def _connect(self, a: Connect) -> None:
+        link = a.link
+        host = self.host
+        if link.call_port:
+            conn: Connection = CallConnection(self, link.address, link.worker_id, host.job_config,
+                                              host.token, control_address=link.control_address,
+                                              handshake_timeout_s=frames.HANDSHAKE_TIMEOUT_S)
         else:
-            values = [Value.from_proto(loc) for loc in result.returns]
-            for loc in result.returns:
-                if loc.contained:
-                    self.cw.refs.add_contained(loc.object_id, [
-                        (c.object_id, (c.owner.ip, c.owner.port, c.owner.worker_id))
-                        for c in loc.contained])
-            self.finish_task(task, values, result.returns)
-        if lease is not None and not lease.dead:
-            self._pump(lease.key)
+            conn = WorkerConnection(self, host.channel(link.address), link.address, link.worker_id,
+                                    host.job_config)
+        conn.link = link
+        conn.node_id = link.node_id
+        conn.pid = link.pid
+        conn.concurrency = link.concurrency
+        old = self.conns.get(link)
+        if old is not None:
+            old.close()
+        self.conns[link] = conn
 
-    def _should_retry_app_error(self, task: PendingTask, result: common_pb2.TaskResult) -> bool:
-        if not task.retry_exceptions or task.retries_left == 0:
-            return False
-        if task.retry_exceptions is True:
-            return True
-        try:
-            _kind, err = parse(result.returns[0].inline_data)
-            cause = getattr(err, "cause", err)
-            return isinstance(cause, tuple(task.retry_exceptions))
-        except Exception:
-            return False
+    def _close_link(self, a: CloseLink) -> None:
+        conn = self.conns.pop(a.link, None)
+        if conn is not None:
+            conn.close()
 
-    def _requeue(self, task: PendingTask) -> None:
-        task.conn = None
-        task.lease = None
-        self.cw.task_events.requeued_task(task)
-        if self.cw.raylet_error is not None:
-            self._fail(task, self.cw.raylet_error)
+    def _resolve_args(self, a: ResolveArgs) -> None:
+        resolve_slots(self, a.task)
+
+    def _push(self, a: Push) -> None:
+        task = a.task
+        conn = self.conns.get(a.link)
+        if conn is None:  # its connection failed as it opened: the loss reaches the machine
             return
-        ks = self.keys.get(task.key)
-        if ks is None:
-            self._enqueue(task)
-            return
-        task.state = "PENDING_NODE_ASSIGNMENT"
-        ks.queue.appendleft(task)
-        self._pump(ks)
+        host = self.host
+        lease = a.lease
+        if lease is not None:
+            spec = common_pb2.TaskSpec(
+                task_id=task.task_id, job_id=host.job_id, function_id=task.function_id,
+                name=task.name, args=task.args, return_ids=task.return_ids,
+                owner=host.address_proto, attempt=task.attempt, gpu_ids=lease.gpu_ids,
+                parent_task_id=task.parent_task_id, resources=task.resources)
+            strategy = task.strategy
+            if strategy.kind == STRATEGY_PLACEMENT_GROUP:
+                spec.placement_group_id = strategy.placement_group_id
+                spec.capture_child_tasks = strategy.soft
+            if task.function_id not in conn.functions_sent:
+                spec.function_blob = task.function_blob
+                conn.functions_sent.add(task.function_id)
+        else:
+            spec = common_pb2.TaskSpec(
+                task_id=task.task_id, job_id=host.job_id, name=task.name, args=task.args,
+                return_ids=task.return_ids, owner=host.address_proto, attempt=task.attempt,
+                actor_id=task.actor_id, method_name=task.method_name,
+                parent_task_id=task.parent_task_id)
+        if task.arg_values:
+            spec.arg_values.extend(task.arg_values)
+        conn.send(spec)
 
-    def finish_task(self, task: PendingTask, values: List[Value], locs=None) -> None:
-        if task.state == "FINISHED":
-            return  # e.g. cancelled while queued, then failed with its actor: once is all
-        cw = self.cw
-        if task.state != "FINISHED_AT_WORKER" and values and values[0].is_error:
-            _failed_without_result(cw, task, values[0])
-        task.state = "FINISHED"
-        self.tasks.pop(task.task_id, None)
-        for i, oid in enumerate(task.return_ids):
-            v = values[i] if i < len(values) else values[-1]
-            if oid in cw.refs:
-                cw.memory.put(oid, v)
-            elif v.in_store:
-                cw.delete_stored(oid, v)
-        if task.arg_ids:
-            cw.refs.remove_submitted(task.arg_ids)
+    def _store_result(self, a: Finish) -> None:
+        returns = a.result.returns
+        values = [Value.from_proto(loc) for loc in returns]
+        for loc in returns:
+            if loc.contained:
+                self.host.add_contained(loc)
+        self.host.store_returns(a.task, values)
 
-    def on_connection_lost(self, conn: WorkerConnection, error: str) -> None:
-        conn.dead = True
-        if self.connections.get(conn.worker_id) is conn:
-            del self.connections[conn.worker_id]
-        touched = set()
-        for ks in self.keys.values():
-            for lease in list(ks.leases):
-                if lease.conn is conn:
-                    lease.dead = True
-                    if lease.idle_timer is not None:
-                        lease.idle_timer.cancel()
-                    ks.leases.remove(lease)
-                    touched.add(id(ks))
-                    # The worker is gone (or unreachable): make sure the raylet never
-                    # grants it again, even before it notices the process exit itself.
-                    lease.raylet.return_lease(lease.lease_id, kill_worker=True)
-        tasks = list(conn.inflight.values())
-        conn.inflight.clear()
+    def _store_error(self, a: Fail) -> None:
+        value = _error_value(a.error)
+        store = self.host.store_returns
+        for task in a.tasks:
+            store(task, [value] * len(task.return_ids))
+
+    def _worker_died(self, a: WorkerDied) -> None:
         undecided = []
-        for task in tasks:
-            if task.cancelled:
-                err = Value(serialize_error(TaskCancelledError(task.task_id.hex())).to_bytes(),
-                            is_error=True)
-                self.finish_task(task, [err] * len(task.return_ids))
-            elif task.retries_left != 0:
-                task.retries_left -= 1 if task.retries_left > 0 else 0
-                task.attempt += 1
-                log.warning("worker %s running %s died (%s); retrying (attempt %s)",
-                            conn.address, task.name, error, task.attempt)
-                self._requeue(task)
-            elif self._raylet_death_may_show(task):
+        for task in a.tasks:
+            if self._raylet_death_may_show(task):
                 undecided.append(task)
             else:
-                self._fail(task, self._no_retry_error(task, error))
+                self.feed(self.state.fail_tasks([task], self._no_retry_error(task, a.error)))
         if undecided:
-            self._spawn(self._decide_after_grace(undecided, error))
-        for ks in self.keys.values():
-            if id(ks) in touched:
-                self._pump(ks)
+            self._spawn(self._decide_after_grace(undecided, a.error))
 
     def _raylet_death_may_show(self, task: PendingTask) -> bool:
         """Whether the worker may have died with the local raylet, whose death the
         driver of a private cluster sees moments later (it reaps the raylet), and does
         not see yet."""
         lease = task.lease
-        local = lease is None or lease.raylet is self.cw.raylet
-        return local and self.cw.raylet_exit is not None and self.cw.raylet_death() is None
+        local = lease is None or lease.raylet == LOCAL_RAYLET
+        return local and self.host.raylet_exit is not None and self.host.raylet_death() is None
 
     async def _decide_after_grace(self, tasks: List[PendingTask], error: str) -> None:
         """Fail tasks whose worker died, once RAYLET_DEATH_GRACE_S has shown whether the
-        raylet died too: a worker dies with its raylet a moment before the raylet can be
-        reaped, and the raylet's death is the error worth reporting."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + RAYLET_DEATH_GRACE_S
-        while self.cw.raylet_death() is None and loop.time() < deadline:
-            await asyncio.sleep(0.01)
+        raylet died too: a worker dies with its raylet a moment before the raylet exits,
+        and the raylet's death is the error worth reporting."""
+        await self.host.wait_raylet_exit(RAYLET_DEATH_GRACE_S)
         for task in tasks:
-            if task.state == "FINISHED":
-                continue
-            if task.cancelled:
-                self._fail(task, TaskCancelledError(task.task_id.hex()))
-            else:
-                self._fail(task, self._no_retry_error(task, error))
+            self.feed(self.state.fail_tasks([task], self._no_retry_error(task, error)))
 
-    def _no_retry_error(self, task: PendingTask, error: str) -> Exception:
+    def _no_retry_error(self, task: PendingTask, error: str) -> BaseException:
         """Why a task whose worker died, and that has no retries left, failed: the local
         raylet's death when that is known by now and the worker was the raylet's (it
         died with it), else the worker's crash."""
         lease = task.lease
-        if lease is None or lease.raylet is self.cw.raylet:
-            death = self.cw.raylet_death()
+        if lease is None or lease.raylet == LOCAL_RAYLET:
+            death = self.host.raylet_death()
             if death is not None:
                 return death
         return WorkerCrashedError(
             f"The worker running task {task.name} died unexpectedly ({error}) and the task "
             f"has no retries left (max_retries). Check the worker's log in "
-            f"{self.cw.session_dir}/logs for the reason (e.g. a segfault or os._exit).")
+            f"{self.host.session_dir}/logs for the reason (e.g. a segfault or os._exit).")
 
-    # -- cancellation ------------------------------------------------------------------------------
-    def cancel(self, task_id: bytes, force: bool) -> bool:
-        task = self.tasks.get(task_id)
-        if task is None:
-            return False
-        if force and task.actor_id:
-            raise ValueError("force=True is not supported for actor calls: an actor has state, "
-                             "so a running call is never interrupted; use runtime.kill(actor) "
-                             "to stop the actor")
-        task.cancelled = True
-        err = Value(serialize_error(TaskCancelledError(task_id.hex())).to_bytes(), is_error=True)
-        if task.conn is None:
-            ks = self.keys.get(task.key)
-            if ks is not None and task in ks.queue:
-                ks.queue.remove(task)
-            self.finish_task(task, [err] * len(task.return_ids))
-            return True
-        if force and task.lease is not None:
-            task.lease.raylet.return_lease(task.lease.lease_id, kill_worker=True)
-        else:
-            self._spawn(self._cancel_remote(task))
-        return True
+    def _cancel_remote(self, a: CancelRemote) -> None:
+        self._spawn(self._send_cancel(a))
 
+    async def _send_cancel(self, a: CancelRemote) -> None:
+        stub = core_worker_pb2_grpc.CoreWorkerStub(self.host.channel(a.address))
+        try:
+            await stub.CancelTask(core_worker_pb2.CancelRequest(
+                task_id=a.task.task_id, force=a.force, recursive=a.recursive), timeout=10)
+        except grpc.RpcError as exc:
+            log.debug("CancelTask of %s at %s failed: %s", a.task.task_id.hex(), a.address, exc)
+
+    def _warn(self, a: Warn) -> None:
+        log.warning("%s", a.message)
+
+    def _free_lineage(self, a: FreeLineage) -> None:
+        """Nothing is pinned for lineage yet (arguments are released when the task ends):
+        the state machine dropping the entry is all there is to it."""
+
+    # -- actors ---------------------------------------------------------------------------------------
+    def _watch_actor(self, a: WatchActor) -> None:
+        self._spawn(self._watch_loop(a.actor))
+
+    async def _watch_loop(self, a: ActorQueue) -> None:
+        """Learn the actor's state from the GCS (long poll) and report it to the state
+        machine, until it stops watching (the actor is alive, dead or unreachable)."""
+        st = self.state
+        actor_id = a.actor_id
+        try:
+            while a.watching:
+                wait_s = HANDSHAKE_RECHECK_S if a.watch_handshake_error else 30.0
+                try:
+                    reply = await self.host.gcs_stub().GetActor(gcs_pb2.GetActorRequest(
+                        actor_id=actor_id, newer_than=a.version, timeout_s=wait_s),
+                        timeout=wait_s + 30)
+                except grpc.RpcError as exc:
+                    if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                        continue
+                    self.feed(st.actor_dead(actor_id, actor_died_error(
+                        actor_id, f"its state cannot be learnt: the GCS at "
+                                  f"{self.host.gcs_address} is unreachable "
+                                  f"({exc.code().name}: {exc.details()})")))
+                    return
+                if not a.watching:  # killed, or the cluster went, while this waited
+                    return
+                if not reply.found:
+                    self.feed(st.actor_dead(actor_id, actor_died_error(
+                        actor_id, "the actor is unknown to the GCS")))
+                    return
+                info = reply.actor
+                state = common_pb2.ActorState.Value(info.state)
+                death = (actor_died_error(actor_id, info.death_cause, info.death_error)
+                         if info.state == ACTOR_DEAD else None)
+                self.feed(st.actor_reported(actor_id, info.version, state, info.address,
+                                            info.pid, info.is_async, death))
+        finally:
+            if a.watching:  # cancelled (shutdown) or failed: no verdict came
+                st.watch_stopped(actor_id)
+
+    def flights(self) -> List[tuple]:
+        """(link, tasks the worker runs now) for every link with tasks in flight: where
+        the task events say tasks run."""
+        out = []
+        for link in self.state.flights():
+            conn = self.conns.get(link)
+            out.append((link, conn.running_slots() if conn is not None else 0))
+        return out
+
+    # -- background tasks and shutdown ---------------------------------------------------------------
     def _spawn(self, coro) -> None:
         """Run coro in the background, kept (asyncio holds tasks weakly) until it ends or
         close() cancels it."""
@@ -609,65 +476,57 @@ class TaskSubmitter:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _cancel_remote(self, task: PendingTask) -> None:
-        conn = task.conn
-        if conn is None or conn.dead:
-            return
-        stub = core_worker_pb2_grpc.CoreWorkerStub(self.cw.channel(conn.control_address))
-        try:
-            await stub.CancelTask(core_worker_pb2.CancelRequest(task_id=task.task_id), timeout=10)
-        except grpc.RpcError:
-            pass
-
-    def close(self) -> None:
-        for conn in list(self.connections.values()):
+    async def close(self) -> None:
+        """Close every connection and remote raylet stream; cancel and await what runs in
+        the background (watches, cancels, grace waits) and the idle timers."""
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        for conn in list(self.conns.values()):
             conn.close()
-        self.connections.clear()
-        for task in list(self._background):
+        self.conns.clear()
+        left = list(self._background)
+        for task in left:
             task.cancel()
-
-    async def close_remote_raylets(self) -> None:
+        if left:
+            await asyncio.gather(*left, return_exceptions=True)
         while self.remote_raylets:  # one opened meanwhile (a late spillback) is closed too
             _address, client = self.remote_raylets.popitem()
             await client.close()
 
 
-def record_result(cw, conn, task: PendingTask, result: common_pb2.TaskResult) -> None:
-    """Task events for a result from a worker: when it ran and how it ended."""
-    ev = cw.task_events
-    task.state = "FINISHED_AT_WORKER"
-    if not ev.enabled:
-        return
-    conn.last_end = result.end_time
-    if task.running_attempt != task.attempt:  # else reported at a flush while it ran
-        ev.event(task.task_id, te.RUNNING, result.start_time or None)
-    failed = result.app_error
-    ev.event(task.task_id, te.FAILED if failed else te.FINISHED, result.end_time or None)
-    etype = emsg = ""
-    if failed and result.returns:
-        etype, emsg = _describe_error(result.returns[0].inline_data)
-    ev.outcome(task.task_id, conn.worker_id, result.worker_pid, conn.node_id or cw.node_id,
-               task.attempt, etype, emsg)
+def resolve_slots(sub: TaskSubmitter, task: PendingTask) -> None:
+    """Learn the values of task's slot refs (from this process's memory store, or from
+    their owners) and report each to the state machine. While some are missing, the
+    task's pending reason (task events) names the first of them, and the next one when
+    that arrives; it is cleared once none is."""
+    slots = task.slot_refs or []
+    recorder = sub.state.recorder
+    named: List[Optional[bytes]] = [None]  # the object the reported reason names
+    values = task.arg_values
 
+    def name_next() -> None:
+        for j, loc in enumerate(values):
+            if loc is None:
+                oid = slots[j]._id
+                if oid != named[0]:  # (the same object may be passed twice)
+                    named[0] = oid
+                    recorder.reason(task.task_id, f"waiting for argument object {oid.hex()}")
+                return
 
-def _failed_without_result(cw, task: PendingTask, value: Value) -> None:
-    ev = cw.task_events
-    if not ev.enabled:
-        return
-    etype, emsg = _describe_error(value.data) if value.data else ("", "")
-    ev.event(task.task_id, te.FAILED)
-    conn = task.conn  # None: it never reached a worker, so it ran nowhere
-    ev.outcome(task.task_id, conn.worker_id if conn else b"", conn.pid if conn else 0,
-               (conn.node_id or cw.node_id) if conn else b"", task.attempt, etype, emsg)
+    def make_cb(i: int):
+        def cb(oid: bytes, value: Value) -> None:
+            actions = sub.state.arg_ready(task, i, value.to_proto(oid))
+            if named[0] is not None:  # only a task that had to wait has a reason to change
+                if task.waiting == 0:
+                    named[0] = None
+                    recorder.reason(task.task_id, "")
+                elif oid == named[0]:
+                    name_next()
+            sub.feed(actions)
+        return cb
 
-
-def _describe_error(data: bytes) -> tuple:
-    try:
-        _kind, err = parse(data)
-    except Exception:
-        return "UNKNOWN", ""
-    name = type(err).__name__
-    if name.startswith("RayTaskError") or name == "RayTaskError":
-        cause = getattr(err, "cause", None)
-        name = "TASK_EXECUTION_EXCEPTION" if cause is not None else name
-    return name, str(err).strip()
+    for i, ref in enumerate(slots):
+        sub.host.wait_for_value(ref, make_cb(i))
+    if task.waiting and recorder.enabled:
+        name_next()

@@ -12,11 +12,22 @@ import inspect
 from typing import Callable, List, Tuple
 
 from runtime import config
-from runtime.core_worker.executor import ArgSlot
 from runtime.object_ref import ObjectRef
 from runtime.serialization import _FAST_TYPES, SerializationError, serialize
 
 _LARGE_ARG_BYTES = 16 * 1024
+
+
+class ArgSlot:
+    """Placeholder for a top-level ObjectRef argument, replaced by its value."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def __reduce__(self):
+        return (ArgSlot, (self.index,))
 
 
 def prepare_args(cw, fn: Callable, name: str, args: tuple, kwargs: dict

@@ -22,28 +22,41 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, List, Optional
+from typing import Any, Awaitable, Callable, List, Optional, Tuple
 
 import grpc
 
-from runtime import config
-from runtime.protocol import gcs_pb2, gcs_pb2_grpc
-
-if TYPE_CHECKING:
-    from runtime.core_worker.core_worker import CoreWorker
+from runtime import config, vocabulary
+from runtime.protocol import common_pb2, gcs_pb2
+from runtime.serialization import parse
 
 log = logging.getLogger("runtime.core_worker")
 
-TASK_STATES = ["PENDING_ARGS_AVAIL", "PENDING_NODE_ASSIGNMENT", "SUBMITTED_TO_WORKER",
-               "RUNNING", "FINISHED", "FAILED"]
-PENDING_ARGS_AVAIL, PENDING_NODE_ASSIGNMENT, SUBMITTED_TO_WORKER, RUNNING, FINISHED, FAILED = range(6)
+#: Task state names by their number in TaskEventBatch.states (common.proto's TaskState).
+TASK_STATES = list(vocabulary.TASK_STATES)
+PENDING_ARGS_AVAIL = common_pb2.PENDING_ARGS_AVAIL
+PENDING_NODE_ASSIGNMENT = common_pb2.PENDING_NODE_ASSIGNMENT
+SUBMITTED_TO_WORKER = common_pb2.SUBMITTED_TO_WORKER
+RUNNING = common_pb2.RUNNING
+FINISHED = common_pb2.FINISHED
+FAILED = common_pb2.FAILED
 _MAX_BUFFERED = 200_000
 
 
 class TaskEventBuffer:
-    def __init__(self, cw: "CoreWorker", enabled: bool) -> None:
-        self.cw = cw
+    """The owner state machine's recorder (owner_state.Recorder) and its flusher.
+
+    ``flights()`` lists (link, running slots) for the links with tasks in flight,
+    ``ident()`` gives (job id, node id) at flush time, and ``send(batch)`` delivers a
+    batch to the GCS."""
+
+    def __init__(self, enabled: bool, *, flights: Callable[[], List[Tuple[Any, int]]],
+                 ident: Callable[[], Tuple[bytes, bytes]],
+                 send: Callable[[gcs_pb2.TaskEventBatch], Awaitable[Any]]) -> None:
         self.enabled = enabled
+        self._flights = flights
+        self._ident = ident
+        self._send = send
         self.task_ids: List[bytes] = []
         self.states: List[int] = []
         self.times: List[float] = []
@@ -111,6 +124,35 @@ class TaskEventBuffer:
         self.outcomes.append((task_id, worker_id, pid, node_id, error_type, error_message,
                               attempt))
 
+    def result(self, task, link, result: common_pb2.TaskResult, node_id: bytes) -> None:
+        """A result from a worker: when the task ran and how it ended."""
+        if not self.enabled:
+            return
+        link.last_end = result.end_time
+        if task.running_attempt != task.attempt:  # else reported at a flush while it ran
+            self.event(task.task_id, RUNNING, result.start_time or None)
+        failed = result.app_error
+        self.event(task.task_id, FAILED if failed else FINISHED, result.end_time or None)
+        etype = emsg = ""
+        if failed and result.returns:
+            etype, emsg = _describe_error(result.returns[0].inline_data)
+        self.outcome(task.task_id, link.worker_id, result.worker_pid, link.node_id or node_id,
+                     task.attempt, etype, emsg)
+
+    def failed(self, task, error, node_id: bytes) -> None:
+        """A task failed without a result from a worker (cancelled, its worker or actor
+        died, a dependency failed): where it last was, if anywhere, and why."""
+        if not self.enabled:
+            return
+        if isinstance(error, BaseException):
+            etype, emsg = _describe_exception(error)
+        else:
+            etype, emsg = _describe_error(error.data) if error.data else ("", "")
+        self.event(task.task_id, FAILED)
+        link = task.link  # None: it never reached a worker, so it ran nowhere
+        self.outcome(task.task_id, link.worker_id if link else b"", link.pid if link else 0,
+                     (link.node_id or node_id) if link else b"", task.attempt, etype, emsg)
+
     def _drop_oldest(self) -> None:
         n = len(self.task_ids) // 2
         self.dropped += n
@@ -141,22 +183,16 @@ class TaskEventBuffer:
                 where.append(0)
                 attempts.append(attempt)
             self.requeued = []
-        cw = self.cw
-        conns = list(cw.submitter.connections.values())
-        conns += [a.conn for a in cw.actors.actors.values() if a.conn is not None]
-        for conn in conns:
-            if conn.dead or not conn.inflight:
-                continue
+        for link, running in self._flights():
             index = -1
-            running = conn.running_slots()
-            last_end = conn.last_end
-            for i, task in enumerate(conn.inflight.values()):
+            last_end = link.last_end
+            for i, task in enumerate(link.inflight.values()):
                 attempt = task.attempt
                 if task.placed_attempt != attempt:
                     task.placed_attempt = attempt
                     if index < 0:
                         index = len(workers)
-                        workers.append((conn.node_id, conn.worker_id, conn.pid))
+                        workers.append((link.node_id, link.worker_id, link.pid))
                     tids.append(task.task_id)
                     where.append(index)
                     attempts.append(attempt)
@@ -173,8 +209,8 @@ class TaskEventBuffer:
         placed = self._sample_placements()
         if not (self.task_ids or self.statics or self.outcomes or self.reasons or placed[0]):
             return
-        batch = gcs_pb2.TaskEventBatch(job_id=self.cw.job_id, node_id=self.cw.node_id,
-                                       dropped=self.dropped)
+        job_id, node_id = self._ident()
+        batch = gcs_pb2.TaskEventBatch(job_id=job_id, node_id=node_id, dropped=self.dropped)
         batch.task_ids.extend(self.task_ids)
         batch.states.extend(self.states)
         batch.times.extend(self.times)
@@ -199,11 +235,31 @@ class TaskEventBuffer:
         self.reasons = []
         self.dropped = 0
         try:
-            stub = gcs_pb2_grpc.GcsStub(self.cw.channel(self.cw.gcs_address))
-            await stub.AddTaskEvents(batch, timeout=10)
+            await self._send(batch)
         except grpc.RpcError as exc:
             log.debug("could not send %d task events: %s", len(batch.task_ids), exc)
 
-    def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+    async def close(self) -> None:
+        """Stop the flush loop (cancelled and awaited)."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except BaseException:  # cancelled: that is the point
+                pass
+
+
+def _describe_exception(err: BaseException) -> Tuple[str, str]:
+    name = type(err).__name__
+    if name.startswith("RayTaskError") and getattr(err, "cause", None) is not None:
+        name = "TASK_EXECUTION_EXCEPTION"
+    return name, str(err).strip()
+
+
+def _describe_error(data: bytes) -> Tuple[str, str]:
+    try:
+        _kind, err = parse(data)
+    except Exception:
+        return "UNKNOWN", ""
+    return _describe_exception(err)

@@ -13,7 +13,6 @@ the concurrent calls of a threaded or async actor never mix pieces of their line
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import sys
@@ -100,7 +99,8 @@ class OutputForwarder:
             if self.scheduled:
                 return
             self.scheduled = True
-        cw.post(lambda: cw.loop.call_later(_FLUSH_S, lambda: asyncio.ensure_future(self._flush())))
+        # Lines batch for _FLUSH_S (a deadline, not a wait); the flush is kept until it ends.
+        cw.post(lambda: cw.loop.call_later(_FLUSH_S, lambda: cw.spawn(self._flush())))
 
     def has_pending(self) -> bool:
         return bool(self.pending)

@@ -43,6 +43,7 @@ class Connection:
         self.pid = 0
         self.concurrency = 1      # in-flight tasks the worker runs at once (async actors: all)
         self.last_end = 0.0       # when the worker finished the last task answered here
+        self.link = None          # the owner's record of it (owner_state.WorkerLink)
 
     def running_slots(self) -> int:
         """How many of the oldest in-flight tasks the worker is running now: it runs them

@@ -1,11 +1,13 @@
-"""Actor lifecycle in the GCS: register, place, create, watch, restart, kill.
+"""Actors in the GCS: register, place, create, watch, restart, kill (the async shell).
 
 The GCS leases a worker for each actor from a raylet (it is a lease client
 like any driver, on the raylet's Connect stream), pushes the creation task on
 a PushTasks stream and keeps that stream open for the actor's life: when it
-breaks, the actor's process is gone, and the actor is restarted (max_restarts)
-or marked DEAD with the reason. Owners are watched with a WaitForExit call
-that fails when the owner exits, which ends its non-detached actors.
+breaks, the actor's process is gone. What that means for the actor (restarted
+within max_restarts, or DEAD with the reason) is decided by its lifecycle, a pure
+table of states and transitions (actor_lifecycle.py); this module feeds it what
+happens and carries out what it returns. Owners are watched with a WaitForExit
+call that fails when the owner exits, which ends its non-detached actors.
 
 States (Ray's): PENDING_CREATION -> ALIVE <-> RESTARTING -> DEAD.
 """
@@ -23,9 +25,13 @@ import grpc
 from runtime import ids, rpc
 from runtime.core_worker.raylet_client import RayletClient
 from runtime.core_worker.worker_connection import WorkerConnection
+from runtime.gcs import actor_lifecycle as lc
+from runtime.gcs.actor_lifecycle import ActorLifecycle
 from runtime.gcs.versioned import ChangeSignal
 from runtime.protocol import (common_pb2, core_worker_pb2_grpc, gcs_pb2, raylet_pb2)
 from runtime.raylet.resources import add, missing, subtract
+from runtime.vocabulary import (ACTOR_DEAD, STRATEGY_DEFAULT, STRATEGY_NODE_AFFINITY,
+                                STRATEGY_SPREAD)
 
 log = logging.getLogger("runtime.gcs.actors")
 #: Fields of an actor record (runtime/util/state.py actor_record) a filter may name, and
@@ -37,7 +43,7 @@ ACTOR_FIELDS = ("actor_id", "class_name", "state", "job_id", "name", "ray_namesp
 ACTOR_ALIASES = {"id": "actor_id", "class": "class_name", "node": "node_ip",
                  "restarts": "num_restarts", "namespace": "ray_namespace",
                  "reason": "pending_reason", "job": "job_id", "death": "death_cause"}
-_DEFAULT = common_pb2.SchedulingStrategy(kind="DEFAULT")
+_DEFAULT = common_pb2.SchedulingStrategy(kind=STRATEGY_DEFAULT)
 
 
 class _RayletLink:
@@ -57,18 +63,19 @@ class _RayletLink:
             worker_id=self.manager.gcs_worker_id, is_driver=True, pid=os.getpid(), port=0))
 
     def _on_grant(self, grant: raylet_pb2.LeaseGrant) -> None:
-        if grant.queued:
+        outcome = grant.WhichOneof("outcome")
+        if outcome == "queued":
             self.manager.on_pending_reason(grant.request_id, "waiting for free resources")
             return
-        if grant.message and not grant.lease_id and not grant.rejected and not grant.retry_at:
-            self.warnings[grant.request_id] = grant.message
-            self.manager.on_pending_reason(grant.request_id, grant.message)
+        if outcome == "warning":
+            self.warnings[grant.request_id] = grant.warning.message
+            self.manager.on_pending_reason(grant.request_id, grant.warning.message)
             return
         fut = self.pending.pop(grant.request_id, None)
         if fut is not None and not fut.done():
             fut.set_result(grant)
-        elif grant.lease_id:
-            self.client.return_lease(grant.lease_id)
+        elif outcome == "granted":
+            self.client.return_lease(grant.granted.lease_id)
 
     def _on_lost(self, reason: str) -> None:
         for fut in self.pending.values():
@@ -89,10 +96,10 @@ class _Actor:
             max_task_retries=spec.max_task_retries, start_time=time.time(),
             resources=spec.hold_resources)
         self.changed = ChangeSignal()
+        self.life = ActorLifecycle(spec.max_restarts)
         self.conn: Optional[WorkerConnection] = None
         self.lease: Optional[Tuple[_RayletLink, int]] = None
         self.request: Optional[Tuple[_RayletLink, int]] = None
-        self.kill: Optional[Tuple[bool, str]] = None
         self.creating: Optional[asyncio.Task] = None
 
 
@@ -107,6 +114,7 @@ class ActorManager:
         self.by_conn: Dict[int, _Actor] = {}
         self.by_request: Dict[int, _Actor] = {}
         self.owner_watch: Dict[bytes, asyncio.Task] = {}
+        self._background: set = set()  # kills on behalf of owners and groups; closed at close()
         self._channels: Dict[str, grpc.aio.Channel] = {}
         self._request_ids = itertools.count(1)
         self._spread_next = 0  # round-robin position for SPREAD actors
@@ -124,7 +132,7 @@ class ActorManager:
         if spec.name:
             key = (spec.namespace, spec.name)
             holder = self.actors.get(self.names.get(key, b""))
-            if holder is not None and holder.info.state != "DEAD":
+            if holder is not None and holder.info.state != ACTOR_DEAD:
                 if spec.get_if_exists:
                     return gcs_pb2.RegisterActorReply(ok=False, existing=holder.info)
                 return gcs_pb2.RegisterActorReply(ok=False, error=(
@@ -137,7 +145,7 @@ class ActorManager:
         self.actors[spec.actor_id] = actor
         if not spec.detached and spec.owner.port:
             self._watch_owner(spec.owner)
-        actor.creating = asyncio.ensure_future(self._create(actor))
+        self._apply(actor, actor.life.registered())
         log.info("actor %s (%s%s) registered", spec.actor_id.hex()[:8], spec.class_name,
                  f", name {spec.name!r}" if spec.name else "")
         return gcs_pb2.RegisterActorReply(ok=True)
@@ -145,52 +153,92 @@ class ActorManager:
     async def get(self, req: gcs_pb2.GetActorRequest) -> gcs_pb2.GetActorReply:
         actor = self.actors.get(req.actor_id) if req.actor_id else \
             self.actors.get(self.names.get((req.namespace, req.name), b""))
-        if actor is None or (req.name and actor.info.state == "DEAD" and not req.actor_id):
+        if actor is None or (req.name and actor.info.state == ACTOR_DEAD and not req.actor_id):
             return gcs_pb2.GetActorReply(found=False)
         await actor.changed.wait_newer(actor.info, req.newer_than, req.timeout_s or 30.0)
         return gcs_pb2.GetActorReply(found=True, actor=actor.info)
 
     async def kill(self, req: gcs_pb2.KillActorRequest) -> None:
         actor = self.actors.get(req.actor_id)
-        if actor is None or actor.info.state == "DEAD":
+        if actor is None:
             return
-        reason = req.reason or "it was killed by kill()"
-        actor.kill = (req.no_restart, reason)
-        if req.no_restart:
-            self._set_dead(actor, reason)
-        if actor.lease is not None:
-            link, lease_id = actor.lease
-            link.client.return_lease(lease_id, kill_worker=True)
-        elif req.no_restart and actor.request is not None:
-            link, rid = actor.request
-            link.client.cancel_request(rid)
-            fut = link.pending.pop(rid, None)
-            if fut is not None and not fut.done():
-                fut.cancel()
+        self._apply(actor, actor.life.kill_requested(req.no_restart,
+                                                     req.reason or "it was killed by kill()"))
 
     def list(self) -> gcs_pb2.ActorList:
         return gcs_pb2.ActorList(actors=[a.info for a in self.actors.values()])
 
-    # -- state changes ---------------------------------------------------------------------------------
-    def _changed(self, actor: _Actor) -> None:
-        actor.changed.bump(actor.info)
+    # -- the lifecycle's actions -------------------------------------------------------------------
+    def _apply(self, actor: _Actor, actions) -> None:
+        """Carry out what the actor's lifecycle decided, and mirror its state into the
+        actor's record (ActorInfo) for GetActor, the state API and raytop."""
+        life = actor.life
+        info = actor.info
+        spec = actor.spec
+        for action in actions:
+            if isinstance(action, lc.Publish):
+                info.state = life.state_name
+                info.num_restarts = life.num_restarts
+                if life.state == lc.DEAD:
+                    info.death_cause = life.death_cause
+                    if life.death_error:
+                        info.death_error = life.death_error
+                    info.end_time = time.time()
+                    log.info("actor %s (%s) is dead: %s", spec.actor_id.hex()[:8],
+                             spec.class_name, life.death_cause)
+                elif life.state == lc.ALIVE:
+                    log.info("actor %s (%s) is alive in pid %s at %s", spec.actor_id.hex()[:8],
+                             spec.class_name, info.pid,
+                             actor.conn.address if actor.conn is not None else "?")
+                actor.changed.bump(info)
+            elif isinstance(action, lc.Event):
+                if action.state == "restarting":
+                    log.warning("actor %s (%s): %s", spec.actor_id.hex()[:8], spec.class_name,
+                                action.message)
+                self._event(actor, action.state, action.message, action.severity)
+            elif isinstance(action, lc.Place):
+                actor.creating = self._spawn(self._create(actor))
+            elif isinstance(action, lc.ReturnLease):
+                if actor.lease is not None:
+                    link, lease_id = actor.lease
+                    link.client.return_lease(lease_id, kill_worker=True)
+            elif isinstance(action, lc.CancelRequest):
+                if actor.request is not None:
+                    link, rid = actor.request
+                    link.client.cancel_request(rid)
+                    fut = link.pending.pop(rid, None)
+                    if fut is not None and not fut.done():
+                        fut.cancel()
+            elif isinstance(action, lc.ReleaseName):
+                key = (spec.namespace, spec.name)
+                if spec.name and self.names.get(key) == spec.actor_id:
+                    del self.names[key]
+            # PushCreation is carried out by _create, which holds the grant.
 
-    def _set_dead(self, actor: _Actor, cause: str, error: bytes = b"") -> None:
-        if actor.info.state == "DEAD":
-            return
-        actor.info.state = "DEAD"
-        actor.info.death_cause = cause
-        if error:
-            actor.info.death_error = error
-        actor.info.end_time = time.time()
-        if actor.spec.name and self.names.get((actor.spec.namespace, actor.spec.name)) == actor.spec.actor_id:
-            del self.names[(actor.spec.namespace, actor.spec.name)]
-        log.info("actor %s (%s) is dead: %s", actor.spec.actor_id.hex()[:8], actor.spec.class_name,
-                 cause)
-        self._changed(actor)
-        self._event(actor, "dead", cause, "WARNING" if actor.kill is None else "INFO")
+    def _spawn(self, coro) -> asyncio.Task:
+        """Run coro in the background, kept until it ends or close() cancels it."""
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def close(self) -> None:
+        """Cancel and await every task of the manager (placements, owner watches, kills,
+        raylet connects), then close the raylet links."""
+        left = [t for t in self._background if not t.done()]
+        left += [t for t in self.owner_watch.values() if not t.done()]
+        left += [link.ready for link in self.links.values()
+                 if link.ready is not None and not link.ready.done()]
+        for task in left:
+            task.cancel()
+        if left:
+            await asyncio.gather(*left, return_exceptions=True)
+        for link in list(self.links.values()):
+            await link.client.close()
+        self.links.clear()
 
     def _event(self, actor: _Actor, state: str, message: str, severity: str = "INFO") -> None:
+        """The cluster's event log (raytop's), naming where the actor ran."""
         info = actor.info
         node = self.gcs.nodes.get(info.node_id) if info.node_id else None
         label = f"{info.class_name}{' ' + repr(info.name) if info.name else ''}"
@@ -202,7 +250,7 @@ class ActorManager:
         actor = self.by_request.get(request_id)
         if actor is not None:
             actor.info.pending_reason = message
-            self._changed(actor)
+            actor.changed.bump(actor.info)
 
     # -- placement and creation ---------------------------------------------------------------------------
     def _pick_node(self, actor: _Actor) -> Optional[gcs_pb2.NodeInfo]:
@@ -210,14 +258,14 @@ class ActorManager:
         if not nodes:
             return None
         s = actor.spec.strategy
-        if s.kind == "NODE_AFFINITY" and s.node_id:
+        if s.kind == STRATEGY_NODE_AFFINITY and s.node_id:
             for n in nodes:
                 if n.node_id == s.node_id:
                     return n
             if not s.soft:
                 return None
         place = dict(actor.spec.placement_resources)
-        if s.kind == "SPREAD":
+        if s.kind == STRATEGY_SPREAD:
             node = self._spread_node(nodes, place)
             if node is not None:
                 return node
@@ -282,25 +330,31 @@ class ActorManager:
         return link
 
     async def _create(self, actor: _Actor) -> None:
+        """Place the actor and create it: pick a node, lease a worker there, push the
+        creation task. Its lifecycle decides what each outcome means."""
         spec = actor.spec
+        life = actor.life
         try:
-            while actor.info.state != "DEAD":
+            while life.state != lc.DEAD:
                 node = self._pick_node(actor)
                 if node is None:
                     s = spec.strategy
-                    self._set_dead(actor, f"cannot be scheduled: NodeAffinitySchedulingStrategy "
-                                          f"names node {s.node_id.hex()} which is not alive "
-                                          f"(soft=False)")
+                    self._apply(actor, life.unschedulable(
+                        f"NodeAffinitySchedulingStrategy names node {s.node_id.hex()} which is "
+                        f"not alive (soft=False)"))
                     return
                 link = await self._link(node)
+                if life.state == lc.DEAD:  # killed while the link connected
+                    return
                 rid = next(self._request_ids)
                 fut = asyncio.get_running_loop().create_future()
                 link.pending[rid] = fut
                 actor.request = (link, rid)
                 self.by_request[rid] = actor
+                life.lease_requested()
                 # The GCS has spread a SPREAD actor already: its raylet must not spread it
                 # again, so it asks as DEFAULT (which stays on a node that can run it).
-                strategy = (_DEFAULT if spec.strategy.kind == "SPREAD" else spec.strategy)
+                strategy = (_DEFAULT if spec.strategy.kind == STRATEGY_SPREAD else spec.strategy)
                 link.client.request_lease(raylet_pb2.LeaseRequest(
                     request_id=rid, resources=spec.placement_resources, strategy=strategy,
                     function_name=f"actor {spec.class_name}", is_actor=True, hold_differs=True,
@@ -308,30 +362,40 @@ class ActorManager:
                 try:
                     grant = await fut
                 except asyncio.CancelledError:
-                    return
+                    life.lease_lost()
+                    if life.state == lc.DEAD:  # the kill cancelled the request: done
+                        return
+                    raise
                 except ConnectionError as exc:
+                    life.lease_lost()
                     log.warning("raylet %s lost while placing actor %s: %s", link.address,
                                 spec.actor_id.hex()[:8], exc)
                     continue
                 finally:
                     actor.request = None
                     self.by_request.pop(rid, None)
-                if grant.rejected:
-                    self._set_dead(actor, f"cannot be scheduled: {grant.message}")
+                outcome = grant.WhichOneof("outcome")
+                if outcome == "rejected":
+                    life.lease_lost()
+                    self._apply(actor, life.unschedulable(grant.rejected.message))
                     return
-                if grant.retry_at:
+                if outcome != "granted":  # spilled back: the GCS places it again
+                    life.lease_lost()
                     continue
-                if actor.info.state == "DEAD":
-                    link.client.return_lease(grant.lease_id, kill_worker=True)
+                actions = life.lease_granted()
+                if not any(isinstance(a, lc.PushCreation) for a in actions):
+                    link.client.return_lease(grant.granted.lease_id, kill_worker=True)
                     return
-                self._start_creation(actor, link, node, grant)
+                self._start_creation(actor, link, node, grant.granted)
                 return
+        except asyncio.CancelledError:
+            raise
         except Exception:
             log.exception("creating actor %s failed", spec.actor_id.hex()[:8])
-            self._set_dead(actor, "internal error while creating it (see gcs.log)")
+            self._apply(actor, life.internal_error())
 
     def _start_creation(self, actor: _Actor, link: _RayletLink, node: gcs_pb2.NodeInfo,
-                        grant: raylet_pb2.LeaseGrant) -> None:
+                        grant: raylet_pb2.Granted) -> None:
         spec = actor.spec
         addr = f"{grant.worker.ip}:{grant.worker.port}"
         conn = WorkerConnection(self, self.channel(addr), addr, grant.worker.worker_id,
@@ -359,24 +423,16 @@ class ActorManager:
         conn.inflight.pop(result.task_id, None)
         if actor is None:
             return
+        life = actor.life
         if result.actor_exit:
-            actor.kill = (True, result.exit_reason or "it exited")
-            self._set_dead(actor, result.exit_reason or "it exited")
-            return
-        if result.app_error:
+            self._apply(actor, life.exited(result.exit_reason or "it exited"))
+        elif result.app_error:
             data = result.returns[0].inline_data if result.returns else b""
-            self._set_dead(actor, f"its constructor ({actor.spec.class_name}.__init__) raised an "
-                                  f"exception", data)
-            if actor.lease is not None:
-                link, lease_id = actor.lease
-                link.client.return_lease(lease_id, kill_worker=True)
-            return
-        if actor.info.state != "DEAD":
-            actor.info.state = "ALIVE"
-            actor.info.address.task_port = result.actor_task_port
-            log.info("actor %s (%s) is alive in pid %s at %s", actor.spec.actor_id.hex()[:8],
-                     actor.spec.class_name, actor.info.pid, conn.address)
-            self._changed(actor)
+            self._apply(actor, life.constructor_failed(actor.spec.class_name, data))
+        else:
+            if life.state != lc.DEAD:
+                actor.info.address.task_port = result.actor_task_port
+            self._apply(actor, life.created())
 
     def on_connection_lost(self, conn: WorkerConnection, error: str) -> None:
         actor = self.by_conn.pop(id(conn), None)
@@ -385,32 +441,11 @@ class ActorManager:
             return
         actor.conn = None
         actor.lease = None
-        if actor.info.state == "DEAD":
-            return
-        if actor.kill is not None and actor.kill[0]:
-            self._set_dead(actor, actor.kill[1])
-            return
-        info = actor.info
-        cause = (f"its worker process (pid {info.pid}) died ({error})" if actor.kill is None
-                 else f"it was killed ({actor.kill[1]})")
-        actor.kill = None
-        if info.max_restarts == -1 or info.num_restarts < info.max_restarts:
-            info.num_restarts += 1
-            info.state = "RESTARTING"
-            log.warning("actor %s (%s): %s; restarting (%d/%s)", info.actor_id.hex()[:8],
-                        info.class_name, cause, info.num_restarts,
-                        "inf" if info.max_restarts == -1 else info.max_restarts)
-            self._changed(actor)
-            self._event(actor, "restarting",
-                        f"{cause}; restart {info.num_restarts}/"
-                        f"{'inf' if info.max_restarts == -1 else info.max_restarts}", "WARNING")
-            actor.creating = asyncio.ensure_future(self._create(actor))
-        else:
-            self._set_dead(actor, f"{cause}; no restarts left (max_restarts={info.max_restarts})")
+        self._apply(actor, actor.life.worker_died(actor.info.pid, error))
 
     async def kill_in_placement_group(self, pg_id: bytes) -> None:
         for actor in list(self.actors.values()):
-            if actor.spec.strategy.placement_group_id == pg_id and actor.info.state != "DEAD":
+            if actor.spec.strategy.placement_group_id == pg_id and actor.life.state != lc.DEAD:
                 await self.kill(gcs_pb2.KillActorRequest(
                     actor_id=actor.spec.actor_id, no_restart=True,
                     reason=f"its placement group {pg_id.hex()} was removed"))
@@ -432,7 +467,7 @@ class ActorManager:
             self.owner_watch.pop(owner.worker_id, None)
         for actor in list(self.actors.values()):
             if (actor.spec.owner.worker_id == owner.worker_id and not actor.spec.detached
-                    and actor.info.state != "DEAD"):
+                    and actor.life.state != lc.DEAD):
                 await self.kill(gcs_pb2.KillActorRequest(
                     actor_id=actor.spec.actor_id, no_restart=True,
                     reason=f"its owner (the process at {owner.ip}:{owner.port} that created it) "

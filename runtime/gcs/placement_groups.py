@@ -25,7 +25,8 @@ from runtime.gcs.pg_reservation import (Cancel, Commit, Created, GroupReservatio
                                         Prepare, Retry, State)
 from runtime.gcs.versioned import ChangeSignal
 from runtime.protocol import gcs_pb2, raylet_pb2, raylet_pb2_grpc
-from runtime.raylet.resources import add, describe, fits, missing, subtract
+from runtime.raylet.resources import add, fits, missing, subtract
+from runtime.raylet.scheduler import brief
 
 log = logging.getLogger("runtime.gcs.placement_groups")
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -39,7 +40,7 @@ def plan(strategy: str, bundles: List[Dict[str, float]], nodes: List[Tuple[bytes
         return None, "no live node"
     for i, b in enumerate(bundles):
         if not any(not missing(total, b) for _nid, total, _avail in nodes):
-            return None, (f"bundle {i} {describe(b)} is larger than any node "
+            return None, (f"bundle {i} {brief(b)} is larger than any node "
                           f"(infeasible until such a node joins)")
     free = {nid: dict(avail) for nid, _t, avail in nodes}
     order = [nid for nid, _t, _a in nodes]
@@ -51,7 +52,7 @@ def plan(strategy: str, bundles: List[Dict[str, float]], nodes: List[Tuple[bytes
             if fits(free[nid], need):
                 return [nid] * len(bundles), ""
         if strategy == "STRICT_PACK":
-            return None, f"no single node has {describe(need)} free (STRICT_PACK)"
+            return None, f"no single node has {brief(need)} free (STRICT_PACK)"
     if strategy == "STRICT_SPREAD" and len(bundles) > len(order):
         return None, (f"STRICT_SPREAD needs {len(bundles)} distinct nodes, the cluster has "
                       f"{len(order)}")
@@ -64,7 +65,7 @@ def plan(strategy: str, bundles: List[Dict[str, float]], nodes: List[Tuple[bytes
             candidates += [n for n in order if n in used]
         chosen = next((n for n in candidates if fits(free[n], b)), None)
         if chosen is None:
-            return None, f"not enough free resources for bundle {i} {describe(b)} right now"
+            return None, f"not enough free resources for bundle {i} {brief(b)} right now"
         subtract(free[chosen], b)
         used.add(chosen)
         placement.append(chosen)

@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Tuple
 from runtime import component, config, rpc
 from runtime.gcs.actor_manager import ACTOR_ALIASES, ACTOR_FIELDS, ActorManager
 from runtime.gcs.events import EventLog
+from runtime.gcs.jobs import SubmittedJobTable
 from runtime.gcs.placement_groups import PlacementGroupManager
 from runtime.gcs.task_events import TaskEventStore, _Record
 from runtime.gcs.versioned import ChangeSignal
@@ -51,6 +52,7 @@ class Gcs(gcs_pb2_grpc.GcsServicer):
         self.membership = _Membership()
         self._membership_changed = ChangeSignal()
         self.events = EventLog()
+        self.submitted_jobs = SubmittedJobTable(self.events)
 
     # -- nodes -----------------------------------------------------------------------------
     async def RegisterNode(self, request, context):
@@ -182,6 +184,19 @@ class Gcs(gcs_pb2_grpc.GcsServicer):
 
     async def GetAllJobs(self, request, context):
         return gcs_pb2.JobList(jobs=list(self.jobs.values()))
+
+    # -- submitted jobs (the Jobs REST API's records: runtime/gcs/jobs.py) ----------------------
+    async def PutSubmittedJob(self, request, context):
+        return self.submitted_jobs.put(request)
+
+    async def GetSubmittedJob(self, request, context):
+        return self.submitted_jobs.get(request.submission_id)
+
+    async def ListSubmittedJobs(self, request, context):
+        return self.submitted_jobs.list()
+
+    async def DeleteSubmittedJob(self, request, context):
+        return self.submitted_jobs.delete(request.submission_id)
 
     # -- KV ------------------------------------------------------------------------------------
     async def KvPut(self, request, context):
@@ -352,6 +367,7 @@ class Gcs(gcs_pb2_grpc.GcsServicer):
         await self._stopping.wait()
         health.cancel()
         await server.stop(0.5)
+        await self.actor_manager.close()
 
 
 def main(argv=None) -> None:

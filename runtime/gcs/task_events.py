@@ -15,6 +15,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 from runtime.core_worker.task_events import TASK_STATES
 from runtime.protocol import gcs_pb2
+from runtime.protocol.common_pb2 import FINISHED, SUBMITTED_TO_WORKER
 
 #: Fields of a task record (runtime/util/state.py task_dict) a filter may name, and
 #: raytop's column titles for them.
@@ -65,7 +66,7 @@ def _static(i: int, default=""):
 
 def _reason(t: "_Lazy") -> Optional[str]:
     rec, ctx = t.rec, t.ctx
-    if ctx.reason_for is None or not rec.states or rec.states[-1] >= 2:
+    if ctx.reason_for is None or not rec.states or rec.states[-1] >= SUBMITTED_TO_WORKER:
         return None
     return ctx.reason_for(rec) or None
 
@@ -180,7 +181,7 @@ class TaskEventStore:
             rec = self._record(tid, job)
             old = rec.outcome
             if old and (old[5] > attempt or (old[5] == attempt and rec.states
-                                             and rec.states[-1] >= 4)):  # FINISHED, FAILED
+                                             and rec.states[-1] >= FINISHED)):  # or FAILED
                 continue
             node, worker, pid = workers[index]
             rec.outcome = (node, worker, pid, "", "", attempt)
@@ -274,5 +275,5 @@ class TaskEventStore:
             r.outcome.error_type = etype
             r.outcome.error_message = emsg
             r.outcome.attempt = attempt
-        if reason_for is not None and rec.states and rec.states[-1] < 2:  # still pending
+        if reason_for is not None and rec.states and rec.states[-1] < SUBMITTED_TO_WORKER:
             r.pending_reason = reason_for(rec)

@@ -266,6 +266,16 @@ class StoreClient:
             self.node_id = reply.node_id
         return reply
 
+    async def list_objects(self, object_ids: Iterable[bytes] = (),
+                           limit: int = 0) -> list[object_store_pb2.StoreObjectInfo]:
+        """What the store holds of object_ids (or, with none, its largest objects), at
+        most `limit` (0: the store's default); ids it does not hold are left out."""
+        reply = await self._call("List", self._get_stub().List(
+            object_store_pb2.ListObjectsRequest(object_ids=list(object_ids), limit=limit)))
+        if reply.node_id:
+            self.node_id = reply.node_id
+        return list(reply.objects)
+
     async def put(self, object_id: bytes, chunks: Sequence[bytes | bytearray | memoryview],
                   owner: common_pb2.Address | None = None) -> str:
         """create + write_object + seal; large writes run in a thread. Returns the path.

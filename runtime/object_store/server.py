@@ -49,6 +49,10 @@ MAX_OBJECT_ID_BYTES = 64  # file names carry the hex id; keeps them far below NA
 BACKGROUND_UNLINK_BYTES = 32 * 1024 * 1024
 #: How often a running store looks for files of dead stores in its shm dir.
 SWEEP_INTERVAL_S = 30.0
+#: List: objects per reply unless the caller asks for fewer, and the most it may ask for
+#: (or name by id) in one call; raytop's agent asks for at most its view's row limit.
+LIST_DEFAULT_LIMIT = 1000
+LIST_MAX = 20_000
 _T = TypeVar("_T")
 
 
@@ -684,6 +688,27 @@ class ObjectStoreServicer(object_store_pb2_grpc.ObjectStoreServicer):
                 offset += len(data)
         finally:
             os.close(fd)
+
+    async def List(self, request, context):
+        """What the store holds, bounded: the named ids it has, or its largest objects."""
+        limit = request.limit or LIST_DEFAULT_LIMIT
+        if not 0 < limit <= LIST_MAX:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"List: limit must be 1 to {LIST_MAX} (0 means "
+                                f"{LIST_DEFAULT_LIMIT}), got {request.limit}")
+        if len(request.object_ids) > LIST_MAX:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"List: at most {LIST_MAX} object ids per call, got "
+                                f"{len(request.object_ids)}; ask in several calls")
+        state = self._svc.state
+        entries, truncated = state.listing(list(request.object_ids) or None, limit)
+        reply = object_store_pb2.ListObjectsReply(total=len(state.entries), truncated=truncated,
+                                                  node_id=self._svc.node_id_hex)
+        for e in entries:
+            reply.objects.add(object_id=e.object_id, size=e.size, state=e.state.value,
+                              busy=e.busy, disk_copy=e.spill_path is not None,
+                              writers=len(e.writers or ()))
+        return reply
 
     async def Stats(self, request, context):
         s = self._svc.state.stats()

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import enum
 import errno
+import heapq
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Sequence
 
 from runtime import config
 
@@ -127,6 +129,21 @@ class StoreState:
     def lru_order(self) -> list[bytes]:
         """Spill candidates, least recently used first (for tests and debugging)."""
         return list(self._lru)
+
+    def listing(self, object_ids: Sequence[bytes] | None,
+                limit: int) -> tuple[list[Entry], bool]:
+        """At most `limit` entries, and whether more matched (raytop's objects view).
+
+        With ids: those the store holds, in the order asked (it joins them with the
+        owners' objects); without: the largest, since an operator asks what fills
+        the store. Either way the work is bounded by the ids or by a heap of
+        `limit`, never a sort of every object.
+        """
+        if object_ids is not None:
+            held = [e for e in map(self.entries.get, dict.fromkeys(object_ids)) if e is not None]
+            return held[:limit], len(held) > limit
+        top = heapq.nlargest(limit, self.entries.values(), key=lambda e: e.size)
+        return top, len(self.entries) > limit
 
     def stats(self) -> Stats:
         return Stats(capacity=self.capacity, used=self.used,

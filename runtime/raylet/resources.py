@@ -45,7 +45,7 @@ def bundle_resources(pg_hex: str, index: int, res: Resources) -> Resources:
 
 
 def describe(res: Resources) -> str:
-    return "{" + ", ".join(f"{k!r}: {v:g}" for k, v in sorted(res.items())) + "}"
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(res.items())) + "}"
 
 
 class GpuInstances:

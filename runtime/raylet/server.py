@@ -202,26 +202,31 @@ class Raylet(raylet_pb2_grpc.RayletServicer):
         for action in self.sched.schedule():
             if isinstance(action, Grant):
                 self._send(action.client, raylet_pb2.LeaseGrant(
-                    request_id=action.request_id, lease_id=action.lease_id,
-                    worker=common_pb2.Address(ip=self.args.node_ip, port=action.worker.port,
-                                              worker_id=action.worker.worker_id, node_id=self.node_id),
-                    gpu_ids=action.gpu_ids, worker_pid=action.worker.pid))
+                    request_id=action.request_id, granted=raylet_pb2.Granted(
+                        lease_id=action.lease_id,
+                        worker=common_pb2.Address(ip=self.args.node_ip, port=action.worker.port,
+                                                  worker_id=action.worker.worker_id,
+                                                  node_id=self.node_id),
+                        gpu_ids=action.gpu_ids, worker_pid=action.worker.pid)))
             elif isinstance(action, StartWorkers):
                 for _ in range(action.count):
                     self._start_worker()
             elif isinstance(action, Reject):
                 self._send(action.client, raylet_pb2.LeaseGrant(
-                    request_id=action.request_id, rejected=True, message=action.message))
+                    request_id=action.request_id,
+                    rejected=raylet_pb2.Refused(message=action.message)))
             elif isinstance(action, Spillback):
                 self._send(action.client, raylet_pb2.LeaseGrant(
-                    request_id=action.request_id, retry_at=action.raylet_address))
+                    request_id=action.request_id,
+                    spillback=raylet_pb2.Spillback(raylet_address=action.raylet_address)))
             elif isinstance(action, Queued):
                 self._send(action.client, raylet_pb2.LeaseGrant(request_id=action.request_id,
-                                                                queued=True))
+                                                                queued=common_pb2.Empty()))
             elif isinstance(action, Warn):
                 log.warning("%s", action.message)
-                self._send(action.client, raylet_pb2.LeaseGrant(request_id=action.request_id,
-                                                                message=action.message))
+                self._send(action.client, raylet_pb2.LeaseGrant(
+                    request_id=action.request_id,
+                    warning=raylet_pb2.Refused(message=action.message)))
         self._dirty.set()
 
     def _send(self, cid: int, grant: raylet_pb2.LeaseGrant) -> None:

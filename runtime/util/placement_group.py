@@ -8,6 +8,8 @@ import time
 from typing import Any, Dict, List, Optional
 
 from runtime import ids
+from runtime.core_worker.current import core_worker, core_worker_or_none
+from runtime.shapes import check_timeout, group_resources  # noqa: F401  (group_resources: its old home)
 from runtime.protocol import gcs_pb2
 
 VALID_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -53,15 +55,10 @@ class PlacementGroup:
 
     def ready(self):
         """An ObjectRef that resolves (to this group) once every bundle is reserved."""
-        from runtime.api import _ensure_initialized
-
-        cw = _ensure_initialized()
-        return cw.placement_group_ready_ref(self)
+        return core_worker().placement_group_ready_ref(self)
 
     def wait(self, timeout_seconds: float = 30) -> bool:
         """True once the group is created, False if timeout_seconds pass first."""
-        from runtime.api import check_timeout
-
         check_timeout("timeout_seconds", timeout_seconds)
         deadline = time.monotonic() + timeout_seconds
         version = 0
@@ -92,9 +89,7 @@ class PlacementGroup:
 
 
 def _cw():
-    from runtime.api import _ensure_initialized
-
-    return _ensure_initialized()
+    return core_worker()
 
 
 def _get(pg_id: bytes = b"", name: str = "", namespace: str = "", newer_than: int = 0,
@@ -191,19 +186,6 @@ def placement_group_table(placement_group: Optional[PlacementGroup] = None) -> D
 
 def get_current_placement_group() -> Optional[PlacementGroup]:
     """The group the current task or actor runs in (when it captures child tasks)."""
-    from runtime.core_worker.current import core_worker_or_none
-
     cw = core_worker_or_none()
     pg = getattr(cw, "current_placement_group", None) if cw else None
     return PlacementGroup(PlacementGroupID(pg[0])) if pg else None
-
-
-def group_resources(resources: Dict[str, float], pg_id: bytes, bundle_index: int) -> Dict[str, float]:
-    """Rewrite a resource shape to draw from a placement group's bundle(s)."""
-    h = pg_id.hex()
-    out: Dict[str, float] = {}
-    for k, v in resources.items():
-        out[f"{k}_group_{bundle_index}_{h}" if bundle_index >= 0 else f"{k}_group_{h}"] = v
-    marker = f"bundle_group_{bundle_index}_{h}" if bundle_index >= 0 else f"bundle_group_{h}"
-    out[marker] = 0.001
-    return out

@@ -5,8 +5,11 @@ same wherever it runs (and runs where the records are, not where they are shown)
 Grammar (terms separated by spaces, all of them must match; quote a term with
 spaces in it):
 
-* ``word`` or ``re.gex``: a case-insensitive regular expression searched in every
-  field of the record (a term that is not a valid regex is a plain substring);
+* ``word`` or ``re.gex``: a case-insensitive regular expression searched in each
+  field of the record; the term matches if it matches within any one field, so
+  ``^`` and ``$`` are the start and end of a field (``^train`` finds the function
+  ``train_step``) and no match spans two fields (a term that is not a valid regex
+  is a plain substring);
 * ``key=value``: the field ``key`` contains ``value`` (case-insensitive substring,
   so ``state=PENDING`` also finds ``PENDING_NODE_ASSIGNMENT``); ``key==value`` is
   an exact (case-insensitive) match;
@@ -15,11 +18,13 @@ spaces in it):
 
 Keys are record fields (Ray's state-API names such as ``node_ip`` or
 ``func_or_class_name``) or the aliases the caller passes (raytop's column titles:
-``node``, ``function``). An unknown key is a :class:`FilterError` naming the keys
-there are.
+``node``, ``function``), in any case (``STATE=`` is ``state=``). ``node`` is a node's
+id or its IP wherever records have them (``node=127.0.0.2``, ``node=9f3a``). An
+unknown key is a :class:`FilterError` naming the keys there are.
 """
 from __future__ import annotations
 
+import difflib
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -60,30 +65,65 @@ def _number(value: Any) -> Optional[float]:
 #: over thousands of records; ids do not, and stop being remembered at this size).
 _MEMO_SIZE = 4096
 
+#: Keys that name one thing by any of several fields: a node is its id or its IP in every
+#: view (the nodes view shows the id under NODE, the others the IP, and people type
+#: either), so ``node=`` reads both wherever the records have them.
+_EITHER: Mapping[str, Tuple[str, ...]] = {"node": ("node_id", "node_ip")}
+
 
 @dataclass(frozen=True)
 class _Term:
-    key: str          # "" = any field
-    op: str           # "re", "=", "==", ">", "<", ">=", "<="
+    keys: Tuple[str, ...]  # () = any field; several = any of them
+    op: str                # "re", "=", "==", ">", "<", ">=", "<="
     value: str
     negate: bool
     pattern: Optional["re.Pattern[str]"] = None
     number: float = 0.0
     memo: dict = field(default_factory=dict, compare=False, repr=False)
 
-    def matches(self, rec: Record, blob: Callable[[], str]) -> bool:
-        if not self.key:
-            return (self.pattern.search(blob()) is not None) != self.negate  # type: ignore
-        actual = rec.get(self.key)
-        try:
-            hit = self.memo.get(actual)
-        except TypeError:  # a dict or a list: not remembered
-            return self._test(actual) != self.negate
-        if hit is None:
-            hit = self._test(actual)
-            if len(self.memo) < _MEMO_SIZE:
-                self.memo[actual] = hit
-        return hit != self.negate
+    @property
+    def key(self) -> str:
+        """The (first) field the term reads; "" for free text."""
+        return self.keys[0] if self.keys else ""
+
+    def matches_fields(self, rec: Record) -> bool:
+        memo = self.memo
+        for key in self.keys:
+            actual = rec.get(key)
+            try:
+                hit = memo.get(actual)
+            except TypeError:  # a dict or a list: not remembered
+                hit = self._test(actual)
+            else:
+                if hit is None:
+                    hit = self._test(actual)
+                    if len(memo) < _MEMO_SIZE:
+                        memo[actual] = hit
+            if hit:
+                return not self.negate
+        return self.negate
+
+    def matches_any(self, values: Iterable[Any]) -> bool:
+        """Free text: the pattern found in any one field. Fields are searched one by
+        one, never joined, so ``^`` and ``$`` are a field's start and end and no match
+        spans two fields; remembered by text, as most fields repeat across records."""
+        memo = self.memo
+        search = self.pattern.search  # type: ignore[union-attr]
+        for v in values:
+            if v.__class__ is str:
+                text = v
+            elif isinstance(v, (dict, list)):
+                continue
+            else:
+                text = _text(v)
+            hit = memo.get(text)
+            if hit is None:
+                hit = search(text) is not None
+                if len(memo) < _MEMO_SIZE:
+                    memo[text] = hit
+            if hit:
+                return not self.negate
+        return self.negate
 
     def _test(self, actual: Any) -> bool:
         if self.op == "=":
@@ -101,30 +141,64 @@ class Filter:
     def __init__(self, text: str, terms: Sequence[_Term]) -> None:
         self.text = text
         self.terms = tuple(terms)
-        self.keys = frozenset(t.key for t in terms if t.key)
+        self.keys = frozenset(k for t in terms for k in t.keys)
+        # Field terms first: one memoised lookup each, and they reject most records
+        # before free text searches every field.
+        self._fields = tuple(t for t in self.terms if t.keys)
+        self._free = tuple(t for t in self.terms if not t.keys)
 
     def __bool__(self) -> bool:
         return bool(self.terms)
 
     def matches(self, rec: Record) -> bool:
-        cache: List[str] = []
+        for t in self._fields:
+            if not t.matches_fields(rec):
+                return False
+        if not self._free:
+            return True
+        values = rec.values()
+        if len(self._free) > 1:  # computed once (the GCS's records compute them lazily)
+            values = list(values)
+        for t in self._free:
+            if not t.matches_any(values):
+                return False
+        return True
 
-        def blob() -> str:
-            if not cache:
-                cache.append("\t".join(_text(v) for v in rec.values()
-                                       if not isinstance(v, (dict, list))))
-            return cache[0]
 
-        return all(t.matches(rec, blob) for t in self.terms)
+def _resolve(key: str, aliases: Mapping[str, Any], known: Optional[Mapping[str, str]],
+             what: str) -> Tuple[str, ...]:
+    """The record fields a filter key names, whatever its case: a column title or
+    alias, a key of _EITHER, or a field name. known: lower-cased field -> field."""
+    low = key.lower()
+    targets: List[str] = []
+    alias = aliases.get(low)
+    if alias is not None:
+        targets.extend((alias,) if isinstance(alias, str) else alias)
+    targets.extend(_EITHER.get(low, ()))
+    if not targets:
+        targets.append(known.get(low, key) if known is not None else key)
+    if known is not None:
+        fields = set(known.values())
+        targets = [t for t in targets if t in fields]
+    if targets:
+        return tuple(dict.fromkeys(targets))
+    names = set(aliases) | set(known.values() if known is not None else ())
+    names |= {k for k, fs in _EITHER.items() if any(f in names for f in fs)}
+    close = difflib.get_close_matches(low, names, n=1, cutoff=0.75)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise FilterError(f"no field {key!r} in {what}{hint}; filter on one of: "
+                      f"{', '.join(sorted(names))}")
 
 
 def parse(text: str, fields: Optional[Iterable[str]] = None,
-          aliases: Optional[Mapping[str, str]] = None, what: str = "records") -> Filter:
+          aliases: Optional[Mapping[str, Any]] = None, what: str = "records") -> Filter:
     """Parse filter text. ``fields`` (when given) are the keys records have, so that an
-    unknown key fails here with the list of known ones rather than matching nothing."""
+    unknown key fails here with the list of known ones rather than matching nothing.
+    ``aliases`` map keys people type (column titles) to a field or a tuple of fields
+    (the term then matches if any of them does); keys match without case."""
     text = (text or "").strip()
     aliases = {k.lower(): v for k, v in (aliases or {}).items()}
-    known = set(fields) if fields is not None else None
+    known = {f.lower(): f for f in fields} if fields is not None else None
     try:
         words = shlex.split(text)
     except ValueError as exc:
@@ -142,14 +216,10 @@ def parse(text: str, fields: Optional[Iterable[str]] = None,
                 pattern = re.compile(word, re.I)
             except re.error:
                 pattern = re.compile(re.escape(word), re.I)
-            terms.append(_Term("", "re", word, negate, pattern))
+            terms.append(_Term((), "re", word, negate, pattern))
             continue
         key, op, value = m.group(1), m.group(2), m.group(3)
-        key = aliases.get(key.lower(), key)
-        if known is not None and key not in known:
-            shown = sorted(set(aliases) | known)
-            raise FilterError(f"no field {m.group(1)!r} in {what}; filter on one of: "
-                              f"{', '.join(shown)}")
+        keys = _resolve(key, aliases, known, what)
         if op == "!=":
             op, negate = "=", not negate
         number = 0.0
@@ -158,7 +228,7 @@ def parse(text: str, fields: Optional[Iterable[str]] = None,
             if n is None:
                 raise FilterError(f"filter term {word!r}: {value!r} is not a number")
             number = n
-        terms.append(_Term(key, op, value.lower(), negate, None, number))
+        terms.append(_Term(keys, op, value.lower(), negate, None, number))
     return Filter(text, terms)
 
 

@@ -22,6 +22,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import grpc
 
 from runtime.core_worker.task_events import TASK_STATES
+from runtime.protocol.common_pb2 import FAILED, FINISHED, RUNNING, SUBMITTED_TO_WORKER
 from runtime.rpc_errors import component_error
 
 log = logging.getLogger("runtime.util.state")
@@ -166,11 +167,11 @@ def task_dict(task_id: bytes, job_id: bytes, static: Sequence, outcome: Sequence
     state = TASK_STATES[states[-1]] if states else "NIL"
     start = end = submitted = None
     for s, tm in zip(states, times):
-        if s == 3 and start is None:
+        if s == RUNNING and start is None:
             start = tm
-        elif s in (4, 5) and end is None:
+        elif s in (FINISHED, FAILED) and end is None:
             end = tm
-        elif s == 2 and submitted is None:
+        elif s == SUBMITTED_TO_WORKER and submitted is None:
             submitted = tm
     # Owners learn when a task started only when it ends: a task still out on a worker
     # counts from its submission.

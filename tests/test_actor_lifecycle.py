@@ -1,0 +1,154 @@
+"""An actor's lifecycle in the GCS (runtime/gcs/actor_lifecycle.py), without sockets or
+processes: every transition of the table, and what each asks the manager to do."""
+from __future__ import annotations
+
+import pytest
+
+from runtime.gcs.actor_lifecycle import (ALIVE, DEAD, PENDING_CREATION, RESTARTING,
+                                         TRANSITIONS, ActorLifecycle, CancelRequest, Event,
+                                         Place, Publish, PushCreation, ReleaseName, ReturnLease)
+
+
+def kinds(actions):
+    return [type(a) for a in actions]
+
+
+def alive(max_restarts: int = 0) -> ActorLifecycle:
+    life = ActorLifecycle(max_restarts)
+    assert kinds(life.registered()) == [Place]
+    life.lease_requested()
+    assert kinds(life.lease_granted()) == [PushCreation]
+    assert kinds(life.created()) == [Publish]
+    assert life.state == ALIVE
+    return life
+
+
+def test_created_actor_is_alive():
+    life = alive()
+    assert life.state_name == "ALIVE" and life.leased and not life.requesting
+
+
+def test_worker_death_restarts_within_the_budget_then_it_is_dead():
+    life = alive(max_restarts=2)
+    for n in (1, 2):
+        out = life.worker_died(pid=100 + n, error="UNAVAILABLE")
+        assert kinds(out) == [Publish, Event, Place]
+        assert life.state == RESTARTING and life.num_restarts == n
+        assert out[1].state == "restarting" and f"restart {n}/2" in out[1].message
+        assert f"pid {100 + n}" in out[1].message and out[1].severity == "WARNING"
+        life.lease_requested()
+        life.lease_granted()
+        life.created()
+        assert life.state == ALIVE
+    out = life.worker_died(pid=103, error="EOF")
+    assert life.state == DEAD and ReleaseName() in out
+    assert life.death_cause == ("its worker process (pid 103) died (EOF); no restarts left "
+                                "(max_restarts=2)")
+    assert [a for a in out if isinstance(a, Event)][0].severity == "WARNING"
+
+
+def test_infinite_restarts():
+    life = alive(max_restarts=-1)
+    for _ in range(20):
+        assert Place() in life.worker_died(1, "x")
+        life.lease_granted()
+        life.created()
+    assert life.state == ALIVE and life.num_restarts == 20
+
+
+def test_death_while_restarting_counts_against_the_budget():
+    life = alive(max_restarts=1)
+    life.worker_died(1, "x")
+    life.lease_requested()
+    life.lease_granted()
+    out = life.worker_died(2, "y")  # the restarted worker died before its constructor ended
+    assert life.state == DEAD and "no restarts left" in life.death_cause
+    assert ReturnLease() not in out  # the lease went with the worker
+
+
+def test_kill_without_restart_is_dead_at_once_and_kills_the_worker():
+    life = alive(max_restarts=5)
+    out = life.kill_requested(no_restart=True, reason="it was killed by kill()")
+    assert life.state == DEAD and life.death_cause == "it was killed by kill()"
+    assert {type(a) for a in out} == {ReleaseName, Publish, Event, ReturnLease}
+    assert [a for a in out if isinstance(a, Event)][0].severity == "INFO"
+    assert life.worker_died(1, "killed") == []  # the stream breaking changes nothing now
+    assert life.kill_requested(True, "again") == []
+
+
+def test_kill_while_the_lease_is_requested_cancels_the_request():
+    life = ActorLifecycle(max_restarts=3)
+    life.registered()
+    life.lease_requested()
+    out = life.kill_requested(no_restart=True, reason="its owner exited")
+    assert CancelRequest() in out and ReturnLease() not in out and life.state == DEAD
+    assert life.lease_granted() == [ReturnLease()]  # a grant that crossed the cancel goes back
+    assert life.created() == [] and life.state == DEAD
+
+
+def test_kill_with_restart_kills_the_worker_and_restarts_it():
+    life = alive(max_restarts=1)
+    assert life.kill_requested(no_restart=False, reason="kill(no_restart=False)") == [
+        ReturnLease()]
+    assert life.state == ALIVE  # until its worker's stream breaks
+    out = life.worker_died(pid=9, error="killed")
+    assert life.state == RESTARTING and Place() in out
+    assert "it was killed (kill(no_restart=False))" in out[1].message
+
+
+def test_kill_with_restart_and_no_budget_left_is_death():
+    life = alive(max_restarts=0)
+    life.kill_requested(no_restart=False, reason="kill(no_restart=False)")
+    life.worker_died(pid=9, error="killed")
+    assert life.state == DEAD
+    assert life.death_cause == "it was killed (kill(no_restart=False)); no restarts left " \
+                               "(max_restarts=0)"
+
+
+def test_constructor_error_is_death_with_the_error_and_the_worker_goes():
+    life = ActorLifecycle(max_restarts=3)
+    life.registered()
+    life.lease_granted()
+    out = life.constructor_failed("Counter", b"pickled error")
+    assert life.state == DEAD and life.death_error == b"pickled error"
+    assert life.death_cause == "its constructor (Counter.__init__) raised an exception"
+    assert ReturnLease() in out  # never restarted, whatever max_restarts says
+
+
+def test_exit_actor_is_intentional_death_without_restart():
+    life = alive(max_restarts=3)
+    out = life.exited("the actor exited intentionally (exit_actor())")
+    assert life.state == DEAD and ReturnLease() not in out  # its process exits by itself
+    assert [a for a in out if isinstance(a, Event)][0].severity == "INFO"
+    assert life.worker_died(1, "EOF") == [] and life.num_restarts == 0
+
+
+def test_unschedulable_and_internal_errors_are_death():
+    life = ActorLifecycle()
+    life.registered()
+    life.unschedulable("no node has {GPU: 1}")
+    assert life.state == DEAD and life.death_cause == "cannot be scheduled: no node has {GPU: 1}"
+    other = ActorLifecycle()
+    other.registered()
+    other.internal_error()
+    assert other.state == DEAD and "internal error" in other.death_cause
+
+
+@pytest.mark.parametrize("state", [PENDING_CREATION, ALIVE, RESTARTING, DEAD])
+def test_stimuli_outside_the_table_change_nothing(state):
+    life = ActorLifecycle(max_restarts=1)
+    life.state = state
+    before = (life.state, life.num_restarts, life.death_cause)
+    if (state, "created") not in TRANSITIONS:
+        assert life.created() == []
+    if (state, "exited") not in TRANSITIONS:
+        assert life.exited("x") == []
+    if (state, "constructor_failed") not in TRANSITIONS:
+        assert life.constructor_failed("C", b"e") == []
+    if (state, "unschedulable") not in TRANSITIONS:
+        assert life.unschedulable("x") == []
+    assert (life.state, life.num_restarts, life.death_cause) == before
+
+
+def test_dead_is_terminal():
+    assert not [key for key in TRANSITIONS if key[0] == DEAD]
