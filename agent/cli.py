@@ -36,7 +36,7 @@ from agent import client as agent_client
 from agent import tokens
 from agent.config import ConfigError
 from agent.jobs import cli as job_cli
-from agent.views import brief_reason
+from agent.views import brief_reason, fmt_duration
 from runtime.protocol import agent_pb2
 
 EXIT_ERROR = 1
@@ -60,19 +60,6 @@ def fmt_bytes(n: float) -> str:
 
 def fmt_amount(name: str, value: float) -> str:
     return fmt_bytes(value) if "memory" in name else f"{value:g}"
-
-
-def fmt_duration(seconds: float) -> str:
-    if seconds < 0:
-        return "-"
-    s = int(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
 def _shown_resources(total: Dict[str, float]) -> List[str]:
@@ -139,7 +126,7 @@ def format_status(s: agent_pb2.StatusReply) -> str:
         for p in s.processes:
             restarts = str(p.restarts) if p.supervised_by == "agent" else "-"
             out.append(f"  {p.component:<18}{p.pid or '-':>8}  {p.state:<9}{restarts:>9}  "
-                       f"{fmt_duration(p.uptime_s):>8}  {p.last_exit or '-'}")
+                       f"{fmt_duration(p.uptime_s) or '-':>8}  {p.last_exit or '-'}")
             if p.failure_reason:
                 out.append(f"      {brief_reason(p.failure_reason)}")
     return "\n".join(out)

@@ -50,6 +50,10 @@ HISTORY_SAMPLES = 300
 HISTORY_MIN_INTERVAL_S = 1.0
 #: Process events waiting to reach the GCS's event log (oldest dropped beyond this).
 EVENT_BUFFER = 500
+#: How often an agent rewrites its address in the GCS KV even when it did not change.
+REPUBLISH_S = 30.0
+#: How long a request for a live node waits for its agent's address to be published.
+PEER_WAIT_S = 5.0
 #: The GCS KV namespace where each agent publishes its TCP API address, by node id.
 AGENT_KV_NS = "node_agent"
 ACTIONS = {"kill_actor": "actors", "cancel_task": "tasks", "drain_node": "nodes",
@@ -229,6 +233,7 @@ class ClusterViews:
         self._events: Deque[gcs_pb2.ClusterEvent] = deque(maxlen=EVENT_BUFFER)
         self._local_events: Deque[gcs_pb2.ClusterEvent] = deque(maxlen=EVENT_BUFFER)
         self._published: Optional[Tuple[str, str, str]] = None
+        self._published_at = 0.0
 
     # ---- plumbing ----------------------------------------------------------------------------
 
@@ -263,10 +268,16 @@ class ClusterViews:
 
     async def peer(self, n: gcs_pb2.NodeInfo) -> agent_pb2_grpc.NodeAgentStub:
         """The agent of node n, over its TCP API (published in the GCS KV)."""
-        reply = await self._gcs().KvGet(gcs_pb2.KvRequest(ns=AGENT_KV_NS,
-                                                          key=n.node_id.hex().encode()),
-                                        timeout=GCS_TIMEOUT_S)
-        address = json.loads(reply.value).get("api_address", "") if reply.found else ""
+        # A node that just joined publishes its agent's address within a publish period.
+        deadline = time.monotonic() + (PEER_WAIT_S if n.alive else 0.0)
+        while True:
+            reply = await self._gcs().KvGet(gcs_pb2.KvRequest(ns=AGENT_KV_NS,
+                                                              key=n.node_id.hex().encode()),
+                                            timeout=GCS_TIMEOUT_S)
+            address = json.loads(reply.value).get("api_address", "") if reply.found else ""
+            if address or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.2)
         if not address:
             raise AgentError(grpc.StatusCode.UNAVAILABLE,
                              f"the agent of node {n.node_id.hex()[:8]} ({n.node_ip}) publishes "
@@ -342,14 +353,16 @@ class ClusterViews:
             except grpc.RpcError:
                 pass  # kept (bounded) for the next try
         wanted = (a.node.node_id.hex(), a.api_address, a.gcs_address)
-        if a.api_address and wanted != self._published:
+        # Rewritten now and then too: a GCS that lost its KV learns the address again.
+        stale = time.monotonic() - self._published_at > REPUBLISH_S
+        if a.api_address and (wanted != self._published or stale):
             value = json.dumps({"api_address": a.api_address, "node_ip": a.node_ip,
                                 "agent_pid": os.getpid()}).encode()
             try:
                 await stub.KvPut(gcs_pb2.KvRequest(ns=AGENT_KV_NS, key=wanted[0].encode(),
                                                    value=value, overwrite=True),
                                  timeout=GCS_TIMEOUT_S)
-                self._published = wanted
+                self._published, self._published_at = wanted, time.monotonic()
             except grpc.RpcError:
                 pass
 

@@ -6,6 +6,7 @@ Every key is optional; an agent without a config file runs idle until
 
     [node]        role, head_address, token_file, node_ip, api_host
     [ports]       gcs (6379), agent (6380), raylet (6381), object_store (6382),
+                  object_transfer (6383),
                   dashboard (8265: the head's Jobs REST API; 0 turns it off)
     [resources]   num_cpus, num_gpus, memory, object_store_memory, custom = {name = amount}
     [paths]       state_dir, runtime_dir, socket, log_dir, session_root
@@ -52,6 +53,7 @@ class Ports:
     agent: int = 6380           # the TCP API; 0 disables it
     raylet: int = 6381
     object_store: int = 6382
+    object_transfer: int = 6383  # stores pull objects from each other here
     dashboard: int = 8265       # the head's Jobs REST API (agent/jobs/); 0 disables it
 
 
@@ -187,7 +189,7 @@ def parse(data: Dict[str, Any], source: str = "agent.toml") -> AgentConfig:
         else:
             raise ConfigError(f"{source}: unknown section [{top}] (known: node, "
                               f"{', '.join(_SECTIONS)}, component_env)")
-    for name in ("gcs", "agent", "raylet", "object_store", "dashboard"):
+    for name in ("gcs", "agent", "raylet", "object_store", "object_transfer", "dashboard"):
         port = getattr(cfg.ports, name)
         if not 0 <= port <= 65535:
             raise ConfigError(f"{source}: [ports] {name} must be a TCP port (0-65535), got {port}")

@@ -211,14 +211,41 @@ class NodeAgent:
             object_store_memory=pick("object_store_memory"), memory=pick("memory"),
             token=token, raylet_port=self.cfg.ports.raylet,
             object_store_port=self.cfg.ports.object_store,
+            object_transfer_port=self.cfg.ports.object_transfer,
             restart=self.cfg.supervision.restart_policy(),
-            component_env=dict(self.cfg.component_env),
+            component_env=self._component_env(head),
             stop_grace_s=self.cfg.supervision.stop_grace_s)
+
+    def gcs_store_path(self) -> str:
+        """The head's GCS tables (SQLite), in the state dir rather than the session dir,
+        so they survive a restart of the agent (`systemctl restart node-agent`) as well as
+        of the GCS: raylets, actors and drivers elsewhere keep running and reconnect."""
+        return os.path.join(self.paths.state_dir, "gcs", "gcs_state.sqlite3")
+
+    def _component_env(self, head: bool) -> Dict[str, Dict[str, str]]:
+        env = {name: dict(values) for name, values in self.cfg.component_env.items()}
+        chosen = {**env.get("all", {}), **env.get("gcs", {})}
+        if head and "RUNTIME_GCS_STORAGE" not in chosen:  # an admin's choice wins
+            env.setdefault("gcs", {})["RUNTIME_GCS_STORAGE"] = self.gcs_store_path()
+        return env
+
+    def _forget_gcs_store(self) -> None:
+        """A head stopped on purpose ends its cluster: the next start is a fresh one."""
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                os.unlink(self.gcs_store_path() + suffix)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("cannot remove the GCS store %s: %s", self.gcs_store_path() + suffix,
+                            exc)
 
     def _check_ports(self, ncfg: NodeConfig) -> None:
         if ncfg.head:
             host.check_port(ncfg.node_ip, ncfg.gcs_port, "GCS")
         host.check_port(ncfg.node_ip, ncfg.object_store_port, "object store")
+        if ncfg.object_transfer_port:
+            host.check_port(ncfg.node_ip, ncfg.object_transfer_port, "object transfer")
         host.check_port(ncfg.node_ip, ncfg.raylet_port, "raylet")
 
     async def _wait_ports(self, ncfg: NodeConfig, wait_s: float) -> None:
@@ -313,6 +340,7 @@ class NodeAgent:
         async with self._op_lock:
             self._refuse_if_exiting()
             self._require_idle()
+            self._forget_gcs_store()  # `start --head` begins a new cluster
             return await self._start_head(options, token or rpc.new_cluster_token())
 
     async def _start_head(self, options: Dict[str, Any], token: str,
@@ -473,6 +501,8 @@ class NodeAgent:
         async with self._op_lock:
             st = self.state
             msg = await self._stop_node(drain_timeout_s)
+            if st.role == "head":
+                self._forget_gcs_store()
             if st.role != "idle":
                 self.state = AgentState(last_role=st.role, last_head_address=st.head_address,
                                         last_options=st.options)

@@ -31,6 +31,7 @@ import grpc.aio
 from agent import config as agent_config
 from agent.client import socket_alive
 from agent.core import AgentError, NodeAgent
+from agent.jobs.runner import JobRunner, NodeContext
 from agent.sdnotify import Notifier, PriorityPrefixFormatter, WatchdogGate, journal_handler
 from agent.service import AgentService, make_tcp_server
 from runtime import rpc
@@ -153,6 +154,19 @@ class Daemon:
         self.jobs_server: Optional[Any] = None  # agent.jobs.server.JobServer
         self.jobs_endpoint: Optional[Tuple[str, int, str, str, str]] = None
         self._jobs_switch: Optional[asyncio.Task] = None
+        # Runs the entrypoints placed on this node: for this head's job manager, or for
+        # the head's over the TCP API (agent/jobs/runner.py).
+        self.job_runner = JobRunner(self._node_context, cfg.jobs)
+
+    def _node_context(self) -> Optional[NodeContext]:
+        agent = self.agent
+        node = agent.node if agent is not None else None
+        if node is None or not agent.gcs_address or not agent.token:
+            return None
+        return NodeContext(session_dir=node.session_dir, node_id=node.node_id.hex(),
+                           node_ip=node.cfg.node_ip, gcs_address=agent.gcs_address,
+                           token=agent.token, socket_path=self.paths.socket,
+                           is_head=agent.state.role == "head")
 
     async def _serve_unix(self, agent: NodeAgent) -> None:
         path = self.paths.socket
@@ -170,7 +184,8 @@ class Daemon:
             os.unlink(path)  # left by an agent that was killed
         # No token on the socket: who may connect is who may reach it (socket_mode).
         server = grpc.aio.server(options=rpc.SERVER_OPTIONS)
-        agent_pb2_grpc.add_NodeAgentServicer_to_server(AgentService(agent, local=True), server)
+        agent_pb2_grpc.add_NodeAgentServicer_to_server(
+            AgentService(agent, local=True, jobs=self.job_runner), server)
         old = os.umask(0o177)
         try:
             if not server.add_insecure_port(f"unix:{path}"):
@@ -199,7 +214,8 @@ class Daemon:
             return
         host, port, token = wanted
         server = make_tcp_server(token)
-        agent_pb2_grpc.add_NodeAgentServicer_to_server(AgentService(agent, local=False), server)
+        agent_pb2_grpc.add_NodeAgentServicer_to_server(
+            AgentService(agent, local=False, jobs=self.job_runner), server)
         try:
             bound = rpc.bind(server, host, port)
         except rpc.PortInUseError as exc:
@@ -255,7 +271,7 @@ class Daemon:
         node_id = self.agent.node.node_id.hex() if self.agent and self.agent.node else ""
         head = HeadInfo(gcs_address=gcs_address, token=token, node_id=node_id, node_ip=host,
                         session_dir=session_dir, http_address=f"http://{host}:{port}")
-        server = JobServer(JobManager(head, self.cfg.jobs), token)
+        server = JobServer(JobManager(head, self.cfg.jobs, runner=self.job_runner), token)
         try:
             await server.start(host, port)
         except OSError as exc:
@@ -299,6 +315,7 @@ class Daemon:
             if self._jobs_switch is not None and not self._jobs_switch.done():
                 await asyncio.gather(self._jobs_switch, return_exceptions=True)
             await self._close_jobs()  # first: jobs are recorded STOPPED while the GCS runs
+            await self.job_runner.close()  # those this node ran for the head's manager
             await agent.shutdown()
             if self.tcp_server is not None:
                 await self.tcp_server.stop(0.5)
@@ -352,6 +369,7 @@ class Daemon:
                     refresh = asyncio.ensure_future(self._refresh_cluster(agent))
                 await self._sync_tcp(agent)
                 self._sync_jobs(agent)
+                self.job_runner.sync()
                 if now - last_house >= HOUSEKEEPING_S:
                     last_house = now
                     agent.housekeeping()

@@ -18,6 +18,16 @@ may call every view, Status and the logs, and nothing that changes the cluster:
   honest callers, never relied on against dishonest ones. The unix socket itself
   is 0600 (0660 for group node-agent under the packaged unit): whoever can open it is
   the agent's user, root, or a member of that group, and may act.
+
+The job RPCs (StartJobProcess, PutJobPackage, WaitJobProcess, StopJobProcess,
+ReadJobLog, DeleteJobFiles) run entrypoints for the head's job manager on the node
+that holds a job's reservation. They are served on the TCP API only, to the full
+cluster token (not the read-only token, not the unix socket: nobody but the head's
+manager has a reason to call them). StartJobProcess takes no command: it reads the
+entrypoint and runtime_env from the job's record in the GCS, and starts it only while
+that record is PENDING and the job's reservation (its placement group, named after
+the job) is placed on this node. So a caller can only run what was submitted through
+the jobs API, which takes the same token, and only where the cluster reserved it.
 """
 from __future__ import annotations
 
@@ -26,15 +36,20 @@ import hashlib
 import hmac
 import logging
 import os
-from typing import Any, AsyncIterator, Callable, Dict, List, Tuple
+from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Tuple
 
 import grpc
 
 from agent.core import NodeAgent
 from agent.errors import AgentError
+from agent.jobs import records
+from agent.jobs.packages import PackageError, check_name
+from agent.jobs.packages import PROTOCOL as PACKAGE_PROTOCOL
+from agent.jobs.records import BadRequest
+from agent.jobs.runner import JobRunner, JobUnknown
 from agent.views import options_dict, short_rpc_reason
 from runtime import rpc
-from runtime.protocol import agent_pb2, agent_pb2_grpc
+from runtime.protocol import agent_pb2, agent_pb2_grpc, gcs_pb2, gcs_pb2_grpc
 
 log = logging.getLogger("agent.service")
 
@@ -49,6 +64,12 @@ READ_METHODS = frozenset({"Status", "ListProcesses", "TailLogs", "WatchEvents", 
 #: Metadata by which a caller asks to be treated as read-only (raytop --readonly).
 READONLY_METADATA = "node-agent-readonly"
 _AUTH = "authorization"
+#: Bounds on what the head's job manager may ask of the job RPCs.
+MAX_WAIT_S = 60.0
+MAX_LOG_WAIT_S = 10.0
+MAX_STOP_GRACE_S = 300.0
+MAX_NOTE_CHARS = 2000
+JOB_GCS_TIMEOUT_S = 10.0
 
 
 def readonly_token(token: str) -> str:
@@ -134,9 +155,10 @@ def _last_lines(path: str, n: int) -> Tuple[List[str], int]:
 
 
 class AgentService(agent_pb2_grpc.NodeAgentServicer):
-    def __init__(self, agent: NodeAgent, local: bool) -> None:
+    def __init__(self, agent: NodeAgent, local: bool, jobs: Optional[JobRunner] = None) -> None:
         self.agent = agent
         self.local = local
+        self.jobs = jobs
 
     def readonly(self, context: grpc.aio.ServicerContext) -> bool:
         """Whether this call may only look: it holds the read-only token, or says so."""
@@ -338,3 +360,150 @@ class AgentService(agent_pb2_grpc.NodeAgentServicer):
                 yield await q.get()
         finally:
             self.agent.unsubscribe(q)
+
+    # ---- jobs: entrypoints for the head's job manager (module doc) -------------------------
+
+    async def _job_runner(self, context: grpc.aio.ServicerContext, method: str) -> JobRunner:
+        if self.local:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"{method} is for the head's job manager, over the TCP API with "
+                                f"the cluster token; submit jobs through the jobs API "
+                                f"(`agentctl job submit`, `ray job submit`)")
+        await self._refuse_readonly(context, f"run jobs ({method})")
+        if self.jobs is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                                "this agent runs no jobs (no job runner)")
+        return self.jobs  # type: ignore[return-value]
+
+    @staticmethod
+    async def _job_error(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+        code = (grpc.StatusCode.NOT_FOUND if isinstance(exc, JobUnknown) else
+                grpc.StatusCode.INVALID_ARGUMENT)
+        await context.abort(code, str(exc.args[0]) if exc.args else str(exc))
+
+    async def StartJobProcess(self, request, context):
+        runner = await self._job_runner(context, "StartJobProcess")
+        sid = request.submission_id
+        if not records.valid_submission_id(sid):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"{sid!r} is not a submission id")
+        ctx = runner.context()
+        if ctx is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "this agent runs no node now; it cannot run a job")
+        if sid not in runner.jobs:  # else a retry: answered with the job's process
+            job = await self._verified_job(context, ctx, sid, request.placement_group_id)
+        else:
+            job = gcs_pb2.SubmittedJob(submission_id=sid)
+        log.info("StartJobProcess %s from %s", sid, context.peer())
+        try:
+            outcome = await runner.start(job, remote=True)
+        except BadRequest as exc:
+            await self._job_error(context, exc)
+        return agent_pb2.StartJobProcessReply(
+            pid=outcome.pid, missing_package=outcome.missing_package,
+            error_type=outcome.error_type, message=outcome.message, node_id=ctx.node_id,
+            node_ip=ctx.node_ip)
+
+    async def _verified_job(self, context, ctx, sid: str, pg_id: bytes
+                            ) -> gcs_pb2.SubmittedJob:
+        """The job's record from the GCS, if it may start here (module doc); aborts
+        with FAILED_PRECONDITION saying why not."""
+        gcs = gcs_pb2_grpc.GcsStub(self.agent._channel(ctx.gcs_address, ctx.token))
+        try:
+            rec = await gcs.GetSubmittedJob(gcs_pb2.SubmittedJobRequest(submission_id=sid),
+                                            timeout=JOB_GCS_TIMEOUT_S)
+            pg = (await gcs.GetPlacementGroup(
+                gcs_pb2.PlacementGroupRequest(placement_group_id=pg_id),
+                timeout=JOB_GCS_TIMEOUT_S)) if pg_id else gcs_pb2.PlacementGroupReply()
+        except grpc.RpcError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"cannot check job {sid} with the GCS at {ctx.gcs_address}: "
+                                f"{short_rpc_reason(exc)}")
+        if not rec.found:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"no job {sid} in the GCS's job table: this node runs only jobs "
+                                f"submitted through the head's jobs API")
+        if rec.job.status != records.PENDING:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"job {sid} is {rec.job.status}, not PENDING: it was started "
+                                f"already, or has ended")
+        info = pg.info
+        placed_here = (pg.found and info.state == "CREATED" and len(info.bundle_nodes) == 1
+                       and info.bundle_nodes[0].hex() == ctx.node_id
+                       and info.spec.name == records.reservation_name(sid))
+        if not placed_here:
+            group = pg_id.hex()[:16] or "none given"
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"job {sid}'s reservation (placement group {group}) is not "
+                                f"placed on this node, {ctx.where()}: a job runs only on the "
+                                f"node that holds its reservation")
+        return rec.job
+
+    async def PutJobPackage(self, request_iterator, context):
+        runner = await self._job_runner(context, "PutJobPackage")
+        stream = request_iterator.__aiter__()
+        try:
+            first = await stream.__anext__()
+        except StopAsyncIteration:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "an empty package upload")
+        try:
+            name = check_name(PACKAGE_PROTOCOL, first.name)
+        except PackageError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+        async def chunks() -> AsyncIterator[bytes]:
+            if first.data:
+                yield first.data
+            async for chunk in stream:
+                yield chunk.data
+
+        try:
+            size = await runner.put_package(name, first.size or None, chunks())
+        except PackageError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED if exc.status == 413
+                                else grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except JobUnknown as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        log.info("package gcs://%s (%d bytes) received from %s", name, size, context.peer())
+        return agent_pb2.PutJobPackageReply(size=size)
+
+    async def WaitJobProcess(self, request, context):
+        runner = await self._job_runner(context, "WaitJobProcess")
+        timeout = min(max(request.timeout_s, 0.0), MAX_WAIT_S)
+        try:
+            ended = await runner.wait(request.submission_id, timeout, watch=True)
+        except (JobUnknown, BadRequest) as exc:
+            await self._job_error(context, exc)
+        if ended is None:
+            return agent_pb2.JobProcessExit(exited=False)
+        return agent_pb2.JobProcessExit(exited=True, has_exit_code=ended.exit_code is not None,
+                                        exit_code=ended.exit_code or 0, reason=ended.reason)
+
+    async def StopJobProcess(self, request, context):
+        runner = await self._job_runner(context, "StopJobProcess")
+        grace = min(max(request.grace_s, 0.0), MAX_STOP_GRACE_S)
+        try:
+            stopping = runner.stop(request.submission_id, grace, request.note[:MAX_NOTE_CHARS])
+        except BadRequest as exc:
+            await self._job_error(context, exc)
+        return agent_pb2.StopJobProcessReply(stopping=stopping)
+
+    async def ReadJobLog(self, request, context):
+        runner = await self._job_runner(context, "ReadJobLog")
+        try:
+            chunk = await runner.read_log(request.submission_id, request.offset,
+                                          request.max_bytes,
+                                          min(max(request.wait_s, 0.0), MAX_LOG_WAIT_S))
+        except (JobUnknown, BadRequest) as exc:
+            await self._job_error(context, exc)
+        return agent_pb2.ReadJobLogReply(data=chunk.data, offset=chunk.offset, size=chunk.size,
+                                         running=chunk.running)
+
+    async def DeleteJobFiles(self, request, context):
+        runner = await self._job_runner(context, "DeleteJobFiles")
+        try:
+            deleted = runner.delete_files(request.submission_id)
+        except BadRequest as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        return agent_pb2.DeleteJobFilesReply(deleted=deleted)

@@ -17,11 +17,13 @@ from runtime.actor import ActorClass, ActorHandle
 from runtime.api import (available_resources, cancel, cluster_resources, get, get_actor,
                          get_gpu_ids, get_runtime_context, init, is_initialized, kill, nodes, put,
                          shutdown, wait)
+from runtime.core_worker.generators import DynamicObjectRefGenerator, ObjectRefGenerator
 from runtime.ids import (ActorClassID, ActorID, ClusterID, FunctionID, JobID, NodeID, ObjectID,
                          PlacementGroupID, TaskID, UniqueID, WorkerID)
 from runtime.object_ref import ObjectRef
 from runtime.remote import method, remote
 from runtime.remote_function import RemoteFunction
+from runtime.util.timeline import timeline
 
 __all__ = [
     "__version__", "exceptions", "init", "shutdown", "is_initialized", "remote", "method", "get",
@@ -29,5 +31,5 @@ __all__ = [
     "get_runtime_context", "get_gpu_ids", "ObjectRef", "RemoteFunction", "kill", "get_actor",
     "actor", "util", "ActorClass", "ActorHandle", "ActorClassID", "ActorID", "ClusterID",
     "FunctionID", "JobID", "NodeID", "ObjectID", "PlacementGroupID", "TaskID", "UniqueID",
-    "WorkerID",
+    "WorkerID", "timeline", "ObjectRefGenerator", "DynamicObjectRefGenerator",
 ]

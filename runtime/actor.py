@@ -10,17 +10,21 @@ detached).
 """
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import inspect
-from typing import Any, Dict, List, Optional
+import threading
+from typing import Any, Callable, Dict, List, Optional
 
 from runtime.core_worker.actor_submitter import ActorCreation
 from runtime.core_worker.current import core_worker, core_worker_or_none
-from runtime.exceptions import ActorExitRequested, AsyncioActorExit
+from runtime.core_worker.generators import GENERATOR_STREAMING, generator_mode
+from runtime.exceptions import ActorExitRequested, AsyncioActorExit, PendingCallsLimitExceeded
 from runtime.object_ref import ObjectRef
-from runtime.options import (placed_resources, strategy_proto, task_resources,
-                             validate_task_options)
+from runtime.options import (placed_resources, scheduling_strategy,
+                             task_resources, validate_method_options, validate_task_options)
+from runtime.runtime_env import context as runtime_env_context
+from runtime.runtime_env.resolve import resolve as resolve_runtime_env
+from runtime.runtime_env.resolve import store_for
 from runtime.vocabulary import STRATEGY_PLACEMENT_GROUP
 
 ACTOR_OPTIONS = {
@@ -30,8 +34,11 @@ ACTOR_OPTIONS = {
     "accelerator_type", "label_selector", "_metadata", "placement_group",
     "placement_group_bundle_index", "placement_group_capture_child_tasks", "object_store_memory",
 }
-METHOD_OPTIONS = {"num_returns", "name", "max_task_retries", "retry_exceptions",
-                  "concurrency_group", "enable_task_events", "_metadata"}
+#: The actor options that are the same as a task's, checked by validate_task_options.
+_TASK_LIKE = ("num_cpus", "num_gpus", "resources", "scheduling_strategy", "memory",
+              "runtime_env", "accelerator_type", "label_selector", "placement_group",
+              "placement_group_bundle_index", "placement_group_capture_child_tasks",
+              "enable_task_events", "_metadata")
 
 
 __all__ = ["ActorClass", "ActorHandle", "ActorMethod", "exit_actor", "ActorExitRequested"]
@@ -47,17 +54,9 @@ def exit_actor() -> None:
     if cw is None or not getattr(cw, "current_actor_id", None):
         raise TypeError("exit_actor() called outside an actor method")
     executor = getattr(cw, "executor", None)
-    actor_loop = getattr(executor, "actor_loop", None)
-    if actor_loop is not None and _running_loop() is actor_loop:
+    if executor is not None and executor.on_actor_loop():
         raise AsyncioActorExit()
     raise ActorExitRequested()
-
-
-def _running_loop() -> Optional[asyncio.AbstractEventLoop]:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
 
 
 def validate_actor_options(opts: Dict[str, Any]) -> Dict[str, Any]:
@@ -65,10 +64,11 @@ def validate_actor_options(opts: Dict[str, Any]) -> Dict[str, Any]:
         if key not in ACTOR_OPTIONS:
             raise ValueError(f"Invalid option keyword {key} for actors. Valid ones are "
                              f"{sorted(ACTOR_OPTIONS)}.")
-    task_like = {k: v for k, v in opts.items()
-                 if k in ("num_cpus", "num_gpus", "resources", "scheduling_strategy", "memory",
-                          "object_store_memory", "runtime_env")}
-    validate_task_options(task_like)
+    checked = validate_task_options({k: v for k, v in opts.items() if k in _TASK_LIKE})
+    osm = opts.get("object_store_memory")
+    if osm is not None and (not isinstance(osm, int) or isinstance(osm, bool) or osm < 0):
+        raise ValueError(f"The keyword 'object_store_memory' only accepts None, 0 or a "
+                         f"positive integer, got {osm!r}.")
     lifetime = opts.get("lifetime")
     if lifetime not in (None, "detached", "non_detached"):
         raise ValueError("actor `lifetime` argument must be one of 'detached', 'non_detached' "
@@ -78,6 +78,11 @@ def validate_actor_options(opts: Dict[str, Any]) -> Dict[str, Any]:
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < -1):
             raise ValueError(f"The keyword '{key}' only accepts -1, 0 or a positive integer, "
                              f"got {v!r}.")
+    mpc = opts.get("max_pending_calls")
+    if mpc is not None and (not isinstance(mpc, int) or isinstance(mpc, bool) or mpc == 0
+                            or mpc < -1):
+        raise ValueError(f"max_pending_calls must be -1 (no limit) or a positive integer, "
+                         f"got {mpc!r}")
     mc = opts.get("max_concurrency")
     if mc is not None and (not isinstance(mc, int) or isinstance(mc, bool) or mc < 1):
         raise ValueError(f"max_concurrency must be a positive integer, got {mc!r}")
@@ -89,12 +94,44 @@ def validate_actor_options(opts: Dict[str, Any]) -> Dict[str, Any]:
     ns = opts.get("namespace")
     if ns is not None and (not isinstance(ns, str) or not ns):
         raise ValueError(f"namespace must be a non-empty string, got {ns!r}")
-    return dict(opts)
+    out = dict(opts)
+    for key in ("runtime_env", "label_selector"):
+        if key in out:
+            out[key] = checked[key]
+    if "concurrency_groups" in out:
+        out["concurrency_groups"] = _check_groups(out["concurrency_groups"])
+    return out
+
+
+def _check_groups(groups: Any) -> Dict[str, int]:
+    """Ray's concurrency_groups: group name -> its max concurrency (a positive int)."""
+    if groups is None:
+        return {}
+    if not isinstance(groups, dict):
+        raise TypeError(f"concurrency_groups must be a dict of group name to its max "
+                        f"concurrency, e.g. {{'io': 2, 'compute': 4}}, got "
+                        f"{type(groups).__name__}")
+    for name, limit in groups.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"concurrency_groups: a group name must be a non-empty string, "
+                             f"got {name!r}")
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise ValueError(f"concurrency_groups: the max concurrency of group {name!r} must "
+                             f"be a positive integer, got {limit!r}")
+    return dict(groups)
 
 
 def _method_names(cls: type) -> List[str]:
     return [n for n, m in inspect.getmembers(cls, predicate=callable)
             if not (n.startswith("__") and n.endswith("__")) or n == "__call__"]
+
+
+def _with_generator_flag(member: Any, opts: Dict[str, Any]) -> Dict[str, Any]:
+    """A generator method's options say so: its calls return an ObjectRefGenerator by
+    default (Ray 2.60), which the caller must know before the worker answers."""
+    if inspect.isgeneratorfunction(member) or inspect.isasyncgenfunction(member):
+        return {**opts, "_is_generator": True}
+    return opts
 
 
 def _is_async(cls: type) -> bool:
@@ -110,11 +147,23 @@ class ActorClass:
         self._name = cls.__qualname__
         self._options = validate_actor_options(options or {})
         self._blob: Optional[bytes] = None
+        self._method_blob = b""
         self._class_id = b""
         self._methods = _method_names(cls)
-        self._method_options = {n: getattr(getattr(cls, n), "__runtime_method_options__", {})
-                                for n in self._methods}
+        self._method_options = {n: _with_generator_flag(
+            getattr(cls, n), getattr(getattr(cls, n), "__runtime_method_options__", {}))
+            for n in self._methods}
         self._is_async = _is_async(cls)
+        groups = self._options.get("concurrency_groups") or {}
+        for n, mopts in self._method_options.items():
+            group = mopts.get("concurrency_group")
+            if group is not None and group not in groups:
+                raise ValueError(
+                    f"method {self._name}.{n} is in concurrency group {group!r}, which the "
+                    f"actor does not define: define it in @remote(concurrency_groups="
+                    f"{{{group!r}: <max concurrency>, ...}}) (its groups: {sorted(groups)})")
+        # (parent runtime_env, resolved runtime_env) of the default options (see _env)
+        self._env: Optional[tuple] = None
         self.__doc__ = cls.__doc__
         self.__name__ = cls.__name__
 
@@ -132,12 +181,14 @@ class ActorClass:
         self.__init__(state["_cls"], state["_options"])
 
     def options(self, **options) -> "_ActorClassOptions":
+        if "concurrency_groups" in options:  # methods name their groups in the class
+            raise ValueError("Setting 'concurrency_groups' is not supported in '.options()'.")
         merged = dict(self._options)
         merged.update(options)
         return _ActorClassOptions(self, validate_actor_options(merged))
 
     def remote(self, *args, **kwargs) -> "ActorHandle":
-        return self._remote(args, kwargs, self._options)
+        return self._remote(args, kwargs, self._options, self)
 
     def bind(self, *args, **kwargs):
         raise NotImplementedError("DAG building (bind) is not supported")
@@ -148,8 +199,14 @@ class ActorClass:
 
             self._blob = dumps_function(self._cls)
             self._class_id = hashlib.sha1(self._blob).digest()
+            # Only what differs from the defaults: handles from get_actor() get it back.
+            shaped = {n: o for n, o in self._method_options.items() if o}
+            self._method_blob = dumps_function(shaped) if shaped else b""
 
-    def _remote(self, args: tuple, kwargs: dict, opts: Dict[str, Any]) -> "ActorHandle":
+    def _remote(self, args: tuple, kwargs: dict, opts: Dict[str, Any],
+                holder: Any) -> "ActorHandle":
+        """Create an actor with `opts`; `holder` (this class or an options() result) keeps
+        the runtime_env they resolve to, for the parent environment it was resolved in."""
         cw = core_worker()
         self._export()
         others = task_resources({k: v for k, v in opts.items() if k != "num_cpus"})
@@ -162,11 +219,21 @@ class ActorClass:
         else:  # Ray's default: 1 CPU to place the actor, none held while it lives
             place = dict(others, CPU=1.0)
             hold = dict(others)
-        strategy = strategy_proto(opts.get("scheduling_strategy"))
+        strategy, _inherit = scheduling_strategy(opts)
+        parent = runtime_env_context.current()
+        if holder._env is None or holder._env[0] is not parent:
+            holder._env = (parent, resolve_runtime_env(opts.get("runtime_env"), parent,
+                                                       store_for(cw)))
+        env = holder._env[1]
+        if env.hash:
+            strategy.runtime_env.CopyFrom(env.info)
         if strategy.kind == STRATEGY_PLACEMENT_GROUP:
             place = placed_resources(place, strategy)
             hold = placed_resources(hold, strategy) if hold else {}
         max_task_retries = opts.get("max_task_retries") or 0
+        groups = opts.get("concurrency_groups")
+        # Only when set, so that actors without groups need nothing new of the submitter.
+        extra = {"concurrency_groups": groups} if groups else {}
         # The GCS refuses a taken name atomically at registration (Ray checks with a racy
         # get_actor first): ActorAlreadyExistsError.
         actor_id, handle_ref, existing = cw.actors.create(ActorCreation(
@@ -179,20 +246,22 @@ class ActorClass:
             get_if_exists=bool(opts.get("get_if_exists")),
             max_restarts=opts.get("max_restarts") or 0,
             max_concurrency=opts.get("max_concurrency") or (1000 if self._is_async else 1),
-            max_task_retries=max_task_retries))
+            max_task_retries=max_task_retries, method_options=self._method_blob, **extra))
         if existing is not None:
             return ActorHandle._from_info(existing, self)
         return ActorHandle(actor_id, self._name, self._methods, self._method_options,
-                           max_task_retries, self._is_async, handle_ref)
+                           max_task_retries, self._is_async, handle_ref,
+                           max_pending_calls=opts.get("max_pending_calls") or -1)
 
 
 class _ActorClassOptions:
     def __init__(self, actor_class: ActorClass, opts: Dict[str, Any]) -> None:
         self._ac = actor_class
         self._opts = opts
+        self._env: Optional[tuple] = None
 
     def remote(self, *args, **kwargs) -> "ActorHandle":
-        return self._ac._remote(args, kwargs, self._opts)
+        return self._ac._remote(args, kwargs, self._opts, self)
 
 
 class ActorHandle:
@@ -200,14 +269,36 @@ class ActorHandle:
 
     def __init__(self, actor_id: bytes, class_name: str, methods: List[str],
                  method_options: Dict[str, dict], max_task_retries: int, is_async: bool,
-                 handle_ref: Optional[ObjectRef]) -> None:
+                 handle_ref: Optional[ObjectRef], max_pending_calls: int = -1) -> None:
         self._actor_id = actor_id
+        # Ray's max_pending_calls: a limit of this handle (in this process), not of the
+        # actor; a copy passed elsewhere starts with no calls pending and no limit.
+        self._max_pending_calls = max_pending_calls
+        self._pending: List[ObjectRef] = []
+        self._pending_lock = threading.Lock()
         self._class_name = class_name
         self._methods = set(methods)
         self._method_options = method_options
         self._max_task_retries = max_task_retries
         self._is_async = is_async
         self._handle_ref = handle_ref  # keeps the actor in scope (see module docstring)
+
+    def _limited(self, submit: Callable[[], Any]) -> Any:
+        """Submit a call unless max_pending_calls of this handle's calls are unfinished
+        (PendingCallsLimitExceeded at once, as in Ray)."""
+        memory = core_worker().memory
+        with self._pending_lock:
+            self._pending = [r for r in self._pending if r._id not in memory]
+            if len(self._pending) >= self._max_pending_calls:
+                raise PendingCallsLimitExceeded(
+                    f"The actor {self._class_name} ({self._actor_id.hex()}) has "
+                    f"{len(self._pending)} calls pending, its max_pending_calls: wait for "
+                    f"some to finish (get or wait on their refs) before submitting more")
+            out = submit()
+            refs = out if isinstance(out, list) else [out]
+            if refs and isinstance(refs[0], ObjectRef):
+                self._pending.append(refs[0])
+            return out
 
     def __getattr__(self, name: str) -> "ActorMethod":
         if name.startswith("_") and name not in self.__dict__.get("_methods", ()):
@@ -233,7 +324,14 @@ class ActorHandle:
     def _from_info(cls, info: Any, ac: Optional[ActorClass] = None) -> "ActorHandle":
         """A handle to the actor the GCS describes in `info` (an ActorInfo): get_actor,
         get_if_exists, the current actor's own handle. It does not keep the actor in scope."""
-        method_options = ac._method_options if ac is not None else {}
+        if ac is not None:
+            method_options = ac._method_options
+        elif info.method_options:  # @method options, as the creator's class declared them
+            from runtime.serialization import loads_function
+
+            method_options = loads_function(info.method_options)
+        else:
+            method_options = {}
         return cls(info.actor_id, info.class_name, list(info.method_names), method_options,
                    info.max_task_retries, info.is_async, None)
 
@@ -244,33 +342,47 @@ class ActorHandle:
 
 
 class ActorMethod:
-    def __init__(self, handle: ActorHandle, name: str, options: Dict[str, Any]) -> None:
+    def __init__(self, handle: ActorHandle, name: str, options: Dict[str, Any],
+                 call: Optional[Dict[str, Any]] = None) -> None:
         self._handle = handle
         self._name = name
         self._options = options
+        self._call: Dict[str, Any] = call or {}  # set by .options(): name, concurrency_group
 
     def __call__(self, *args, **kwargs):
         raise TypeError(f"Actor methods cannot be called directly. Instead of running "
                         f"'object.{self._name}()', try 'object.{self._name}.remote()'.")
 
     def options(self, **options) -> "ActorMethod":
-        for key in options:
-            if key not in METHOD_OPTIONS:
-                raise ValueError(f"Invalid option keyword {key} for actor methods. Valid ones "
-                                 f"are {sorted(METHOD_OPTIONS)}.")
+        validate_method_options(options, ".options()")
         merged = dict(self._options)
         merged.update(options)
-        validate_task_options({k: v for k, v in merged.items()
-                               if k in ("num_returns", "name", "retry_exceptions")})
-        return ActorMethod(self._handle, self._name, merged)
+        # What only a call says travels with it; the method's own concurrency group is
+        # the actor's worker's to read from the class.
+        call = dict(self._call)
+        for key in ("concurrency_group", "name"):
+            if key in options:
+                call[key] = options[key]
+        return ActorMethod(self._handle, self._name, merged, call)
 
     def remote(self, *args, **kwargs):
         cw = core_worker()
         h = self._handle
+        if h._max_pending_calls > 0:
+            return h._limited(lambda: self._submit(cw, args, kwargs))
+        return self._submit(cw, args, kwargs)
+
+    def _submit(self, cw: Any, args: tuple, kwargs: dict):
+        h = self._handle
         opts = self._options
         num_returns = opts.get("num_returns")
         mtr = opts.get("max_task_retries")
+        mode = generator_mode(num_returns, None)
+        if not mode and num_returns is None and opts.get("_is_generator"):
+            mode = GENERATOR_STREAMING
         return cw.actors.call(h._actor_id, h._class_name, self._name, h._handle_ref, args, kwargs,
-                              1 if num_returns is None else num_returns,
+                              1 if num_returns is None or mode else num_returns,
                               h._max_task_retries if mtr is None else mtr,
-                              opts.get("retry_exceptions"))
+                              opts.get("retry_exceptions"), generator=mode,
+                              backpressure=opts.get("_generator_backpressure_num_objects"),
+                              **self._call)

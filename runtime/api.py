@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import os
 import socket
@@ -17,9 +18,10 @@ from runtime import rpc
 from runtime._version import __version__
 from runtime.actor import ActorHandle
 from runtime.core_worker.core_worker import DRIVER, CoreWorker
-from runtime.core_worker.current import (core_worker, core_worker_or_none, set_auto_init,
+from runtime.core_worker.current import (core_worker, set_auto_init,
                                          set_core_worker)
 from runtime.exceptions import AuthenticationError, ClusterConnectionError
+from runtime.labels import check_node_labels
 from runtime.node import Node, NodeConfig, check_resource_amount
 from runtime.object_ref import ObjectRef
 from runtime.shapes import check_timeout
@@ -27,6 +29,11 @@ from runtime.vocabulary import ACTOR_DEAD
 from runtime.protocol import common_pb2, gcs_pb2, gcs_pb2_grpc
 from runtime.rpc_errors import gcs_error
 from runtime.runtime_context import get_runtime_context  # noqa: F401  (re-exported)
+from runtime.runtime_env import context as runtime_env_context
+from runtime.runtime_env.resolve import resolve as resolve_runtime_env
+from runtime.runtime_env.resolve import store_for
+from runtime.runtime_env.runtime_env import merge_job_and_driver
+from runtime.runtime_env.runtime_env import parse as parse_runtime_env
 from runtime.session import (find_running_cluster, new_session_dir, require_running_cluster,
                              write_cluster_file)
 
@@ -190,8 +197,8 @@ def init(address: Optional[str] = None, **kwargs) -> RuntimeContextInfo:
                                "'shutdown()' prior to 'init()'.")
         if kwargs.get("configure_logging", True):
             _configure_logging(kwargs.get("logging_level", logging.INFO), kwargs.get("logging_format"))
-        if kwargs.get("runtime_env"):
-            raise ValueError("runtime_env is not supported yet")
+        # Checked before anything starts; resolved (local paths uploaded) once connected.
+        kwargs["runtime_env"] = _job_runtime_env(kwargs.get("runtime_env"))
         if address is None:
             address = os.environ.get("RUNTIME_ADDRESS") or None
         try:
@@ -201,6 +208,22 @@ def init(address: Optional[str] = None, **kwargs) -> RuntimeContextInfo:
         except BaseException:
             _teardown()
             raise
+
+
+def _job_runtime_env(given: Any) -> Any:
+    """init()'s runtime_env, with the submitted job's (when the job server started this
+    driver) merged in as Ray merges them."""
+    driver = parse_runtime_env(given)
+    raw = os.environ.get(runtime_env_context.JOB_ENV_VAR)
+    if not raw:
+        return driver
+    try:
+        job = parse_runtime_env(json.loads(raw))
+    except ValueError as exc:
+        raise ValueError(f"${runtime_env_context.JOB_ENV_VAR} (the submitted job's "
+                         f"runtime_env) is not usable: {exc}") from None
+    override = os.environ.get(runtime_env_context.OVERRIDE_JOB_ENV_VAR) == "1"
+    return parse_runtime_env(merge_job_and_driver(job, driver, override))
 
 
 def _check_init_resources(kwargs: Dict[str, Any]) -> None:
@@ -214,6 +237,7 @@ def _check_init_resources(kwargs: Dict[str, Any]) -> None:
             raise TypeError(f"init(resources=...) must be a dict, got {type(resources).__name__}")
         for name, amount in resources.items():
             check_resource_amount(f"resources[{name!r}]", amount)
+    check_node_labels(kwargs.get("labels"), "init(labels=...)")
 
 
 def _start_private(kwargs: Dict[str, Any]) -> RuntimeContextInfo:
@@ -223,6 +247,7 @@ def _start_private(kwargs: Dict[str, Any]) -> RuntimeContextInfo:
     cfg = NodeConfig(head=True, node_ip=kwargs.get("_node_ip_address") or "127.0.0.1",
                      num_cpus=kwargs.get("num_cpus"), num_gpus=kwargs.get("num_gpus"),
                      resources=dict(kwargs.get("resources") or {}),
+                     labels=dict(kwargs.get("labels") or {}),
                      object_store_memory=kwargs.get("object_store_memory"),
                      session_dir=session_dir)
     node = Node(cfg)
@@ -238,7 +263,7 @@ def _start_private(kwargs: Dict[str, Any]) -> RuntimeContextInfo:
 
 
 def _attach(address: str, kwargs: Dict[str, Any]) -> RuntimeContextInfo:
-    for key in ("num_cpus", "num_gpus", "resources", "object_store_memory"):
+    for key in ("num_cpus", "num_gpus", "resources", "labels", "object_store_memory"):
         if kwargs.get(key) is not None:
             raise ValueError(f"When connecting to an existing cluster, {key} must not be provided.")
     if address == "auto":
@@ -253,6 +278,11 @@ def _attach(address: str, kwargs: Dict[str, Any]) -> RuntimeContextInfo:
     local_ip = found.get("node_ip") if found and found.get("gcs_address") == address else None
     _connect(address, token, kwargs, found.get("session_dir", "") if found else "", local_ip)
     return _driver.context  # type: ignore[return-value]
+
+
+#: Set by the job runner (agent/jobs) in a submitted job's environment: the job's drivers
+#: record it, so the jobs API and list_jobs() show which driver a submission started.
+SUBMISSION_ID_ENV = "RUNTIME_JOB_SUBMISSION_ID"
 
 
 def _connect(gcs_address: str, token: str, kwargs: Dict[str, Any], session_dir: str,
@@ -276,7 +306,8 @@ def _connect(gcs_address: str, token: str, kwargs: Dict[str, Any], session_dir: 
     # job ids start again when a GCS restarts, so they would not be unique).
     namespace = kwargs.get("namespace") or str(uuid.uuid4())
     job = gcs_pb2.JobInfo(driver_pid=os.getpid(), driver_ip=node.node_ip,
-                          entrypoint=" ".join(sys.argv), namespace=namespace)
+                          entrypoint=" ".join(sys.argv), namespace=namespace,
+                          submission_id=os.environ.get(SUBMISSION_ID_ENV, ""))
     try:
         job_id = gcs.AddJob(job, timeout=10).job_id
     except grpc.RpcError as exc:
@@ -295,6 +326,10 @@ def _connect(gcs_address: str, token: str, kwargs: Dict[str, Any], session_dir: 
         cw.job_config.driver.CopyFrom(cw.address_proto)  # workers send what tasks print
     set_core_worker(cw)
     _driver.cw = cw
+    # The job's runtime_env: what its tasks and actors run in (not this driver, as in Ray).
+    # A failure here (a package over the size limit) tears the connection down in init().
+    runtime_env_context.set_current(resolve_runtime_env(
+        kwargs.get("runtime_env"), runtime_env_context.EMPTY, store_for(cw)))
     info = {"node_ip_address": node.node_ip, "gcs_address": gcs_address, "address": gcs_address,
             "raylet_address": f"{node.node_ip}:{node.raylet_port}",
             "object_store_address": f"{node.node_ip}:{node.store_port}",
@@ -350,10 +385,14 @@ def shutdown(*, wait_for_processes: bool = False, _exiting_interpreter: bool = F
 
 
 def _teardown() -> None:
+    metrics = sys.modules.get("runtime.util.metrics")  # only if this process recorded any
+    if metrics is not None and _driver.cw is not None:
+        metrics.flush(timeout=2.0)  # the last values, while the cluster still runs
     cw, node, gcs = _driver.cw, _driver.node, _driver.gcs
     _driver.cw = _driver.node = _driver.gcs = None
     _driver.context = None
     set_core_worker(None)
+    runtime_env_context.set_current(runtime_env_context.EMPTY)
     if cw is not None:
         if gcs is not None:
             try:
@@ -436,23 +475,10 @@ def cancel(ray_waitable: ObjectRef, *, force: bool = False, recursive: bool = Tr
 
 
 # -- cluster information ------------------------------------------------------------------------------
-def _gcs() -> gcs_pb2_grpc.GcsStub:
-    _ensure_initialized()
-    if _driver.gcs is None:
-        cw = core_worker_or_none()
-        _driver.gcs_channel = rpc.sync_channel(cw.gcs_address, cw.token)
-        _driver.gcs = gcs_pb2_grpc.GcsStub(_driver.gcs_channel)
-    return _driver.gcs
-
-
 def _gcs_call(method: str, request: Any, doing: str, timeout: float = 10) -> Any:
-    """A GCS call from the user's thread; failures name the GCS (never a raw gRPC error)."""
-    stub = _gcs()
-    try:
-        return getattr(stub, method)(request, timeout=timeout)
-    except grpc.RpcError as exc:
-        cw = core_worker_or_none()
-        raise gcs_error(cw.gcs_address if cw else "?", exc, doing) from None
+    """A GCS call from the user's thread, waiting out a GCS restart (bounded); failures
+    name the GCS (never a raw gRPC error)."""
+    return _ensure_initialized().gcs_call(method, request, timeout=timeout, doing=doing)
 
 
 def nodes() -> List[Dict[str, Any]]:

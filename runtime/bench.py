@@ -5,9 +5,16 @@ time, sync task latency, async task throughput, small put/get rates, 100 MB
 put/get throughput, actor creation, sync actor call latency, async calls/s to
 1 and 4 actors and to an async actor, ActorPool.map throughput over 4 actors,
 idle cluster RSS and RSS after N (default 100k) tasks. ``--only actor-pool
---module ray`` measures the ActorPool figure with Ray itself, to compare. ``--task-events off`` measures the cost of task events. Cluster
-RSS is the sum over the driver's descendant processes (the private cluster),
-driver excluded, as ../shared/bench/microbench.py counts it.
+--module ray`` measures the ActorPool figure with Ray itself, to compare.
+``--task-events off`` measures the cost of task events. Cluster RSS is the sum
+over the driver's descendant processes (the private cluster), driver excluded,
+as ../shared/bench/microbench.py counts it.
+
+``--only cluster`` starts two nodes (the driver's on 127.0.0.1, a second on
+127.0.0.2) and measures what moves between them: 100 MB and 1 GB arrays made on
+node 2 and read on node 1, and no-op tasks pinned to node 2. ``cluster_bench``
+takes any module with Ray's API, so scripts/bench_cluster.py runs the same code
+against Ray 2.60's two nodes, side by side.
 
 For the side-by-side comparison with Ray use ../shared/bench/microbench.py
 (see docs/benchmarks.md); this module is the quick local check.
@@ -101,6 +108,204 @@ def actor_pool_bench(ray, emit, actors: int = 4, n: int = 2000) -> None:
         ray.kill(a)
 
 
+def transfer_gbps(ray, make, nbytes: int, reps: int = 3) -> float:
+    """Median GB/s of get() on this node of an nbytes array that ``make`` (a task pinned to
+    the other node) returns; each rep a fresh object, made before the clock starts."""
+    rates = []
+    for _ in range(reps):
+        ref = make.remote(nbytes)
+        # fetch_local=False: Ray's wait() would otherwise start pulling it already.
+        ready, _ = ray.wait([ref], timeout=600, fetch_local=False)
+        if not ready:
+            raise RuntimeError(f"a {nbytes}-byte object was not made on the other node in 600 s")
+        t0 = time.perf_counter()
+        arr = ray.get(ref)
+        dt = time.perf_counter() - t0
+        if arr.nbytes != nbytes or arr[-1] != 1:
+            raise AssertionError("the transferred array is not the one made")
+        rates.append(nbytes / dt / 1e9)
+        del arr, ref
+        time.sleep(0.5)  # let both stores free the object before the next
+    return statistics.median(rates)
+
+
+def cluster_bench(ray, emit, other_node_id: str, sizes=(100_000_000, 1_000_000_000),
+                  tasks: int = 3000, reps: int = 3) -> None:
+    """The two-node figures: transfer from the other node, and tasks pinned there.
+
+    ``ray`` is this runtime or Ray itself; the other node is the one with id
+    ``other_node_id``, the driver's is the local one.
+    """
+    import importlib
+
+    import numpy as np
+
+    strategies = importlib.import_module(f"{ray.__name__}.util.scheduling_strategies")
+    there = strategies.NodeAffinitySchedulingStrategy(other_node_id, soft=False)
+
+    @ray.remote(scheduling_strategy=there)
+    def make(nbytes):
+        return np.ones(nbytes // 8)
+
+    @ray.remote(scheduling_strategy=there)
+    def noop():
+        return None
+
+    ray.get([noop.remote() for _ in range(200)])  # workers up, leases warm
+    for nbytes in sizes:
+        label = f"{nbytes // 1_000_000}mb" if nbytes < 1_000_000_000 else f"{nbytes // 10**9}gb"
+        emit(f"transfer_{label}_gbps", transfer_gbps(ray, make, nbytes, reps), "GB/s")
+    emit("cross_node_tasks_per_s", median_rate(ray, lambda i: noop.remote(), tasks, reps),
+         "tasks/s")
+
+
+def sigkill_tree(roots, children: bool = True) -> int:
+    """SIGKILL the given pids (and, with ``children``, every descendant, gathered first so
+    that none is reparented away mid-way); returns how many got the signal."""
+    procs = []
+    for pid in roots:
+        try:
+            p = psutil.Process(pid)
+            procs.append(p)
+            if children:
+                procs.extend(p.children(recursive=True))
+        except psutil.Error:
+            pass
+    sent = 0
+    for p in procs:
+        try:
+            p.kill()
+            sent += 1
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+    return sent
+
+
+def node_death_s(ray, node_ip: str, kill, limit_s: float = 180.0) -> float:
+    """Seconds from ``kill()`` (SIGKILL of a node's processes) until ``ray.nodes()`` on
+    the head says the node at ``node_ip`` is not alive, polled every 50 ms; each system
+    with its own defaults. NaN when it is still alive after ``limit_s``."""
+    def dead() -> bool:
+        mine = [n for n in ray.nodes() if n["NodeManagerAddress"] == node_ip]
+        return bool(mine) and not any(n["Alive"] for n in mine)
+
+    if dead():
+        raise RuntimeError(f"the node at {node_ip} is not alive before it was killed")
+    t0 = time.perf_counter()
+    kill()
+    while time.perf_counter() - t0 < limit_s:
+        if dead():
+            return time.perf_counter() - t0
+        time.sleep(0.05)
+    return float("nan")
+
+
+def gcs_recovery(ray, kill, wait_s: float = 30.0, probe_timeout_s: float = 5.0) -> dict:
+    """Kill the GCS (``kill()``) while this driver is attached and has a named detached
+    actor, then measure until the cluster works again: a task of a function defined after
+    the kill runs, and the actor, looked up by name, answers with its state kept.
+
+    The probes run in a thread, so a call that blocks on a dead GCS cannot stop the
+    clock: after ``wait_s`` the outcome says which step had not succeeded and with what
+    error. Keys: ``gcs_recovery_s`` (NaN if not recovered), ``task_s``, ``actor_s``,
+    ``actor_lost`` (True/False, None when unknown), ``outcome`` (one line)."""
+    import threading
+
+    @ray.remote(num_cpus=0)
+    class Keeper:
+        def __init__(self):
+            self.n = 0
+
+        def incr(self):
+            self.n += 1
+            return self.n
+
+    name = "bench_gcs_keeper"
+    keeper = Keeper.options(name=name, lifetime="detached").remote()
+    for _ in range(3):
+        n_before = ray.get(keeper.incr.remote(), timeout=60)
+    state = {"task_s": float("nan"), "actor_s": float("nan"), "actor_lost": None,
+             "step": "task", "error": ""}
+    done = threading.Event()
+
+    def probe(t0: float) -> None:
+        @ray.remote
+        def fresh(x):
+            return x + 1
+
+        while not stop.is_set():
+            try:
+                if ray.get(fresh.remote(1), timeout=probe_timeout_s) == 2:
+                    state["task_s"] = time.perf_counter() - t0
+                    break
+            except Exception as exc:  # noqa: BLE001 - any failure: still down, try again
+                state["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                time.sleep(0.05)
+        state["step"] = "actor"
+        while not stop.is_set():
+            try:
+                n = ray.get(ray.get_actor(name).incr.remote(), timeout=probe_timeout_s)
+                state["actor_s"] = time.perf_counter() - t0
+                state["actor_lost"] = n != n_before + 1
+                break
+            except ValueError as exc:  # no actor of that name: the GCS lost it
+                state["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                time.sleep(0.05)
+            except Exception as exc:  # noqa: BLE001
+                state["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                time.sleep(0.05)
+        done.set()
+
+    stop = threading.Event()
+    t0 = time.perf_counter()
+    kill()
+    thread = threading.Thread(target=probe, args=(t0,), daemon=True)
+    thread.start()
+    recovered = done.wait(wait_s)
+    stop.set()
+    if recovered:
+        outcome = (f"recovered: new task after {state['task_s']:.2f} s, named actor answered "
+                   f"after {state['actor_s']:.2f} s, state "
+                   f"{'LOST' if state['actor_lost'] else 'kept'}")
+    else:
+        outcome = (f"not recovered in {wait_s:g} s: "
+                   + ("no new task ran" if state["step"] == "task" else
+                      f"a new task ran after {state['task_s']:.2f} s, the named actor did not "
+                      f"answer") + f"; last error {state['error'] or '(none: calls blocked)'}")
+    # The thread may be stuck in a call to the dead GCS: it is a daemon and is left to
+    # the process's exit (the caller leaves with os._exit).
+    return {"gcs_recovery_s": max(state["task_s"], state["actor_s"]) if recovered
+            else float("nan"),
+            "task_s": state["task_s"], "actor_s": state["actor_s"],
+            "actor_lost": state["actor_lost"], "outcome": outcome}
+
+
+def _two_node_cluster(ray, num_cpus: int, store_bytes: int):
+    """This runtime's two nodes on one machine: the driver's (init) and one on 127.0.0.2,
+    which is returned with its node id (stop it after shutdown)."""
+    import os
+
+    from runtime.node import Node, NodeConfig
+    from runtime.session import new_session_dir
+
+    ctx = ray.init(num_cpus=num_cpus, object_store_memory=store_bytes)
+    info = ctx.address_info
+    token = open(os.path.join(info["session_dir"], "token")).read()
+    second = Node(NodeConfig(head=False, node_ip="127.0.0.2", gcs_address=info["gcs_address"],
+                             num_cpus=num_cpus, session_dir=new_session_dir(),
+                             token=token, object_store_memory=store_bytes))
+    second.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        other = [n for n in ray.nodes() if n["Alive"] and n["NodeManagerAddress"] == "127.0.0.2"]
+        if other:
+            return second, other[0]["NodeID"]
+        time.sleep(0.1)
+    second.stop()
+    raise RuntimeError("the second node (127.0.0.2) did not join in 60 s")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m runtime.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--num-cpus", type=int, default=2)
@@ -108,8 +313,11 @@ def main(argv=None) -> int:
     p.add_argument("--json", default="", help="also write the figures to this file")
     p.add_argument("--task-events", choices=("on", "off"), default="on",
                    help="record task events (the default) or not, to measure their cost")
-    p.add_argument("--only", choices=("all", "actor-pool"), default="all",
-                   help="run every figure, or only ActorPool.map throughput")
+    p.add_argument("--only", choices=("all", "actor-pool", "cluster"), default="all",
+                   help="run every figure, only ActorPool.map throughput, or only the "
+                        "two-node figures (transfer, cross-node tasks)")
+    p.add_argument("--store-gb", type=float, default=3.0,
+                   help="--only cluster: object store size of each node, in GB")
     p.add_argument("--module", default="runtime",
                    help="the module to measure (e.g. ray, in a venv with Ray, for the same "
                         "figure side by side; with --only actor-pool)")
@@ -118,8 +326,9 @@ def main(argv=None) -> int:
     import os
 
     os.environ["RUNTIME_TASK_EVENTS"] = "1" if args.task_events == "on" else "0"
-    if args.module != "runtime" and args.only == "all":
-        p.error("--module other than runtime needs --only actor-pool")
+    if args.module != "runtime" and args.only != "actor-pool":
+        p.error("--module other than runtime needs --only actor-pool (for the two-node "
+                "figures of Ray use scripts/bench_cluster.py)")
 
     out = {}
 
@@ -130,6 +339,14 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     ray = importlib.import_module(args.module)
     importlib.import_module(f"{args.module}.util")
+    if args.only == "cluster":
+        second, other = _two_node_cluster(ray, args.num_cpus, int(args.store_gb * 1e9))
+        try:
+            cluster_bench(ray, emit, other)
+        finally:
+            ray.shutdown()  # first: the driver would warn about the second node's raylet
+            second.stop()
+        return _finish(ray, args, out)
 
     init_kwargs = {"num_cpus": args.num_cpus}
     if args.module != "runtime":

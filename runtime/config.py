@@ -37,6 +37,19 @@ IDLE_WORKER_KILL_S: float = _env("IDLE_WORKER_KILL_S", 1.0)
 # a silent node dead.
 RESOURCE_REPORT_INTERVAL_S: float = _env("RESOURCE_REPORT_INTERVAL_S", 0.5)
 NODE_DEATH_TIMEOUT_S: float = _env("NODE_DEATH_TIMEOUT_S", 10.0)
+# A node whose raylet sent no report for this long, and whose raylet port refuses
+# connections (nothing listens there: the raylet process is gone) or answers as another
+# node, is dead without waiting for NODE_DEATH_TIMEOUT_S. 0 turns this probe off.
+NODE_REFUSED_DEATH_S: float = _env("NODE_REFUSED_DEATH_S", 2.0)
+# How long a GCS call waits for an unreachable GCS (one that is restarting) before it
+# fails with an error naming the GCS and its address (Ray: gcs_rpc_server_reconnect_timeout_s).
+GCS_RECONNECT_TIMEOUT_S: float = _env("GCS_RECONNECT_TIMEOUT_S", 60.0)
+# Where the GCS keeps its tables when whoever starts it names no --storage-path: a SQLite
+# file under the session directory (this relative name), or ":memory:" for none.
+GCS_STORAGE: str = _env("GCS_STORAGE", "gcs/gcs_state.sqlite3")
+# SQLite's synchronous mode for the GCS store: FULL (a commit is on disk before the GCS
+# replies; survives power loss) or NORMAL (survives the GCS process dying, not the host).
+GCS_STORAGE_SYNC: str = _env("GCS_STORAGE_SYNC", "FULL")
 # How long to wait for a component process to come up.
 COMPONENT_START_TIMEOUT_S: float = _env("COMPONENT_START_TIMEOUT_S", 30.0)
 # Warn about tasks that cannot be placed anywhere after this long.

@@ -16,6 +16,8 @@
     │   ├── ObjectFetchTimedOutError ... because fetching it timed out
     │   ├── ObjectFreedError         ... because it was freed explicitly
     │   ├── ObjectReconstructionFailedError  ... because it could not be recomputed
+    │   │   ├── ObjectReconstructionFailedMaxAttemptsExceededError  (its task ran out of retries)
+    │   │   └── ObjectReconstructionFailedLineageEvictedError       (its lineage was evicted)
     │   └── ReferenceCountingAssertionError  ... because it was freed too early
     ├── RayActorError                an actor cannot run the call
     │   ├── ActorDiedError           ... because the actor is dead (reason attached)
@@ -61,6 +63,8 @@ __all__ = [
     "PendingCallsLimitExceeded", "ObjectFreedError", "AsyncioActorExit", "LocalRayletDiedError",
     "ObjectReconstructionFailedError", "ActorPlacementGroupRemoved", "TaskPlacementGroupRemoved",
     "UnserializableException", "ObjectRefStreamEndOfStreamError",
+    "ObjectReconstructionFailedMaxAttemptsExceededError",
+    "ObjectReconstructionFailedLineageEvictedError",
 ]
 
 
@@ -239,7 +243,67 @@ class ObjectFreedError(ObjectLostError):
 
 
 class ObjectReconstructionFailedError(ObjectLostError):
-    """The object was lost and could not be recomputed from its lineage."""
+    """The object was lost and could not be recomputed from its lineage.
+
+    ``reason`` is Ray 2.60's name for why (its ``ErrorType``), one of REASONS;
+    ``reason_message`` says it in words, as Ray's does. The message names the object and
+    where its last copy was."""
+
+    REASONS = {
+        "OBJECT_UNRECONSTRUCTABLE_MAX_ATTEMPTS_EXCEEDED": (
+            "The object cannot be reconstructed because the maximum number of task retries "
+            "has been exceeded. Consider increasing the number of retries using "
+            "`@ray.remote(max_retries=N)`."),
+        "OBJECT_UNRECONSTRUCTABLE_LINEAGE_EVICTED": (
+            "The object cannot be reconstructed because its lineage has been evicted to "
+            "reduce memory pressure: an owner keeps at most 1 GiB of lineage (Ray's "
+            "max_lineage_bytes), the oldest going first."),
+        "OBJECT_UNRECONSTRUCTABLE_PUT": (
+            "The object cannot be reconstructed because it was created by ray.put(), which "
+            "has no task lineage. To prevent this error, return the value from a task "
+            "instead."),
+        "OBJECT_UNRECONSTRUCTABLE_RETRIES_DISABLED": (
+            "The object cannot be reconstructed because the task was created with "
+            "max_retries=0. Consider enabling retries using `@ray.remote(max_retries=N)`."),
+        "OBJECT_UNRECONSTRUCTABLE_BORROWED": (
+            "The object cannot be reconstructed because it crossed an ownership boundary: "
+            "only the owner of an object can rebuild it, and this process borrowed it."),
+        "OBJECT_UNRECONSTRUCTABLE_TASK_CANCELLED": (
+            "The object cannot be reconstructed because the task that would produce it was "
+            "cancelled."),
+    }
+
+    def __init__(self, object_ref_hex: str = "", message: str = "", *, reason: str = "",
+                 reason_message: str = "", owner_address: Any = None,
+                 call_site: str = "") -> None:
+        self.reason = reason
+        self.reason_message = reason_message or self.REASONS.get(reason, "")
+        self.owner_address = owner_address
+        self.call_site = call_site
+        if not message:
+            message = f"Failed to retrieve object {object_ref_hex}."
+            if self.reason_message:
+                message += f"\n\n[{reason or 'UNKNOWN'}] {self.reason_message}"
+        super().__init__(object_ref_hex, message)
+
+    def __reduce__(self):
+        return (_rebuild_reconstruction_failed,
+                (type(self), self.object_ref_hex, str(self), self.reason, self.reason_message))
+
+
+def _rebuild_reconstruction_failed(cls: type, object_ref_hex: str, message: str, reason: str,
+                                   reason_message: str) -> "ObjectReconstructionFailedError":
+    return cls(object_ref_hex, message, reason=reason, reason_message=reason_message)
+
+
+class ObjectReconstructionFailedMaxAttemptsExceededError(ObjectReconstructionFailedError):
+    """The object was lost and the task that made it has no retries left (Ray before
+    2.60 raised this class; 2.60 raises its base with ``reason`` set, and so do we:
+    both ``except`` clauses catch it)."""
+
+
+class ObjectReconstructionFailedLineageEvictedError(ObjectReconstructionFailedError):
+    """The object was lost and its lineage had been evicted (see the class above)."""
 
 
 class RayActorError(RayError):

@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from runtime import config, ids
-from runtime.gpu import resolve_gpu_ids
+from runtime.gpu import detect_accelerator_type, resolve_gpu_ids
+from runtime.labels import ACCELERATOR_RESOURCE_PREFIX, check_node_labels
 from runtime.private_fs import ensure_private_dir
 from runtime.rpc import TOKEN_ENV, new_cluster_token
 from runtime.supervisor import ComponentStartError, ManagedProcess, ProcessSpec, RestartPolicy, Supervisor
@@ -62,8 +63,11 @@ class NodeConfig:
     token: str = ""
     prestart_workers: Optional[int] = None  # default: one per CPU, up to PRESTART_MAX_WORKERS
     labels: Dict[str, str] = field(default_factory=dict)
+    """Custom node labels (Ray's init(labels=...)); the raylet adds Ray's defaults:
+    ray.io/node-id, and ray.io/accelerator-type from an accelerator_type resource."""
     raylet_port: int = 0             # 0 = any free port; node-agent: a fixed port
     object_store_port: int = 0       # 0 = any free port; node-agent: a fixed port
+    object_transfer_port: int = 0    # the store's TCP port for node-to-node pulls (same)
     memory: Optional[float] = None   # the "memory" resource; default 70% of available RAM
     restart: Optional[RestartPolicy] = None
     """None: a component that dies stays dead (private clusters). node-agent sets a
@@ -96,7 +100,8 @@ def check_resource_amount(name: str, amount: Any) -> None:
 
 
 def node_resources(cfg: NodeConfig) -> tuple[Dict[str, float], List[int]]:
-    """Total resources of the node (Ray's names) and the GPU ids it may hand out."""
+    """Total resources of the node (Ray's names) and the GPU ids it may hand out. A node
+    whose GPUs' model is known has 1 of ``accelerator_type:<model>``, as in Ray."""
     import psutil
 
     for key in ("CPU", "GPU"):
@@ -121,6 +126,9 @@ def node_resources(cfg: NodeConfig) -> tuple[Dict[str, float], List[int]]:
     total[f"node:{cfg.node_ip}"] = 1.0
     if cfg.head:
         total["node:__internal_head__"] = 1.0
+    accelerator = detect_accelerator_type(gpu_ids)
+    if accelerator:
+        total[ACCELERATOR_RESOURCE_PREFIX + accelerator] = 1.0
     total.update({k: float(v) for k, v in cfg.resources.items()})
     return total, gpu_ids
 
@@ -143,6 +151,7 @@ class Node:
         self.store_address = ""
         self.raylet_address = ""
         self.resources: Dict[str, float] = {}
+        self.labels: Dict[str, str] = {}  # custom; the raylet adds Ray's defaults
         self.gpu_ids: List[int] = []
         self.pids: Dict[str, int] = {}
         self.start_errors: Dict[str, ComponentStartError] = {}
@@ -188,6 +197,7 @@ class Node:
     def start(self) -> None:
         """Start the node's processes; raise ComponentStartError naming what failed."""
         cfg = self.cfg
+        self.labels = check_node_labels(cfg.labels, "node labels")
         self.resources, self.gpu_ids = node_resources(cfg)
         node_hex = self.node_id.hex()
         timeout = config.COMPONENT_START_TIMEOUT_S
@@ -200,7 +210,8 @@ class Node:
         store = self.supervisor.spawn(self._spec(
             "object_store", "runtime.object_store",
             ["--node-id", node_hex, "--host", cfg.node_ip, "--port", str(cfg.object_store_port),
-             "--capacity", str(int(self.resources["object_store_memory"]))]))
+             "--capacity", str(int(self.resources["object_store_memory"])),
+             "--transfer-port", str(cfg.object_transfer_port)]))
         # GCS and store start in parallel; the raylet needs both addresses.
         if gcs is not None:
             self.gcs_address = f"{cfg.node_ip}:{self._wait(gcs, cfg.gcs_port, timeout)}"
@@ -212,7 +223,8 @@ class Node:
              "--store-address", self.store_address, "--resources", json.dumps(self.resources),
              "--gpu-ids", ",".join(str(i) for i in self.gpu_ids),
              "--object-store-memory", str(int(self.resources["object_store_memory"])),
-             "--prestart", str(self._prestart())] + (["--is-head"] if cfg.head else [])))
+             "--prestart", str(self._prestart())] + (["--is-head"] if cfg.head else [])
+            + (["--labels", json.dumps(self.labels, sort_keys=True)] if self.labels else [])))
         self.raylet_address = f"{cfg.node_ip}:{self._wait(raylet, cfg.raylet_port, timeout)}"
 
     def _prestart(self) -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable
 
+from runtime.options import validate_method_options
+
 
 def _make(target: Any, options: dict):
     if inspect.isclass(target):
@@ -35,10 +37,16 @@ def remote(*args, **kwargs) -> Any:
 
 
 def method(*args, **kwargs) -> Callable:
-    """``@method(num_returns=2)`` on an actor method (options are kept on the function)."""
+    """``@method(num_returns=2)`` on an actor method (options are kept on the function;
+    the actor's worker reads its concurrency_group from there too)."""
+    options = validate_method_options(kwargs, "@method")
+
     def decorator(fn):
-        fn.__runtime_method_options__ = kwargs
+        fn.__runtime_method_options__ = options
         return fn
     if len(args) == 1 and callable(args[0]) and not kwargs:
         return decorator(args[0])
+    if args:
+        raise TypeError("The @method decorator takes keyword options only, e.g. "
+                        "@method(num_returns=2)")
     return decorator

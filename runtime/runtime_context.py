@@ -21,6 +21,8 @@ from runtime.actor import ActorHandle
 from runtime.core_worker import task_context
 from runtime.core_worker.current import core_worker, core_worker_or_none
 from runtime.ids import ActorID, JobID, NodeID, PlacementGroupID, TaskID
+from runtime.runtime_env import RuntimeEnv
+from runtime.runtime_env import context as runtime_env_context
 
 log = logging.getLogger("runtime")
 
@@ -153,6 +155,19 @@ class RuntimeContext:
     @property
     def gcs_address(self) -> str:
         return self._cw.gcs_address
+
+    # -- runtime environment ------------------------------------------------------------------------
+    @property
+    def runtime_env(self) -> RuntimeEnv:
+        """The runtime_env of this job (in a driver) or of this worker's task or actor, as
+        it travels: local paths are gcs:// package URIs."""
+        self._check()
+        return RuntimeEnv.deserialize(self.get_runtime_env_string())
+
+    def get_runtime_env_string(self) -> str:
+        """The runtime_env as JSON ("{}" when none)."""
+        self._check()
+        return runtime_env_context.current().serialized or "{}"
 
     def get_node_labels(self) -> Dict[str, str]:
         """The labels of this process's node, with Ray's default ``ray.io/node-id``."""

@@ -90,7 +90,7 @@ NOTES: Dict[str, Tuple[str, str]] = {
     "ray.util:iter": (NOT_SUPPORTED, "ParallelIterator (deprecated in Ray) is not provided"),
     "ray.util:pdb": (NOT_SUPPORTED, "no remote debugger"),
     "ray.util:ray_debugpy": (NOT_SUPPORTED, "no remote debugger"),
-    "ray.util:accelerators": (NOT_SUPPORTED, "accelerator types are not modelled"),
+    "ray.util:accelerators": (DIFFERS, "the accelerator type names; no `tpu` helpers"),
     "ray.util:inspect_serializability": (DIFFERS, "same search and return value; the printed "
                                                   "report is worded differently, uncoloured"),
     # -- ray.util.multiprocessing ------------------------------------------------------------
@@ -106,24 +106,36 @@ NOTES: Dict[str, Tuple[str, str]] = {
     "ray.exceptions:OutOfMemoryError": (DIFFERS, "defined, never raised: there is no memory "
                                                  "monitor"),
     "ray.exceptions:ObjectFreedError": (DIFFERS, "defined, never raised: there is no free()"),
-    "ray.exceptions:ObjectReconstructionFailedError": (DIFFERS, "defined, never raised: no "
-                                                                "lineage reconstruction"),
+    "ray.exceptions:ObjectReconstructionFailedError": (
+        DIFFERS, "raised with Ray 2.60's `reason` as its ErrorType name (a string)"),
     "ray.exceptions:CrossLanguageError": (DIFFERS, "defined, never raised"),
     # -- ray.runtime_context -----------------------------------------------------------------
-    "ray.runtime_context:RuntimeContext.get_task_function_name": (
-        DIFFERS, "actor calls only, until the executor records the running task's spec in its "
-                 "task context; a normal task raises NotImplementedError"),
-    "ray.runtime_context:RuntimeContext.get_assigned_resources": (
-        DIFFERS, "actors only (from the GCS), until TaskSpec carries a task's resources; a "
-                 "normal task raises NotImplementedError"),
-    "ray.runtime_context:RuntimeContext.is_canceled": (
-        DIFFERS, "raises NotImplementedError until the executor records cancels of running "
-                 "tasks"),
-    "ray.runtime_context:RuntimeContext.get_placement_group_id": (
-        DIFFERS, "only groups that capture child tasks, until the executor records the "
-                 "running task's spec"),
     "ray.runtime_context:RuntimeContext.get_temp_dir": (
         DIFFERS, "the per-user session root (not /tmp/ray)"),
+    # -- ray.runtime_env ---------------------------------------------------------------------
+    "ray.runtime_env:RuntimeEnv": (
+        DIFFERS, "working_dir, py_modules, excludes, pip, env_vars, config; local paths are "
+                 "also accepted per task/actor; remote URIs, conda, container, image_uri, uv, "
+                 "py_executable, hooks, nsight and plugins are refused with a clear error"),
+    "ray.runtime_env:RuntimeEnvConfig": (
+        DIFFERS, "eager_install has no effect (an env is set up when a node first needs it); "
+                 "log_files are shown in the setup error"),
+    # -- ray.util.state ----------------------------------------------------------------------
+    "ray.util.state:get_log": (
+        DIFFERS, "suffix 'err' reads the same file as 'out' (a worker's streams share one "
+                 "log); a task's log is its worker's whole log, latest attempt only"),
+    "ray.util.state:get_task": (DIFFERS, "returns one record (the latest attempt), never "
+                                         "Ray's list of attempts"),
+    "ray.util.state:get_job": (DIFFERS, "also accepts a driver's job id"),
+    "ray.util.state:StateApiClient": (DIFFERS, "talks gRPC to the GCS; cookies or headers "
+                                               "raise"),
+    "ray.util.state:summarize_objects": (DIFFERS, "call sites are not recorded (shown as "
+                                                  "disabled)"),
+    "ray:ObjectRefGenerator": (
+        DIFFERS, "made by the runtime, not by users (no `generator_ref`, `worker` parameters); "
+                 "a sync actor's call port answers once, so there all items arrive with the "
+                 "final result; `wait()` on a generator is not supported"),
+    "ray:timeline": (DIFFERS, "one event per task attempt, no profiling sub-events"),
 }
 
 

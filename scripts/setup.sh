@@ -27,7 +27,7 @@ fi
 # never mixes with our packages. The client side of `ray[default]` is enough: ray,
 # aiohttp (log tailing) and pydantic (JobDetails). Installed once (a marker file holds
 # the requirements); a failure is reported and those tests then skip, saying why.
-RAY_CLIENT_REQS="ray==2.60.* aiohttp>=3.14.4 pydantic>=2.5,<3"
+RAY_CLIENT_REQS="ray==2.60.* aiohttp>=3.14.4 pydantic>=2.5,<3 numpy psutil"
 if [ -z "${SKIP_RAY_CLIENT:-}" ] && [ "$(cat .venv-ray/.installed 2>/dev/null)" != "$RAY_CLIENT_REQS" ]; then
     if { [ -x .venv-ray/bin/python ] || "$PY" -m venv .venv-ray; } &&
        .venv-ray/bin/python -m pip install -q $RAY_CLIENT_REQS > .venv-ray/pip-install.log 2>&1; then

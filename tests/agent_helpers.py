@@ -113,6 +113,7 @@ gcs = {ports['gcs']}
 agent = {ports['agent']}
 raylet = {ports['raylet']}
 object_store = {ports['object_store']}
+object_transfer = {ports.get('object_transfer', 0)}
 
 [resources]
 num_cpus = 1
@@ -289,7 +290,8 @@ class Farm:
         self.taken: set = set()
 
     def ports(self) -> Dict[str, int]:
-        return {k: free_port(taken=self.taken) for k in ("gcs", "agent", "raylet", "object_store")}
+        return {k: free_port(taken=self.taken)
+                for k in ("gcs", "agent", "raylet", "object_store", "object_transfer")}
 
     def agent(self, name: str, node_ip: str, ports: Optional[Dict[str, int]] = None,
               extra_config: str = "") -> Agent:

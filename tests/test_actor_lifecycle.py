@@ -152,3 +152,57 @@ def test_stimuli_outside_the_table_change_nothing(state):
 
 def test_dead_is_terminal():
     assert not [key for key in TRANSITIONS if key[0] == DEAD]
+
+
+# -- node death and GCS restarts (issue 12) ------------------------------------------------------
+def test_node_death_restarts_an_alive_actor_within_its_budget_without_returning_the_lease():
+    life = alive(max_restarts=1)
+    out = life.node_died("1a2b3c4d", "its raylet refuses connections", pid=77)
+    assert life.state == RESTARTING and life.num_restarts == 1
+    assert kinds(out) == [Publish, Event, Place]
+    assert ReturnLease() not in out and not life.leased  # the lease died with the node
+    assert "its node 1a2b3c4d (worker pid 77) died: its raylet refuses connections" in \
+        out[1].message and "restart 1/1" in out[1].message
+    life.lease_requested()
+    life.lease_granted()
+    life.created()
+    out = life.node_died("5e6f7a8b", "no resource report for 10s")
+    assert life.state == DEAD and ReleaseName() in out
+    assert life.death_cause == ("its node 5e6f7a8b died: no resource report for 10s; no "
+                                "restarts left (max_restarts=1)")
+
+
+def test_node_death_during_creation_places_it_again_without_counting_a_restart():
+    life = ActorLifecycle(max_restarts=0)
+    life.registered()
+    life.lease_requested()
+    life.lease_granted()  # the creation task is out on that node
+    out = life.node_died("1a2b3c4d", "gone")
+    assert life.state == PENDING_CREATION and life.num_restarts == 0
+    assert Place() in out and ReturnLease() not in out and not life.leased
+
+
+def test_node_death_after_a_kill_is_the_kill():
+    life = alive(max_restarts=3)
+    life.kill_requested(no_restart=False, reason="kill(no_restart=False)")
+    assert life.node_died("1a2b3c4d", "gone")[0] == Publish()
+    assert life.state == RESTARTING  # a kill that allows restarts restarts
+    dead = alive(max_restarts=3)
+    dead.kill_requested(no_restart=True, reason="its owner exited")
+    assert dead.node_died("1a2b3c4d", "gone") == [] and dead.death_cause == "its owner exited"
+
+
+def test_restored_actors_resume_where_the_old_gcs_left_them():
+    life, out = ActorLifecycle.restored(ALIVE, max_restarts=2, num_restarts=1)
+    assert out == [] and life.state == ALIVE and life.leased and life.num_restarts == 1
+    assert kinds(life.reattached()) == [Event] and life.state == ALIVE
+    # Its raylet no longer holds the lease: the worker died while the GCS was down.
+    out = life.worker_lost_while_down(pid=55)
+    assert life.state == RESTARTING and life.num_restarts == 2 and Place() in out
+    assert "(pid 55) died (it exited while the GCS was down)" in out[1].message
+    for state in (PENDING_CREATION, RESTARTING):
+        life, out = ActorLifecycle.restored(state, max_restarts=0, num_restarts=0)
+        assert out == [Place()] and life.state == state and not life.leased
+    life, out = ActorLifecycle.restored(DEAD, 0, 0, "killed", b"err")
+    assert out == [] and life.death_cause == "killed" and life.death_error == b"err"
+    assert life.reattached() == [] and life.node_died("x", "y") == []

@@ -358,6 +358,39 @@ def test_named_actor_lookup_and_namespaces(actors):
     assert ray.get(ray.get_actor(name).get.remote(), timeout=30) == 2
 
 
+@ray.remote
+class Shaped:
+    @ray.method(num_returns=2)
+    def pair(self):
+        return "a", "b"
+
+
+GET_SHAPED = """
+import json, sys, runtime as ray
+ray.init(address=sys.argv[1], namespace=sys.argv[2])
+h = ray.get_actor(sys.argv[3])
+refs = h.pair.remote()
+print(json.dumps(ray.get(list(refs), timeout=30)))
+"""
+
+
+def test_get_actor_handles_keep_method_options(actors, cluster):
+    """A handle from get_actor, here or in another driver that never saw the class, keeps
+    @method(num_returns=2): the call returns two refs, as Ray's does."""
+    name = f"shaped-{uuid.uuid4().hex[:8]}"
+    actors.append(Shaped.options(name=name).remote())
+    first, second = ray.get_actor(name).pair.remote()
+    assert ray.get([first, second], timeout=30) == ["a", "b"]
+    ns = ray.get_runtime_context().namespace
+    with open(os.path.join(cluster.address_info["session_dir"], "token")) as fh:
+        token = fh.read().strip()
+    proc = subprocess.run([sys.executable, "-c", GET_SHAPED, cluster.address_info["gcs_address"],
+                           ns, name], capture_output=True, text=True, timeout=120,
+                          env=scrubbed_env(NODE_AGENT_TOKEN=token), cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == ["a", "b"]
+
+
 def test_duplicate_name_get_if_exists_and_reuse(actors):
     name = f"dup-{uuid.uuid4().hex[:8]}"
     first = Counter.options(name=name).remote()

@@ -369,7 +369,8 @@ def test_a_failed_pull_leaves_no_partial_object_in_the_local_store(fresh_runtime
     try:
         second.start()
 
-        @ray.remote(resources={"second": 1})  # waits for the node, runs only there
+        # Runs only there, and is not rebuilt elsewhere when its copy is lost.
+        @ray.remote(resources={"second": 1}, max_retries=0)
         def big():
             return b"b" * (400 * 2**20)
 

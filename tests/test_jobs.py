@@ -393,3 +393,32 @@ def test_dashboard_port_given_to_a_running_agent_is_kept_with_the_role(tmp_path)
         assert bad.returncode != 0 and "--dashboard-port must be a TCP port" in bad.stderr
     finally:
         farm.cleanup()
+
+
+def test_a_jobs_driver_is_linked_to_its_submission(head, tmp_path):
+    """A driver started by a submitted job records the submission id: the API's record
+    names that driver, and list_jobs() shows the job once, as SUBMISSION, not also as a
+    hand-started DRIVER."""
+    script = tmp_path / "linked.py"
+    script.write_text(
+        "import json, os, runtime as ray\n"
+        "from runtime.util.state import list_jobs\n"
+        "ray.init()\n"
+        "me = ray.get_runtime_context().get_job_id()\n"
+        "print('RECORDS ' + json.dumps([dict(j) for j in list_jobs()\n"
+        "                               if j['job_id'] == me or j['submission_id'] == 'linked-1']))\n"
+        "print('PID', os.getpid())\n")
+    code, reply = http(head["address"], "POST", "/api/jobs/", head["token"],
+                       body={"entrypoint": f"python {script}", "submission_id": "linked-1"})
+    assert code == 200, reply
+    info = wait_status(head["address"], head["token"], "linked-1", ("SUCCEEDED", "FAILED"), 60)
+    _, logs = http(head["address"], "GET", "/api/jobs/linked-1/logs", head["token"])
+    assert info["status"] == "SUCCEEDED", logs
+    records = json.loads(next(line for line in logs["logs"].splitlines()
+                              if line.startswith("RECORDS "))[len("RECORDS "):])
+    pid = next(line for line in logs["logs"].splitlines() if line.startswith("PID ")).split()[1]
+    assert len(records) == 1, records
+    rec = records[0]
+    assert rec["type"] == "SUBMISSION" and rec["submission_id"] == "linked-1", rec
+    assert rec["driver_info"]["pid"] == pid and rec["job_id"] == info["job_id"], (rec, info)
+    assert info["driver_info"]["pid"] == pid

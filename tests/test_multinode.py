@@ -9,33 +9,17 @@ import psutil
 import pytest
 
 import runtime as ray
-from runtime.node import Node, NodeConfig
-from runtime.session import new_session_dir
 from runtime.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from conftest import assert_all_gone, wait_for
+from helpers.nodes import cluster_with_nodes
+from conftest import wait_for
 
 
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory):
-    if ray.is_initialized():
-        ray.shutdown()
     root = str(tmp_path_factory.mktemp("sessions"))
-    ctx = ray.init(num_cpus=1, _temp_dir=root)
-    token = open(os.path.join(ctx.address_info["session_dir"], "token")).read()
-    second = Node(NodeConfig(head=False, node_ip="127.0.0.2", gcs_address=ctx.address_info["gcs_address"],
-                             num_cpus=1, resources={"second": 1}, session_dir=new_session_dir(root),
-                             token=token, object_store_memory=128 * 1024 * 1024))
-    second.start()
-    pids = [p.pid for p in psutil.Process().children(recursive=True)]
-    try:
-        wait_for(lambda: len([n for n in ray.nodes() if n["Alive"]]) == 2, 15,
-                 message="the second node to register")
+    with cluster_with_nodes(root, head_cpus=1) as (ctx, (second,)):
         yield ctx, second
-    finally:
-        second.stop()
-        ray.shutdown()
-        assert_all_gone(pids)
 
 
 @ray.remote

@@ -405,9 +405,14 @@ def test_argument_of_running_task_is_not_freed(cluster, gate, tmp_path):
     assert s.num_objects == base.num_objects + 1, "argument freed while its task still runs"
     gate.open()
     assert ray.get(result, timeout=60) == int(big_array(13).sum())
+    # A put argument cannot be rebuilt, so the lineage of the task's result keeps it (as
+    # in Ray) while the result can still be lost and the task run again.
+    s = settle_frees(cluster)
+    assert s.num_objects == base.num_objects + 1, "argument freed while the lineage needs it"
+    del result
     wait_for(lambda: (lambda s: s.num_objects == base.num_objects
                       and s.used <= base.used + TOLERANCE)(store_stats(cluster)),
-             15, message="the argument to be freed after its task finished")
+             15, message="the argument to be freed with the result of its task")
 
 
 # -- own clusters: store sizes ----------------------------------------------------------------------

@@ -18,13 +18,18 @@ from runtime.core_worker.memory_store import Value
 from runtime.core_worker.owner_state import (ACTOR_ALIVE, ACTOR_DEAD, ACTOR_RESTARTING,
                                              FAILED, FINISHED, HANDSHAKE_ATTEMPTS, LOCAL_RAYLET,
                                              PENDING_ARGS_AVAIL, PENDING_NODE_ASSIGNMENT,
-                                             SUBMITTED_TO_WORKER, ArmIdleTimer,
-                                             CancelLeaseRequest, CancelRemote, CloseLink,
-                                             Connect, Fail, Finish, FreeLineage, OwnerState,
-                                             PendingTask, Push, RequestLease, ResolveArgs,
-                                             ReturnLease, WatchActor, WorkerDied, Warn)
-from runtime.exceptions import (ActorDiedError, ActorUnavailableError, RayActorError,
-                                RayTaskError, TaskCancelledError, TaskUnschedulableError)
+                                             SUBMITTED_TO_WORKER, ArgumentLost, ArmIdleTimer,
+                                             ArmRetry, CancelLeaseRequest, CancelRemote,
+                                             CloseLink, Connect, Fail, FailObjects, Finish,
+                                             FreeLineage, OwnerState, PendingTask, PinLineage,
+                                             Push, RequestLease, ResolveArgs, Resubmit,
+                                             ReturnLease, WatchActor, WorkerDied, WorkerLink, Warn)
+from runtime.exceptions import (ActorDiedError, ActorUnavailableError, ObjectLostError,
+                                ObjectReconstructionFailedError,
+                                ObjectReconstructionFailedLineageEvictedError,
+                                ObjectReconstructionFailedMaxAttemptsExceededError,
+                                RayActorError, RayTaskError, TaskCancelledError,
+                                TaskUnschedulableError)
 from runtime.protocol import common_pb2
 from runtime.serialization import serialize_error
 from runtime.util.state import get_actor as state_get_actor
@@ -621,3 +626,304 @@ def test_cancel_of_an_async_call_while_its_actor_restarts_is_not_run_again(actor
     pid2 = ray.get(a.pid.remote(), timeout=60)
     assert pid2 != pid1
     assert not (tmp_path / f"ran-{pid2}").exists(), "the cancelled call ran on the restarted actor"
+
+
+# -- lost objects: rebuilt from lineage, or failed with the reason ----------------------------------
+REMOTE = "127.0.0.3:6381"
+
+
+def pushed(m: OwnerState, t: PendingTask, out, worker=W1, lease_id=7) -> WorkerLink:
+    """Where t went: on a lease the actions reuse, or on one granted now."""
+    for _ in range(2):
+        for push in of(out, Push):
+            if push.task is t:
+                return push.link
+        out = grant(m, out, worker=worker, lease_id=lease_id)
+    raise AssertionError(f"{t.name} was not pushed")
+
+
+def finished(m: OwnerState, t: PendingTask, worker=W1, lease_id=7):
+    """Submit t (its slot arguments, if any, in the store of node 3), run it to the end:
+    the actions of its result."""
+    out = m.submit(t)
+    for i in range(len(t.slot_refs or ())):
+        out += m.arg_ready(t, i, in_store(t.arg_ids[i]))
+    return m.task_result(pushed(m, t, out, worker, lease_id), result(t))
+
+
+def in_store(oid: bytes, store: str = "127.0.0.3:6382") -> common_pb2.ObjectLocation:
+    return common_pb2.ObjectLocation(object_id=oid, in_store=True, node_id=b"n3",
+                                     store_address=store, size=10)
+
+
+def with_args(t: PendingTask, *oids: bytes) -> PendingTask:
+    t.slot_refs = [object()] * len(oids)
+    t.arg_ids = list(oids)
+    return t
+
+
+def test_a_finished_task_is_kept_and_its_arguments_pinned_before_its_result_is_stored():
+    m = machine()
+    arg = b"a" * 28
+    t = with_args(task(), arg)
+    out = finished(m, t)
+    pin, fin = of(out, PinLineage), of(out, Finish)
+    assert pin[0].task is t and out.index(pin[0]) < out.index(fin[0])
+    assert t.lineage_kept and m.lineage_done == {t.task_id: t}
+    # A task with no ObjectRef argument has nothing to pin.
+    assert not of(finished(m, task()), PinLineage)
+
+
+def test_a_lost_object_runs_its_task_again_as_a_new_attempt():
+    m = machine()
+    t = task(retries=2)
+    finished(m, t)
+    m.worker_lost(t.link, "node 3 died")  # its worker went with the node
+    out = m.object_lost(t.return_ids[0], "node 3 died")
+    (again,) = of(out, Resubmit)
+    assert again.task is t and of(out, RequestLease)
+    assert t.attempt == 1 and t.retries_left == 1 and t.state == PENDING_NODE_ASSIGNMENT
+    assert m.tasks[t.task_id] is t and t.task_id not in m.lineage_done
+    assert m.lineage_bytes == 0
+    # Lost again while it runs: once is enough.
+    assert m.object_lost(t.return_ids[0], "node 3 died") == []
+    out = m.task_result(pushed(m, t, out, W2, 8), result(t))
+    assert of(out, Finish) and not of(out, PinLineage)  # pinned already
+    assert t.state == FINISHED and m.lineage_done == {t.task_id: t}
+
+
+def test_a_rebuilt_task_resolves_its_arguments_again_by_id_so_lost_ones_are_rebuilt_first():
+    """b = g(a), both lost: b's re-run waits for a, whose loss (the shell finds its value
+    gone) runs a's task again; b runs once a has a value."""
+    m = machine()
+    a = task()
+    finished(m, a)
+    b = with_args(task(), a.return_ids[0])
+    finished(m, b, worker=W2, lease_id=8)
+    out = m.object_lost(b.return_ids[0], "node 3 died")
+    (resolve,) = of(out, ResolveArgs)
+    assert resolve.task is b and b.slot_refs == [a.return_ids[0]]
+    assert b.state == PENDING_ARGS_AVAIL and not of(out, RequestLease)
+    out = m.object_lost(a.return_ids[0], "freed while only lineage kept it")
+    assert of(out, Resubmit)[0].task is a and a.attempt == 1
+    # a finishes again: b gets its argument and is queued.
+    m.task_result(pushed(m, a, out, W1, 9), result(a))
+    out = m.arg_ready(b, 0, in_store(a.return_ids[0], "127.0.0.1:6382"))
+    assert b.state in (PENDING_NODE_ASSIGNMENT, SUBMITTED_TO_WORKER)
+
+
+@pytest.mark.parametrize("case, reason, cls", [
+    ("out of retries", "OBJECT_UNRECONSTRUCTABLE_MAX_ATTEMPTS_EXCEEDED",
+     ObjectReconstructionFailedMaxAttemptsExceededError),
+    ("max_retries=0", "OBJECT_UNRECONSTRUCTABLE_RETRIES_DISABLED", ObjectReconstructionFailedError),
+    ("put", "OBJECT_UNRECONSTRUCTABLE_PUT", ObjectReconstructionFailedError),
+    ("evicted", "OBJECT_UNRECONSTRUCTABLE_LINEAGE_EVICTED",
+     ObjectReconstructionFailedLineageEvictedError),
+])
+def test_what_cannot_be_rebuilt_fails_with_the_reason_naming_object_and_place(case, reason, cls):
+    m = OwnerState(clock=Clock(), lineage_max_bytes=300)
+    if case == "put":
+        oid = b"p" * 24 + b"\x00" * 4
+    else:
+        t = task(retries=0 if case == "max_retries=0" else 1)
+        finished(m, t)
+        oid = t.return_ids[0]
+        if case == "out of retries":
+            out = m.object_lost(oid, "first loss")
+            m.task_result(pushed(m, t, out, W2, 8), result(t))
+        elif case == "evicted":
+            later = task()
+            out = finished(m, later, worker=W2, lease_id=8)
+            assert of(out, FreeLineage)[0].task is t
+    out = m.object_lost(oid, "its copy in the object store of node 3 (127.0.0.3:6382) is gone")
+    (fail,) = of(out, FailObjects)
+    assert fail.oids == [oid] and type(fail.error) is cls and fail.error.reason == reason
+    text = str(fail.error)
+    assert oid.hex() in text and "127.0.0.3:6382" in text and reason in text
+    assert isinstance(fail.error, ObjectLostError)
+
+
+def test_lineage_of_a_rebuilt_task_that_fails_is_freed():
+    m = machine()
+    t = with_args(task(retries=1), b"a" * 28)
+    finished(m, t)
+    out = m.object_lost(t.return_ids[0], "node 3 died")
+    for i in range(t.nslots):
+        out += m.arg_ready(t, i, in_store(t.arg_ids[i], "127.0.0.1:6382"))
+    out = m.task_result(pushed(m, t, out, W2, 8), result(t, app_error=True,
+                                                           error=ValueError("bad")))
+    assert of(out, FreeLineage)[0].task is t and not t.lineage_kept
+    assert t.state == FAILED and t.return_ids[0] not in m.lineage
+
+
+def test_a_task_whose_worker_could_not_fetch_an_argument_recovers_it_without_a_retry():
+    m = machine()
+    arg = b"a" * 28
+    t = with_args(task(retries=1), arg)
+    out = m.submit(t)
+    out += m.arg_ready(t, 0, in_store(arg))
+    link = pushed(m, t, out)
+    lost = ObjectLostError(arg.hex(), f"Object {arg.hex()} cannot be fetched from node 3")
+    wrapped = RayTaskError("f", "Traceback...", lost)
+    out = m.task_result(link, result(t, app_error=True, error=wrapped))
+    (gone,) = of(out, ArgumentLost)
+    assert gone.oid == arg and gone.location.store_address == "127.0.0.3:6382"
+    (resolve,) = of(out, ResolveArgs)
+    assert out.index(gone) < out.index(resolve) and t.slot_refs == [arg]
+    assert t.retries_left == 1 and t.state == PENDING_ARGS_AVAIL and not of(out, Finish)
+    # Lost again and again: recovered ARGUMENT_LOSSES_MAX times in all, then it fails.
+    for _ in range(2):
+        m.arg_ready(t, 0, in_store(arg, "127.0.0.1:6382"))
+        assert of(m.task_result(t.link, result(t, app_error=True, error=wrapped)), ArgumentLost)
+    m.arg_ready(t, 0, in_store(arg, "127.0.0.1:6382"))
+    out = m.task_result(t.link, result(t, app_error=True, error=wrapped))
+    assert not of(out, ArgumentLost) and t.state == FAILED
+    # An ObjectLostError about another object (the task's own get()) is the task's error.
+    other = with_args(task(retries=1), arg)
+    out = m.submit(other) + m.arg_ready(other, 0, in_store(arg))
+    mine = RayTaskError("f", "Traceback...", ObjectLostError("b" * 56, "lost"))
+    out = m.task_result(pushed(m, other, out), result(other, app_error=True, error=mine))
+    assert not of(out, ArgumentLost) and other.state == FAILED
+
+
+def test_spillbacks_to_a_raylet_that_went_away_are_asked_locally_again_later():
+    m = machine()
+    t = task()
+    (req,) = of(m.submit(t), RequestLease)
+    (there,) = of(m.lease_spilled(req.request_id, REMOTE), RequestLease)
+    assert there.raylet == REMOTE
+    out = m.raylet_lost(REMOTE)  # its stream broke: the request goes back to the local one
+    (local,) = of(out, RequestLease)
+    assert local.raylet == LOCAL_RAYLET and m.raylet_is_dead(REMOTE)
+    out = m.lease_spilled(local.request_id, REMOTE)  # the local raylet still names it
+    (arm,) = of(out, ArmRetry)
+    assert not of(out, RequestLease) and 0 < arm.delay <= 0.2
+    (again,) = of(m.retry_held(arm.key), RequestLease)
+    assert again.raylet == LOCAL_RAYLET
+    m.clock.now += 5  # past the backoff: the dead raylet is probed once
+    (probe,) = of(m.lease_spilled(again.request_id, REMOTE), RequestLease)
+    assert probe.raylet == REMOTE
+    out = m.lease_granted(REMOTE, probe.request_id, 3, W2, "127.0.0.3:9")  # it is back
+    assert of(out, Push) and not m.raylet_is_dead(REMOTE)
+
+
+# -- max_calls: the worker says it exits (TaskResult.worker_exiting) ------------------------------
+def test_a_worker_that_reached_max_calls_gives_its_lease_back_and_its_other_tasks_go_elsewhere():
+    m = machine(PIPELINE_DEPTH=4)
+    first = task(retries=0)
+    link, _ = running(m, first)
+    m.task_result(link, result(first, exec_seconds=0.0001))  # short: may be pipelined
+    later = [task(retries=0) for _ in range(3)]
+    out = []
+    for t in later:
+        out += m.submit(t)
+    m.lease_queued(of(out, RequestLease)[0].request_id)  # the node is saturated: pipelined
+    assert len(link.inflight) == 3
+    last = result(later[0])
+    last.worker_exiting = True
+    out = m.task_result(link, last)
+    assert later[0].state == FINISHED
+    (ret,) = of(out, ReturnLease)
+    assert ret.worker_exiting and not ret.kill_worker and ret.lease_id == 7
+    assert not of(out, Push) and not link.inflight  # nothing more goes to that worker
+    for t in later[1:]:  # sent after the last one: never run there, no retry spent
+        assert t.state == PENDING_NODE_ASSIGNMENT and t.retries_left == 0 and t.attempt == 0
+    assert of(out, RequestLease)
+    assert m.worker_lost(link, "its stream ended") == []  # the exit is no crash
+
+
+# -- generator tasks (stream items) -------------------------------------------------------------
+def _item(t: PendingTask, index: int) -> common_pb2.TaskResult:
+    r = common_pb2.TaskResult(task_id=t.task_id, stream_item=True, item_index=index)
+    r.returns.add(object_id=t.task_id + bytes([index + 2]), inline_data=b"v")
+    return r
+
+
+def test_stream_items_go_to_the_stream_and_keep_the_task_in_flight():
+    from runtime.core_worker.owner_state import StreamItem
+
+    m = machine()
+    t = task()
+    t.generator = 1
+    link, _ = running(m, t)
+    out = m.task_result(link, _item(t, 0))
+    (item,) = of(out, StreamItem)
+    assert item.task is t and item.result.item_index == 0
+    assert link.inflight == {t.task_id: t} and t.state == SUBMITTED_TO_WORKER
+    out = m.task_result(link, result(t))
+    assert of(out, Finish)[0].task is t and t.state == FINISHED
+    # An item that comes after the final result still reaches the stream ...
+    assert of(m.task_result(link, _item(t, 1)), StreamItem)[0].task is t
+    # ... until the shell says every item is in.
+    m.stream_closed(t.task_id)
+    assert m.task_result(link, _item(t, 2)) == []
+
+
+def test_stream_items_of_a_retried_generator_task_are_still_accepted():
+    from runtime.core_worker.owner_state import StreamItem
+
+    m = machine()
+    t = task(retries=1)
+    t.generator = 1
+    link, _ = running(m, t)
+    m.task_result(link, _item(t, 0))
+    out = m.worker_lost(link, "killed")
+    assert t.attempt == 1 and of(out, RequestLease)
+    # The new attempt's items come on another link; the task is found by id.
+    assert of(m.task_result(link, _item(t, 1)), StreamItem)[0].task is t
+
+
+def test_plain_task_ignores_stray_stream_items():
+    m = machine()
+    t = task()
+    link, _ = running(m, t)
+    assert m.task_result(link, _item(t, 0)) == []
+    assert link.inflight == {t.task_id: t}
+
+
+class _Owner:
+    """What GeneratorStream needs of its core worker, without a cluster."""
+
+    def __init__(self) -> None:
+        from runtime.core_worker.memory_store import MemoryStore
+        from runtime.core_worker.reference_table import ReferenceTable
+
+        self.address = ("127.0.0.1", 1, b"w" * 28)
+        self.memory = MemoryStore()
+        self.refs = ReferenceTable(self.address, lambda *a: None, lambda *a: None,
+                                   lambda *a: None)
+
+
+def test_generator_stream_dedups_retried_items_and_acks_consumption():
+    from runtime.core_worker.generators import GeneratorStream
+
+    owner = _Owner()
+    s = GeneratorStream(b"t" * 24, backpressure=2)
+    acks = []
+    s.ack = acks.append
+    assert s.add_item(0, Value(b"a"), owner)
+    assert not s.add_item(0, Value(b"again"), owner)  # a retry re-sends item 0
+    assert s.add_item(1, Value(b"b"), owner)
+    assert s.next_ready()
+    r0 = s.take(timeout=1)
+    assert owner.memory.get(r0.binary()).data == b"a" and acks == [1]
+    s.take(timeout=1)
+    assert acks == [1, 2]
+    with pytest.raises(TimeoutError):
+        s.take(timeout=0.05)
+    s.finish(2)
+    assert s.complete() and s.take(timeout=1) is None and s.is_finished()
+
+
+def test_generator_stream_failure_becomes_the_next_item():
+    from runtime.core_worker.generators import GeneratorStream
+
+    owner = _Owner()
+    s = GeneratorStream(b"u" * 24)
+    s.add_item(0, Value(b"a"), owner)
+    s.fail(Value(b"err", is_error=True), owner)
+    assert s.end == 2 and s.complete()
+    s.take(timeout=1)
+    err = s.take(timeout=1)
+    assert owner.memory.get(err.binary()).is_error
+    assert s.take(timeout=1) is None

@@ -3,20 +3,10 @@ cannot grant yet (sans-I/O, no sockets), and the filter grammar raytop, the agen
 and the GCS share."""
 import pytest
 
-from runtime.raylet.scheduler import PendingRequest, RemoteNode, Scheduler, Worker
+from runtime.raylet.scheduler import PendingRequest, RemoteNode
 from runtime.util import query
 
-NODE = b"n" * 28
-
-
-def make(cpus=2, gpus=(), workers=2, **extra):
-    total = {"CPU": float(cpus), **extra}
-    if gpus:
-        total["GPU"] = float(len(gpus))
-    s = Scheduler(NODE, total, list(gpus))
-    for i in range(workers):
-        s.worker_registered(Worker(bytes([i]) * 28, 100 + i, 2000 + i, client=50 + i))
-    return s
+from test_scheduler import make
 
 
 def req(client, rid, name="f", **res):

@@ -1,6 +1,7 @@
 """The raylet's lease scheduler, tested without sockets or processes (sans-I/O)."""
 from runtime.raylet.scheduler import (Grant, KillWorker, PendingRequest, Reject, RemoteNode,
-                                      Scheduler, Spillback, StartWorkers, Warn, Worker)
+                                      Scheduler, SetupEnv, Spillback, StartWorkers, Warn,
+                                      Worker)
 
 NODE = b"n" * 28
 
@@ -339,3 +340,202 @@ def test_a_prepare_that_arrives_after_its_cancel_reserves_nothing():
     assert s.available["CPU"] == 2.0
     assert s.prepare_bundles(pg, [(0, {"CPU": 1.0})], attempt=2) is None  # the next attempt
     assert s.available["CPU"] == 1.0
+
+
+# -- workers pooled by runtime_env ---------------------------------------------------------------
+def env_req(client, rid, env, **res):
+    r = req(client, rid, **(res or {"CPU": 1}))
+    r.env = env
+    return r
+
+
+def of(actions, kind):
+    return [a for a in actions if isinstance(a, kind)]
+
+
+def test_a_runtime_env_is_set_up_once_then_gets_workers_of_its_own():
+    s = make(cpus=4, workers=1)  # one idle worker of no runtime_env
+    s.request_lease(env_req(1, 1, "envX"))
+    first = s.schedule()
+    assert [a.env for a in of(first, SetupEnv)] == ["envX"]
+    assert not grants(first) and not of(first, StartWorkers)  # never the plain worker
+    assert not of(s.schedule(), SetupEnv)  # set up once, however often it is scheduled
+    s.env_ready("envX")
+    (start,) = of(s.schedule(), StartWorkers)
+    assert (start.count, start.env) == (1, "envX")
+    s.worker_registered(Worker(b"x" * 28, 300, 3000, client=60, env="envX"))
+    (g,) = grants(s.schedule())
+    assert g.worker.env == "envX" and g.request_id == 1
+    s.request_lease(req(2, 1, CPU=1))  # no runtime_env: the plain worker
+    (g2,) = grants(s.schedule())
+    assert g2.worker.env == "" and g2.worker.worker_id == bytes([0]) * 28
+
+
+def test_an_idle_worker_of_another_runtime_env_is_never_granted():
+    s = make(cpus=4, workers=0)
+    s.worker_registered(Worker(b"y" * 28, 301, 3001, client=61, env="envY"))
+    s.env_ready("envX")
+    s.request_lease(env_req(1, 1, "envX"))
+    actions = s.schedule()
+    assert not grants(actions)
+    assert [(a.count, a.env) for a in of(actions, StartWorkers)] == [(1, "envX")]
+    assert s.reason_text(s.pending[(1, 1)]).startswith("waiting for a worker to start")
+
+
+def test_workers_starting_are_counted_per_runtime_env():
+    s = make(cpus=4, workers=0)
+    s.env_ready("envX")
+    for i in range(2):
+        s.request_lease(env_req(1, i, "envX"))
+    s.request_lease(req(2, 1, CPU=1))
+    starts = of(s.schedule(), StartWorkers)
+    assert [(a.env, a.count) for a in starts] == [("envX", 2)]  # FIFO, max_starting 2
+    assert not of(s.schedule(), StartWorkers)  # no slot left, none started twice
+    s.worker_registered(Worker(b"x" * 28, 302, 3002, client=62, env="envX"))
+    actions = s.schedule()
+    assert [g.request_id for g in grants(actions)] == [0]
+    assert [(a.env, a.count) for a in of(actions, StartWorkers)] == [("", 1)]
+    assert s.starting_env == {"envX": 1, "": 1}
+
+
+def test_a_setup_in_progress_holds_no_starting_slot():
+    s = Scheduler(NODE, {"CPU": 4.0}, [], max_starting=1)
+    s.request_lease(env_req(1, 1, "envSlow"))
+    assert of(s.schedule(), SetupEnv)
+    s.request_lease(req(2, 1, CPU=1))
+    starts = of(s.schedule(), StartWorkers)
+    assert [(a.env, a.count) for a in starts] == [("", 1)]
+    assert "runtime_env to be set up" in s.reason_text(s.pending[(1, 1)])
+
+
+def test_a_failed_setup_rejects_the_requests_of_that_env_only_and_is_tried_again():
+    s = make(cpus=4, workers=1)
+    s.request_lease(env_req(1, 1, "envX"))
+    s.request_lease(env_req(1, 2, "envX"))
+    s.request_lease(env_req(3, 1, "envZ"))
+    s.schedule()
+    s.env_failed("envX", "pip install failed: no such package")
+    actions = s.schedule()
+    rejects = of(actions, Reject)
+    assert sorted(r.request_id for r in rejects) == [1, 2]
+    assert all(r.runtime_env and "no such package" in r.message for r in rejects)
+    assert (3, 1) in s.pending  # another env still waits for its own setup
+    s.request_lease(env_req(1, 3, "envX"))
+    assert [a.env for a in of(s.schedule(), SetupEnv)] == ["envX"]  # a new attempt
+    s.env_failed("", "ignored")  # no environment to blame: nothing is rejected
+    assert not of(s.schedule(), Reject)
+
+
+# -- label selectors (runtime/labels.py) -------------------------------------------------------
+def labelled(client, rid, selector, strategy="DEFAULT", grant_or_reject=False, **res):
+    from runtime.labels import check_selector, compile_selector
+
+    return PendingRequest(client, rid, {k: float(v) for k, v in res.items()}, strategy=strategy,
+                          grant_or_reject=grant_or_reject,
+                          selector=compile_selector(check_selector(selector)))
+
+
+def labelled_node(s, labels, node_id=b"o" * 28, address="127.0.0.2:7000", cpus=2.0):
+    s.remote_nodes[node_id] = RemoteNode(node_id, address, {"CPU": cpus}, {"CPU": cpus},
+                                         labels=dict(labels, **{"ray.io/node-id": node_id.hex()}))
+
+
+def test_every_node_is_labelled_with_its_node_id():
+    s = Scheduler(NODE, {"CPU": 1.0}, [], labels={"zone": "a"})
+    assert s.labels == {"zone": "a", "ray.io/node-id": NODE.hex()}
+    s.request_lease(labelled(1, 1, {"ray.io/node-id": NODE.hex()}, CPU=1))
+    s.request_lease(labelled(1, 2, {"ray.io/node-id": "!" + NODE.hex()}, CPU=1))
+    s.worker_registered(Worker(b"w" * 28, 1, 1, client=9))
+    actions = s.schedule()
+    assert [a.request_id for a in grants(actions)] == [1]
+    assert (1, 2) in s.pending
+
+
+def test_a_node_with_an_accelerator_type_is_labelled_with_it():
+    s = Scheduler(NODE, {"CPU": 1.0, "GPU": 1.0, "accelerator_type:H200": 1.0}, [0])
+    assert s.labels == {"ray.io/node-id": NODE.hex(), "ray.io/accelerator-type": "H200"}
+
+
+def test_a_selector_that_this_node_matches_runs_here():
+    s = Scheduler(NODE, {"CPU": 2.0}, [], labels={"zone": "a", "disk": "ssd"})
+    s.worker_registered(Worker(b"w" * 28, 1, 1, client=9))
+    labelled_node(s, {"zone": "b"})
+    s.request_lease(labelled(1, 1, {"zone": "in(a, c)", "disk": "ssd"}, CPU=1))
+    assert [a.request_id for a in grants(s.schedule())] == [1]
+
+
+def test_a_selector_only_another_node_matches_is_spilled_there():
+    s = make()
+    labelled_node(s, {"zone": "b"}, node_id=b"x" * 28, address="127.0.0.3:7000")
+    labelled_node(s, {"zone": "a"}, node_id=b"y" * 28, address="127.0.0.2:7000")
+    s.request_lease(labelled(1, 1, {"zone": "a"}, CPU=1))
+    s.request_lease(labelled(1, 2, {"zone": "!in(a, c)"}, CPU=1))  # no label here: matches
+    s.request_lease(labelled(1, 3, {"zone": "!b", "gpu": "!in(t4)"}, CPU=1))
+    where = placed(s.schedule())
+    assert where == {1: "127.0.0.2:7000", 2: "here", 3: "here"}
+
+
+def test_a_selector_no_node_matches_waits_warns_once_and_blocks_nothing():
+    s = make()
+    labelled_node(s, {"zone": "b"})
+    s.request_lease(labelled(1, 1, {"zone": "a"}, CPU=1))
+    s.request_lease(req(1, 2, CPU=1))
+    actions = s.schedule()
+    (warn,) = [a for a in actions if isinstance(a, Warn)]
+    assert "zone: a" in warn.message and "label" in warn.message
+    assert [a.request_id for a in grants(actions)] == [2]
+    assert (1, 1) in s.pending
+    (pending,) = [r for r in s.pending.values()]
+    assert "labels matching" in s.reason_text(pending) and "zone: a" in s.reason_text(pending)
+    assert s.pending_demand() == [({"CPU": 1.0}, True)]
+    assert not [a for a in s.schedule() if isinstance(a, Warn)]
+    # a matching node joins: the request goes there
+    labelled_node(s, {"zone": "a"}, node_id=b"z" * 28, address="127.0.0.9:7000")
+    (spill,) = [a for a in s.schedule() if isinstance(a, Spillback)]
+    assert spill.request_id == 1 and spill.raylet_address == "127.0.0.9:7000"
+
+
+def test_a_spilled_request_is_not_spilled_again_when_labels_do_not_match():
+    s = make()
+    labelled_node(s, {"zone": "a"})
+    s.request_lease(labelled(1, 1, {"zone": "a"}, grant_or_reject=True, CPU=1))
+    actions = s.schedule()
+    assert not [a for a in actions if isinstance(a, (Spillback, Grant))]
+    assert (1, 1) in s.pending
+
+
+def test_spread_only_takes_nodes_whose_labels_match():
+    s = make(cpus=4, workers=4)
+    labelled_node(s, {"zone": "a"}, node_id=b"x" * 28, address="127.0.0.2:7000", cpus=4)
+    labelled_node(s, {"zone": "b"}, node_id=b"y" * 28, address="127.0.0.3:7000", cpus=4)
+    for i in range(4):
+        s.request_lease(labelled(1, i, {"zone": "a"}, strategy="SPREAD", CPU=1))
+    assert set(placed(s.schedule()).values()) == {"127.0.0.2:7000"}
+
+
+def test_a_draining_node_spills_only_to_a_matching_node():
+    s = make()
+    s.draining = True
+    labelled_node(s, {"zone": "b"}, node_id=b"x" * 28, address="127.0.0.3:7000")
+    labelled_node(s, {"zone": "a"}, node_id=b"y" * 28, address="127.0.0.2:7000")
+    s.request_lease(labelled(1, 1, {"zone": "a"}, CPU=1))
+    (spill,) = [a for a in s.schedule() if isinstance(a, Spillback)]
+    assert spill.raylet_address == "127.0.0.2:7000"
+
+
+# -- max_calls: a worker that exits on purpose ----------------------------------------------------
+def test_a_worker_whose_lease_returns_exiting_is_never_granted_again():
+    s = make(cpus=2, workers=1)
+    s.request_lease(req(1, 1, CPU=1))
+    (g,) = grants(s.schedule())
+    gone = s.return_lease(g.lease_id, worker_exiting=True)
+    assert gone is not None and gone.worker_id == g.worker.worker_id
+    assert g.worker.worker_id not in s.workers and g.worker.worker_id not in s.idle
+    assert s.available["CPU"] == 2.0
+    s.request_lease(req(1, 2, CPU=1))
+    actions = s.schedule()
+    assert not grants(actions)
+    assert [a.count for a in actions if isinstance(a, StartWorkers)] == [1]
+    # the process then exits: not a leased worker dying, nothing to release twice
+    assert s.worker_died(g.worker.worker_id) is None
+    assert s.available["CPU"] == 2.0

@@ -326,6 +326,57 @@ def test_unanswering_raylet_is_named_or_left_out(cluster):
     assert list_workers()  # answers again once resumed
 
 
+# -- Ray 2.60's fields ------------------------------------------------------------------------------
+#: The fields of Ray 2.60's ray.util.state.common dataclasses (TaskState, ActorState, ...).
+RAY_FIELDS = {
+    "tasks": {"task_id", "attempt_number", "name", "state", "job_id", "actor_id", "type",
+              "func_or_class_name", "parent_task_id", "node_id", "worker_id", "worker_pid",
+              "error_type", "language", "required_resources", "runtime_env_info",
+              "placement_group_id", "events", "profiling_data", "creation_time_ms",
+              "start_time_ms", "end_time_ms", "task_log_info", "error_message",
+              "is_debugger_paused", "call_site", "label_selector"},
+    "actors": {"actor_id", "class_name", "state", "job_id", "name", "node_id", "pid",
+               "ray_namespace", "serialized_runtime_env", "required_resources", "death_cause",
+               "is_detached", "placement_group_id", "repr_name", "num_restarts",
+               "num_restarts_due_to_lineage_reconstruction"},
+    "nodes": {"node_id", "node_ip", "is_head_node", "state", "state_message", "node_name",
+              "resources_total", "labels", "start_time_ms", "end_time_ms"},
+    "workers": {"worker_id", "is_alive", "worker_type", "exit_type", "node_id", "ip", "pid",
+                "exit_detail", "worker_launch_time_ms", "worker_launched_time_ms",
+                "start_time_ms", "end_time_ms", "debugger_port", "num_paused_threads"},
+    "objects": {"object_id", "object_size", "task_status", "reference_type", "call_site",
+                "type", "pid", "ip"},
+    "placement_groups": {"placement_group_id", "name", "creator_job_id", "state", "bundles",
+                         "is_detached", "stats"},
+}
+
+
+def test_records_carry_rays_fields(cluster):
+    probe = StateProbe.remote()
+    ref = ray.put(b"fields")
+    pg = placement_group([{"CPU": 1}], name="state-fields")
+    try:
+        ray.get(probe.pid.remote(), timeout=60)
+        assert pg.wait(30)
+        got = {
+            "tasks": wait_for(lambda: list_tasks(limit=1), 15, message="a task record"),
+            "actors": list_actors(filters=[("actor_id", "=", probe._actor_id.hex())]),
+            "nodes": list_nodes(), "workers": list_workers(limit=1),
+            "objects": list_objects(filters=[("object_id", "=", ref.hex())]),
+            "placement_groups": list_placement_groups(filters=[("name", "=", "state-fields")]),
+        }
+        for kind, fields in RAY_FIELDS.items():
+            assert got[kind], f"no {kind} listed"
+            missing = fields - set(got[kind][0])
+            assert not missing, f"{kind} records lack Ray's fields {sorted(missing)}"
+        assert got["objects"][0]["call_site"] == "disabled"
+        bundle = got["placement_groups"][0]["bundles"][0]
+        assert bundle["unit_resources"] == {"CPU": 1.0} and bundle["node_id"]
+    finally:
+        remove_placement_group(pg)
+        ray.kill(probe)
+
+
 # -- the bounded task-event window (must stay last: it stops the module's cluster) ---------------
 def test_task_events_window_is_bounded(fresh_runtime, monkeypatch):
     from runtime.util.state import _tasks

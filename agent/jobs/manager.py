@@ -1,7 +1,7 @@
 """The head's job manager: runs submitted entrypoints and keeps their records.
 
-Ray runs each job through a JobSupervisor actor. Here the head agent itself
-supervises each job as a process group (agent/jobs/process.py), which costs no
+Ray runs each job through a JobSupervisor actor. Here a node agent supervises
+each job as a process group (agent/jobs/runner.py, process.py), which costs no
 worker start, so a trivial job goes from submission to SUCCEEDED in tens of
 milliseconds. The records live in the GCS (runtime/gcs/jobs.py): every reader
 (this API on any agent, agentctl, the state API, raytop) sees the same table.
@@ -9,7 +9,12 @@ milliseconds. The records live in the GCS (runtime/gcs/jobs.py): every reader
 A job whose submission asks for entrypoint resources first reserves them with a
 one-bundle placement group, as Ray's supervisor actor holds them, and starts once
 the group is placed; until then it is PENDING with Ray's "waiting for resources"
-message. The reservation is released when the job ends.
+message. The entrypoint runs on the node where the bundle was placed: on the head
+through this agent's own runner, elsewhere through that node's agent
+(agent/jobs/hosts.py), which the manager keeps asking how the job goes. A job whose
+node dies is FAILED (Ray's JOB_SUPERVISOR_ACTOR_DIED, naming the node). Without
+entrypoint resources a job runs on the head, as in Ray. The reservation is
+released when the job ends.
 """
 from __future__ import annotations
 
@@ -18,39 +23,38 @@ import dataclasses
 import logging
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Dict, List, Optional, Set, Tuple
+from typing import Any, AsyncIterator, Dict, List, Optional, Set, Tuple, Union
 
 import grpc
 
 from agent.config import Jobs as JobSettings
 from agent.jobs import records
+from agent.jobs.hosts import HostError, LocalHost, RemoteHost, agent_address
 from agent.jobs.packages import PackageError, PackageStore, uri_name
-from agent.jobs.process import JobProcess
 from agent.jobs.records import BadRequest
+from agent.jobs.runner import SUBMISSION_ID_ENV, ExitInfo, JobRunner, NodeContext, append_log
 from runtime import ids, rpc
-from runtime.private_fs import ensure_private_dir, write_private_file
-from runtime.protocol import common_pb2, gcs_pb2, gcs_pb2_grpc
+from runtime.private_fs import ensure_private_dir
+from runtime.protocol import agent_pb2_grpc, common_pb2, gcs_pb2, gcs_pb2_grpc
 
 log = logging.getLogger("agent.jobs")
 
-#: Variables of the agent's own environment a job must not inherit: systemd's
-#: notify/watchdog/socket-activation hand-offs and any token.
-_DROP_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID",
-             "LISTEN_FDNAMES", "JOURNAL_STREAM", "NODE_AGENT_TOKEN", "NODE_AGENT_TOKEN_FILE",
-             rpc.TOKEN_ENV, "RUNTIME_PARENT_PID", "RUNTIME_ADDRESS")
+Host = Union[LocalHost, RemoteHost]
 #: Where the head publishes this API's address in the GCS KV (agentctl job, raytop).
 KV_NAMESPACE = "dashboard"
 KV_KEY = b"jobs_http_address"
-SUBMISSION_ID_ENV = "RUNTIME_JOB_SUBMISSION_ID"
 GCS_TIMEOUT_S = 10.0
 #: How long a status update keeps retrying while the GCS restarts.
 UPDATE_RETRY_S = 30.0
 REPUBLISH_S = 5.0
 #: Ray puts this much of the log's end into a failed job's message.
 FAILURE_LOG_CHARS = 20_000
+#: How long a new node's agent may take to publish its TCP API address in the GCS.
+AGENT_ADDRESS_WAIT_S = 10.0
+#: A tail of a remote job's log waits this long on the node for new lines per call.
+REMOTE_TAIL_WAIT_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -67,20 +71,29 @@ class JobNotFound(LookupError):
     pass
 
 
+class LogsUnavailable(RuntimeError):
+    """A job's log is on a node that cannot be asked for it; the message says which."""
+
+
 class _Running:
     """What the manager holds for a job it runs."""
 
     def __init__(self, job: gcs_pb2.SubmittedJob) -> None:
         self.job = job
         self.stop = asyncio.Event()
-        self.process: Optional[JobProcess] = None
+        self.host: Optional[Host] = None
         self.task: Optional[asyncio.Task] = None
 
 
 class JobManager:
-    def __init__(self, head: HeadInfo, settings: Optional[JobSettings] = None) -> None:
+    def __init__(self, head: HeadInfo, settings: Optional[JobSettings] = None,
+                 runner: Optional[JobRunner] = None) -> None:
+        """``runner``: the head agent's JobRunner, which runs the entrypoints placed on
+        the head; without one, a runner of the manager's own for the head's session."""
         self.head = head
         self.settings = settings or JobSettings()
+        self._own_runner = runner is None
+        self.runner = runner or JobRunner(self._own_node, self.settings)
         self.jobs_dir = os.path.join(head.session_dir, "jobs")
         self.logs_dir = os.path.join(head.session_dir, "logs")
         self.packages = PackageStore(os.path.join(self.jobs_dir, "_packages"),
@@ -89,12 +102,19 @@ class JobManager:
                                      self.settings.max_unpacked_bytes)
         self._channel = rpc.aio_channel(head.gcs_address, head.token)
         self.gcs = gcs_pb2_grpc.GcsStub(self._channel)
+        self._agent_channels: Dict[str, Any] = {}
         self.running: Dict[str, _Running] = {}
         self._tasks: Set[asyncio.Task] = set()
         self._republisher: Optional[asyncio.Task] = None
         self._closing = False
 
     # ---- lifecycle ----------------------------------------------------------------------
+
+    def _own_node(self) -> NodeContext:
+        h = self.head
+        return NodeContext(session_dir=h.session_dir, node_id=h.node_id, node_ip=h.node_ip,
+                           gcs_address=h.gcs_address, token=h.token, socket_path="",
+                           is_head=True)
 
     def set_node_id(self, node_id: str) -> None:
         """The head's raylet restarted as a new node: later jobs name the new id."""
@@ -146,6 +166,11 @@ class JobManager:
             for t in pending:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        for channel in self._agent_channels.values():
+            await channel.close()
+        self._agent_channels.clear()
+        if self._own_runner:
+            await self.runner.close()
         await self._channel.close()
 
     # ---- submit -------------------------------------------------------------------------
@@ -162,8 +187,10 @@ class JobManager:
                     raise BadRequest(f"runtime_env['working_dir']: {exc}") from None
             elif not os.path.isabs(wd):
                 raise BadRequest(f"runtime_env['working_dir'] {wd!r} must be an absolute "
-                                 f"directory on the head, or a package the client uploads "
-                                 f"(JobSubmissionClient and `ray job submit --working-dir` do)")
+                                 f"directory on the node that runs the entrypoint (the head, "
+                                 f"unless entrypoint resources place it elsewhere), or a "
+                                 f"package the client uploads (JobSubmissionClient and `ray "
+                                 f"job submit --working-dir` do)")
         reply = await self.gcs.PutSubmittedJob(
             gcs_pb2.PutSubmittedJobRequest(job=job, create_only=True), timeout=GCS_TIMEOUT_S)
         if not reply.ok:
@@ -226,86 +253,153 @@ class JobManager:
     async def _supervise(self, run: _Running) -> None:
         job = run.job
         sid = job.submission_id
-        job_dir = self._job_dir(sid)
         reservation: Optional[bytes] = None
         try:
+            node = ""
             wanted = records.resources_requested(job)
             if wanted:
-                reservation = await self._reserve(run, wanted)
-                if reservation is None:
+                placed = await self._reserve(run, wanted)
+                if placed is None:
                     return
+                reservation, node = placed
             if run.stop.is_set():
                 await self._update(run, records.STOPPED)
                 return
             try:
-                cwd, env = self._prepare(job, job_dir)
-            except (PackageError, OSError, BadRequest) as exc:
-                msg = f"Failed to set up the runtime environment for job {sid}: {exc}"
-                self._append_log(sid, msg + "\n")
-                await self._update(run, records.FAILED, message=msg,
-                                   error_type=records.RUNTIME_ENV_SETUP_FAILURE)
+                host = await self._host_for(node)
+            except HostError as exc:
+                await self._fail_before_start(run, f"Job supervisor actor could not be started: "
+                                              f"{exc}", records.SUPERVISOR_START_FAILURE)
                 return
-            self._append_log(sid, f"Running entrypoint for job {sid}: {job.entrypoint}\n")
-            proc = JobProcess(job.entrypoint, env, cwd, self.log_path(sid),
-                              os.path.join(job_dir, "exit_status"))
             try:
-                pid = proc.start()
-            except OSError as exc:
-                msg = (f"Failed to start the entrypoint of job {sid} (cwd {cwd}): "
-                       f"{exc.strerror or exc}")
-                self._append_log(sid, msg + "\n")
-                await self._update(run, records.FAILED, message=msg,
-                                   error_type=records.ENTRYPOINT_START_ERROR)
+                pid = await self._start(run, host, reservation or b"")
+            except HostError as exc:
+                if isinstance(host, RemoteHost):  # it may have started, its reply lost
+                    await host.stop(sid, 0.0, timeout_s=2.0)
+                await self._fail_before_start(run, f"Job supervisor actor could not be started: "
+                                              f"{exc}", records.SUPERVISOR_START_FAILURE)
                 return
-            run.process = proc
-            await self._update(run, records.RUNNING, driver_pid=pid,
-                               driver_node_id=self.head.node_id, driver_node_ip=self.head.node_ip,
-                               driver_agent_http_address=self.head.http_address)
-            await self._wait(run, proc)
+            if not pid:
+                return
+            await self._wait(run, host, pid)
         except asyncio.CancelledError:
-            if run.process is not None:
-                run.process.signal_group(9)
+            if run.host is not None:  # close() ran out of time: kill, never leave it running
+                await asyncio.shield(self._kill_quietly(run))
             raise
         except Exception as exc:  # a bug here must still end the job, with the reason
             log.exception("supervising job %s failed", sid)
             if run.job.status not in records.TERMINAL:
+                if run.host is not None:
+                    await self._kill_quietly(run)
                 await self._update(run, records.FAILED, message=f"the job's supervisor failed: "
                                    f"{type(exc).__name__}: {exc}",
                                    error_type=records.SUPERVISOR_DIED)
         finally:
-            if run.process is not None:
-                run.process.close()
+            if run.host is not None:
+                run.host.forget(sid)
             if reservation is not None:
                 await self._release(reservation)
-            try:
-                os.unlink(os.path.join(job_dir, "token"))
-            except OSError:
-                pass
             self.running.pop(sid, None)
 
-    async def _wait(self, run: _Running, proc: JobProcess) -> None:
-        sid = run.job.submission_id
-        waiter = asyncio.ensure_future(proc.wait())
-        stopper = asyncio.ensure_future(run.stop.wait())
-        try:
-            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopper.cancel()
-        if run.stop.is_set() and not waiter.done():
-            await proc.stop(self.settings.stop_grace_s)
-            await waiter
-            self._append_log(sid, f"Job {sid} was stopped.\n" if not self._closing else
-                             f"Job {sid} was stopped: the head's node agent is stopping.\n")
-            msg = None if not self._closing else ("Job was stopped: the head's node agent "
-                                                 "stopped the node.")
-            await self._update(run, records.STOPPED, **({"message": msg} if msg else {}))
+    async def _kill_quietly(self, run: _Running) -> None:
+        host = run.host
+        if host is None:
             return
-        rc = waiter.result()
+        try:
+            if isinstance(host, RemoteHost):
+                await host.stop(run.job.submission_id, 0.0, timeout_s=2.0)
+            else:
+                await host.stop(run.job.submission_id, 0.0)
+        except Exception:
+            log.exception("killing job %s failed", run.job.submission_id)
+
+    async def _fail_before_start(self, run: _Running, msg: str, error_type: str) -> None:
+        """A failure before any node has the job: its log is the head's."""
+        self._append_log(run.job.submission_id, msg + "\n")
+        await self._update(run, records.FAILED, message=msg, error_type=error_type)
+
+    async def _start(self, run: _Running, host: Host, pg_id: bytes) -> int:
+        """Start the entrypoint on host: its pid, or 0 when the job has FAILED."""
+        job = run.job
+        sid = job.submission_id
+        outcome = await host.start(job, pg_id)
+        if outcome.missing_package:
+            name = outcome.missing_package
+            if host.remote and self.packages.exists(name):
+                await host.put_package(name, self.packages.path(name))
+                outcome = await host.start(job, pg_id)
+            if outcome.missing_package:
+                await self._fail_before_start(
+                    run, f"Failed to set up the runtime environment for job {sid}: package "
+                         f"gcs://{name} was not uploaded to this head (or the head restarted "
+                         f"since): submit again to upload it", records.RUNTIME_ENV_SETUP_FAILURE)
+                return 0
+        if outcome.error_type or not outcome.pid:
+            # Its log (with this message) is on that node: the record says which.
+            await self._update(run, records.FAILED, message=outcome.message or
+                               f"the entrypoint was not started on {host.describe()}",
+                               error_type=outcome.error_type or records.SUPERVISOR_START_FAILURE,
+                               driver_node_id=host.node_id, driver_node_ip=host.node_ip)
+            return 0
+        run.host = host
+        if host.remote:
+            log.info("job %s runs on %s as pid %d", sid, host.describe(), outcome.pid)
+        return outcome.pid
+
+    async def _wait(self, run: _Running, host: Host, pid: int) -> None:
+        """Record the job RUNNING, then how it ends. The wait on its node starts first:
+        a remote job nobody waits for is stopped there (runner.ORPHAN_GRACE_S), and the
+        status write may take a while when the GCS is restarting."""
+        sid = run.job.submission_id
+        waiter = asyncio.ensure_future(host.wait(sid))
+        stopper = asyncio.ensure_future(run.stop.wait())
+        death = asyncio.ensure_future(self._node_death(host.node_id)) if host.remote else None
+        watched = {waiter, stopper} | ({death} if death is not None else set())
+        try:
+            await self._update(run, records.RUNNING, driver_pid=pid,
+                               driver_node_id=host.node_id, driver_node_ip=host.node_ip,
+                               driver_agent_http_address=self.head.http_address)
+            await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+            if run.stop.is_set() and not waiter.done() and not (death and death.done()):
+                await host.stop(sid, self.settings.stop_grace_s, f"Job {sid} was stopped." if
+                                not self._closing else f"Job {sid} was stopped: the head's "
+                                f"node agent is stopping.")
+                await asyncio.wait({waiter} | ({death} if death is not None else set()),
+                                   return_when=asyncio.FIRST_COMPLETED)
+                msg = None if not self._closing else ("Job was stopped: the head's node agent "
+                                                     "stopped the node.")
+                await self._update(run, records.STOPPED, **({"message": msg} if msg else {}))
+                return
+            if death is not None and death.done() and not waiter.done():
+                await self._node_lost(run, host, death.result())
+                return
+        finally:
+            for f in (stopper, death):
+                if f is not None and not f.done():
+                    f.cancel()
+            if not waiter.done():
+                waiter.cancel()
+            await asyncio.gather(*[f for f in (waiter, stopper, death) if f is not None],
+                                 return_exceptions=True)
+        try:
+            ended: ExitInfo = waiter.result()
+        except HostError as exc:
+            await self._kill_quietly(run)
+            await self._update(run, records.FAILED, error_type=records.SUPERVISOR_DIED,
+                               message=f"Job supervisor actor died: {exc}")
+            return
+        rc = ended.exit_code
+        if ended.reason:
+            await self._update(run, records.FAILED, error_type=records.SUPERVISOR_DIED,
+                               driver_exit_code=rc,
+                               message=f"Job supervisor actor died: on {host.describe()}, "
+                                       f"{ended.reason}")
+            return
         if rc == 0:
             log.info("job %s succeeded", sid)
             await self._update(run, records.SUCCEEDED, driver_exit_code=0)
             return
-        tail = self._log_tail(sid, FAILURE_LOG_CHARS)
+        tail = await self._log_tail(host, sid, FAILURE_LOG_CHARS)
         if rc is None:
             msg = "Job entrypoint command was killed before it could report an exit status."
         else:
@@ -318,47 +412,76 @@ class JobManager:
         await self._update(run, records.FAILED, message=msg, driver_exit_code=rc,
                            error_type=records.ENTRYPOINT_ERROR)
 
-    def _prepare(self, job: gcs_pb2.SubmittedJob, job_dir: str) -> Tuple[str, Dict[str, str]]:
-        """The entrypoint's working directory and environment (module doc of process.py).
+    async def _node_lost(self, run: _Running, host: Host,
+                         node: Optional[gcs_pb2.NodeInfo]) -> None:
+        """The node running the entrypoint died: FAILED as Ray fails a job whose
+        supervisor actor died with its node. Its agent may still live (only the raylet
+        died): then it is asked to kill what is left."""
+        reason = node.death_reason if node is not None and node.death_reason else "no reason given"
+        msg = (f"Job supervisor actor died: {host.describe()}, which ran the job's entrypoint, "
+               f"died ({reason})")
+        log.warning("job %s: %s", run.job.submission_id, msg)
+        await self._kill_quietly(run)
+        await self._update(run, records.FAILED, message=msg, error_type=records.SUPERVISOR_DIED)
 
-        The driver gets the cluster's address and a path to a 0600 copy of the token,
-        not the token itself: a variable is inherited by every process the job starts
-        and ends up in crash reports and `env` dumps, while the file can only be read
-        by the agent's user and is deleted when the job ends."""
-        ensure_private_dir(job_dir)
-        env_spec = records.runtime_env(job) or {}
-        wd = env_spec.get("working_dir")
-        if not wd:
-            cwd = job_dir
-        elif "://" in wd:
-            cwd = self.packages.working_dir(uri_name(wd))
-        elif not os.path.isdir(wd):
-            raise BadRequest(f"working_dir {wd} is not a directory on the head "
-                             f"({self.head.node_ip})")
-        else:
-            cwd = wd
-        token_path = os.path.join(job_dir, "token")
-        write_private_file(token_path, self.head.token)
-        env = {k: v for k, v in os.environ.items()
-               if k not in _DROP_ENV and not k.startswith("LISTEN_")}
-        env.update(env_spec.get("env_vars") or {})
-        bindir = os.path.dirname(sys.executable)
-        path = env.get("PATH") or os.defpath
-        if path.split(os.pathsep)[0] != bindir:
-            path = bindir + os.pathsep + path
-        env.update(PATH=path, RUNTIME_ADDRESS=self.head.gcs_address,
-                   NODE_AGENT_TOKEN_FILE=token_path, PYTHONUNBUFFERED="1")
-        env[SUBMISSION_ID_ENV] = job.submission_id
-        return cwd, env
+    async def _node_death(self, node_id: str) -> Optional[gcs_pb2.NodeInfo]:
+        """Returns once the GCS says node_id is dead (its record)."""
+        version = 0
+        while True:
+            try:
+                nodes = (await self.gcs.GetAllNodes(common_pb2.Empty(),
+                                                    timeout=GCS_TIMEOUT_S)).nodes
+                for n in nodes:
+                    if n.node_id.hex() == node_id and not n.alive:
+                        return n
+                reply = await self.gcs.WaitMembership(
+                    gcs_pb2.MembershipRequest(newer_than=version, timeout_s=10.0),
+                    timeout=GCS_TIMEOUT_S + 10.0)
+                version = reply.version
+            except grpc.RpcError:
+                await asyncio.sleep(1.0)
+
+    async def _host_for(self, node_id: str) -> Host:
+        """Where to run an entrypoint placed on node_id ("" or the head's node: here)."""
+        if not node_id or node_id == self.head.node_id:
+            return LocalHost(self.runner, self.head.node_id, self.head.node_ip)
+        try:
+            nodes = (await self.gcs.GetAllNodes(common_pb2.Empty(),
+                                                timeout=GCS_TIMEOUT_S)).nodes
+        except grpc.RpcError as exc:
+            raise HostError(f"cannot ask the GCS at {self.head.gcs_address} about node "
+                            f"{node_id[:8]}: {exc.code().name}") from None
+        node = next((n for n in nodes if n.node_id.hex() == node_id), None)
+        if node is None or not node.alive:
+            raise HostError(f"node {node_id[:8]}, where the entrypoint's resources were "
+                            f"reserved, is not alive")
+        return await self._remote(node_id, node.node_ip, wait_s=AGENT_ADDRESS_WAIT_S)
+
+    async def _remote(self, node_id: str, node_ip: str, wait_s: float = 0.0) -> RemoteHost:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                address = await agent_address(self.gcs, node_id, node_ip, GCS_TIMEOUT_S)
+                break
+            except HostError:
+                if time.monotonic() >= deadline:
+                    raise
+            await asyncio.sleep(0.5)
+        channel = self._agent_channels.get(address)
+        if channel is None:
+            channel = self._agent_channels[address] = rpc.aio_channel(address, self.head.token)
+        return RemoteHost(agent_pb2_grpc.NodeAgentStub(channel), node_id, node_ip, address)
 
     # ---- entrypoint resources -------------------------------------------------------------
 
-    async def _reserve(self, run: _Running, wanted: Dict[str, float]) -> Optional[bytes]:
-        """Hold the entrypoint's resources with a one-bundle placement group on the head;
-        None when the job ended (stopped) while it waited."""
+    async def _reserve(self, run: _Running, wanted: Dict[str, float]
+                       ) -> Optional[Tuple[bytes, str]]:
+        """Hold the entrypoint's resources with a one-bundle placement group: (its id,
+        the node holding the bundle), or None when the job ended (stopped, or the
+        reservation was refused) while it waited."""
         pg_id = ids.random_id(ids.PLACEMENT_GROUP_ID_SIZE)
         spec = gcs_pb2.PlacementGroupSpec(
-            placement_group_id=pg_id, name=f"_job_entrypoint_{run.job.submission_id}",
+            placement_group_id=pg_id, name=records.reservation_name(run.job.submission_id),
             strategy="STRICT_PACK", detached=True, namespace="_jobs",
             bundles=[gcs_pb2.Bundle(resources=wanted)])
         reply = await self.gcs.CreatePlacementGroup(spec, timeout=GCS_TIMEOUT_S)
@@ -376,18 +499,8 @@ class JobManager:
             except grpc.RpcError:
                 await asyncio.sleep(0.5)
                 continue
-            if got.found and got.info.state == "CREATED":
-                node = got.info.bundle_nodes[0].hex() if got.info.bundle_nodes else ""
-                if node and node != self.head.node_id:
-                    await self._release(pg_id)
-                    await self._update(
-                        run, records.FAILED, error_type=records.UNSCHEDULABLE,
-                        message=f"the entrypoint's resources {wanted} are only free on node "
-                                f"{node[:8]}, not on the head; this cluster runs entrypoints "
-                                f"on the head: submit without entrypoint resources, or give "
-                                f"the head those resources")
-                    return None
-                return pg_id
+            if got.found and got.info.state == "CREATED" and got.info.bundle_nodes:
+                return pg_id, got.info.bundle_nodes[0].hex()
             if got.found:
                 version = got.info.version
         await self._release(pg_id)
@@ -404,59 +517,91 @@ class JobManager:
     # ---- logs ---------------------------------------------------------------------------
 
     def _append_log(self, sid: str, text: str) -> None:
-        try:
-            fd = os.open(self.log_path(sid), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
-                         0o600)
-            try:
-                os.write(fd, text.encode())
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            log.warning("cannot write the log of job %s: %s", sid, exc)
+        append_log(self.log_path(sid), text)
 
-    def _log_tail(self, sid: str, chars: int) -> str:
+    async def _log_tail(self, host: Host, sid: str, chars: int) -> str:
         try:
-            with open(self.log_path(sid), "rb") as fh:
-                fh.seek(0, os.SEEK_END)
-                size = fh.tell()
-                fh.seek(max(0, size - chars * 4))
-                return fh.read().decode("utf-8", "replace")[-chars:]
-        except OSError:
+            chunk = await host.read_log(sid, -1, chars * 4)
+        except HostError as exc:
+            log.warning("job %s: no log tail for its message: %s", sid, exc)
             return ""
+        return chunk.data.decode("utf-8", "replace")[-chars:]
 
-    def read_logs(self, sid: str) -> str:
+    async def _log_host(self, job: gcs_pb2.SubmittedJob) -> Host:
+        """Whose disk holds the job's log: the node it ran on (the record says), the
+        head when it never ran elsewhere. LogsUnavailable when that node's agent cannot
+        be found (the node died, and no node runs at its address again)."""
+        run = self.running.get(job.submission_id)
+        if run is not None and run.host is not None:
+            return run.host
+        node_id, ip = job.driver_node_id, job.driver_node_ip
+        if not node_id or node_id == self.head.node_id or ip == self.head.node_ip:
+            return LocalHost(self.runner, self.head.node_id, self.head.node_ip)
+        try:
+            nodes = (await self.gcs.GetAllNodes(common_pb2.Empty(),
+                                                timeout=GCS_TIMEOUT_S)).nodes
+            # The same node, or the node its agent runs at that address now (a raylet
+            # that restarted registers as a new node; its agent and disk are the same).
+            alive = [n for n in nodes if n.alive and n.node_ip == ip]
+            alive.sort(key=lambda n: n.node_id.hex() != node_id)
+            if not alive:
+                raise HostError(f"no node is alive at {ip} any more")
+            return await self._remote(alive[0].node_id.hex(), ip)
+        except (HostError, grpc.RpcError) as exc:
+            why = exc if isinstance(exc, HostError) else f"the GCS did not answer ({exc.code().name})"
+            raise LogsUnavailable(f"the log of job {job.submission_id} is on node "
+                                  f"{node_id[:8]} ({ip}), which ran it: {why}") from None
+
+    async def read_logs(self, job: gcs_pb2.SubmittedJob) -> str:
         """The whole log, or its last max_log_response_bytes with a note of what was cut."""
+        sid = job.submission_id
+        host = await self._log_host(job)
         limit = self.settings.max_log_response_bytes
+        parts: List[bytes] = []
         try:
-            with open(self.log_path(sid), "rb") as fh:
-                fh.seek(0, os.SEEK_END)
-                size = fh.tell()
-                skip = max(0, size - limit)
-                fh.seek(skip)
-                data = fh.read().decode("utf-8", "replace")
-        except FileNotFoundError:
-            return ""
+            # One read answers small logs; a larger one is read on from where its last
+            # `limit` bytes start (a node sends at most runner.MAX_LOG_READ per call).
+            first = await host.read_log(sid, -1, limit)
+            skip = max(0, first.size - limit)
+            pos = skip
+            if first.offset == skip:
+                parts.append(first.data)
+                pos += len(first.data)
+            while pos < first.size:
+                chunk = await host.read_log(sid, pos, first.size - pos)
+                if not chunk.data:
+                    break
+                parts.append(chunk.data)
+                pos += len(chunk.data)
+        except HostError as exc:
+            raise LogsUnavailable(str(exc)) from None
+        data = b"".join(parts).decode("utf-8", "replace")
         if skip:
             data = f"[... the first {skip} bytes of this log are not shown ...]\n" + data
         return data
 
     async def tail_logs(self, sid: str, poll_s: float = 0.1) -> AsyncIterator[str]:
         """The log so far, then what is appended, until the job has ended and all of
-        its output has been sent."""
-        path = self.log_path(sid)
+        its output has been sent. LogsUnavailable when the node holding it cannot be
+        asked."""
+        job = await self.get_record(sid)
+        host = await self._log_host(job) if job is not None else None
         pos = 0
         partial = b""
         finished = False
         while True:
-            try:
-                with open(path, "rb") as fh:
-                    fh.seek(pos)
-                    data = fh.read(1 << 20)
-            except FileNotFoundError:
-                data = b""
-            if data:
-                pos += len(data)
-                data = partial + data
+            if host is None:
+                chunk_data, running = b"", False
+            else:
+                try:
+                    chunk = await host.read_log(sid, pos, 1 << 20,
+                                                REMOTE_TAIL_WAIT_S if host.remote else poll_s)
+                except HostError as exc:
+                    raise LogsUnavailable(str(exc)) from None
+                chunk_data, running = chunk.data, chunk.running
+            if chunk_data:
+                pos += len(chunk_data)
+                data = partial + chunk_data
                 cut = data.rfind(b"\n") + 1
                 if cut == 0 and len(data) < 1 << 16:
                     partial = data
@@ -470,12 +615,18 @@ class JobManager:
                 if partial:
                     yield partial.decode("utf-8", "replace")
                 return
-            if sid not in self.running:
-                job = await self.get_record(sid)
-                if job is None or job.status in records.TERMINAL:
-                    finished = True  # one more read catches what came in meanwhile
+            job = await self.get_record(sid)
+            if job is None or job.status in records.TERMINAL:
+                finished = True  # one more read catches what came in meanwhile
+            if job is not None and (host is None or (job.driver_node_id and
+                                                     job.driver_node_id != host.node_id)):
+                # It was placed (or has run) elsewhere than where we were reading.
+                newer = await self._log_host(job)
+                if host is None or newer.node_id != host.node_id:
+                    host, pos, partial = newer, 0, b""
                     continue
-            await asyncio.sleep(poll_s)
+            if not finished and not running:
+                await asyncio.sleep(poll_s)
 
     # ---- queries ------------------------------------------------------------------------
 
@@ -548,11 +699,15 @@ class JobManager:
             if not reply.found:
                 raise JobNotFound(job_or_submission_id)
             raise RuntimeError(reply.error)
-        for path in (self.log_path(sid),):
+        if job.driver_node_ip and job.driver_node_ip != self.head.node_ip:
             try:
-                os.unlink(path)
-            except OSError:
-                pass
+                await (await self._log_host(job)).delete_files(sid)
+            except (LogsUnavailable, HostError) as exc:
+                log.warning("job %s: its files on the node that ran it stay: %s", sid, exc)
+        try:
+            os.unlink(self.log_path(sid))
+        except OSError:
+            pass
         shutil.rmtree(self._job_dir(sid), ignore_errors=True)
         log.info("job %s deleted", sid)
         return True
@@ -568,3 +723,7 @@ class JobManager:
 #: The Ray release whose Jobs API this server speaks; Ray's clients check it
 #: (>= 1.9 to submit, >= 2.2 for entrypoint resources, >= 2.8 for entrypoint_memory).
 RAY_API_VERSION = "2.60.0"
+
+
+__all__ = ["JobManager", "HeadInfo", "JobNotFound", "LogsUnavailable", "SUBMISSION_ID_ENV",
+           "RAY_API_VERSION"]

@@ -79,6 +79,13 @@ class PackageStore:
     def exists(self, name: str) -> bool:
         return os.path.isfile(self.path(name))
 
+    def available(self, name: str) -> bool:
+        """Whether a job can use the package here: stored, or already unpacked."""
+        return self.exists(name) or os.path.isdir(self._target(name))
+
+    def _target(self, name: str) -> str:
+        return os.path.join(self.unpacked, name[:-len(".zip")])
+
     def _used(self) -> int:
         try:
             return sum(e.stat().st_size for e in os.scandir(self.zips) if e.is_file())
@@ -120,7 +127,7 @@ class PackageStore:
     def working_dir(self, name: str) -> str:
         """The package unpacked (once; later jobs share it, as in Ray)."""
         self._ready()
-        target = os.path.join(self.unpacked, name[:-len(".zip")])
+        target = self._target(name)
         if os.path.isdir(target):
             return target
         if not self.exists(name):

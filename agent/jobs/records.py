@@ -11,18 +11,19 @@ import random
 import re
 import string
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict
 
 from runtime.protocol import gcs_pb2
-
-PENDING, RUNNING, STOPPED, SUCCEEDED, FAILED = (
-    "PENDING", "RUNNING", "STOPPED", "SUCCEEDED", "FAILED")
-TERMINAL = frozenset({STOPPED, SUCCEEDED, FAILED})
+from runtime.util.job_details import (FAILED, PENDING, RUNNING, STOPPED,  # noqa: F401
+                                      SUCCEEDED, TERMINAL, default_message, details,
+                                      driver_details, last_drivers, resources_requested,
+                                      runtime_env)
 
 #: Ray's JobErrorType names we use.
 ENTRYPOINT_START_ERROR = "JOB_ENTRYPOINT_COMMAND_START_ERROR"
 ENTRYPOINT_ERROR = "JOB_ENTRYPOINT_COMMAND_ERROR"
 SUPERVISOR_DIED = "JOB_SUPERVISOR_ACTOR_DIED"
+SUPERVISOR_START_FAILURE = "JOB_SUPERVISOR_ACTOR_START_FAILURE"
 RUNTIME_ENV_SETUP_FAILURE = "RUNTIME_ENV_SETUP_FAILURE"
 UNSCHEDULABLE = "JOB_SUPERVISOR_ACTOR_UNSCHEDULABLE"
 
@@ -48,6 +49,16 @@ def generate_submission_id() -> str:
     return "raysubmit_" + "".join(rand.choices(_ID_CHARS, k=16))
 
 
+def reservation_name(sid: str) -> str:
+    """The name of the placement group that holds a job's entrypoint resources."""
+    return f"_job_entrypoint_{sid}"
+
+
+def valid_submission_id(sid: str) -> bool:
+    """Whether sid may name a job's directory and log file (parse_submit's rule)."""
+    return bool(_SUBMISSION_ID.match(sid))
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -69,15 +80,15 @@ def _str_dict(name: str, value: Any) -> Dict[str, str]:
     return dict(value)
 
 
-def check_runtime_env(runtime_env: Dict[str, Any]) -> None:
-    unknown = sorted(k for k in runtime_env if k not in RUNTIME_ENV_KEYS)
+def check_runtime_env(env: Dict[str, Any]) -> None:
+    unknown = sorted(k for k in env if k not in RUNTIME_ENV_KEYS)
     if unknown:
         raise BadRequest(f"runtime_env field(s) {', '.join(unknown)} are not supported by this "
                          f"cluster's job server (it supports {', '.join(RUNTIME_ENV_KEYS)}); "
                          f"install what the job needs on the nodes instead")
-    if "env_vars" in runtime_env:
-        _str_dict("runtime_env['env_vars']", runtime_env["env_vars"])
-    wd = runtime_env.get("working_dir")
+    if "env_vars" in env:
+        _str_dict("runtime_env['env_vars']", env["env_vars"])
+    wd = env.get("working_dir")
     if wd is not None and not isinstance(wd, str):
         raise BadRequest(f"runtime_env['working_dir'] must be a string, got {type(wd).__name__}")
 
@@ -112,12 +123,12 @@ def parse_submit(body: Any) -> gcs_pb2.SubmittedJob:
                              f"'_' or '-', starting with a letter or digit")
     job = gcs_pb2.SubmittedJob(submission_id=sid or generate_submission_id(), status=PENDING,
                                entrypoint=entrypoint, start_time_ms=now_ms())
-    runtime_env = req.get("runtime_env")
-    if runtime_env is not None:
-        if not isinstance(runtime_env, dict) or not all(isinstance(k, str) for k in runtime_env):
+    env = req.get("runtime_env")
+    if env is not None:
+        if not isinstance(env, dict) or not all(isinstance(k, str) for k in env):
             raise BadRequest("runtime_env must be a dict with string keys")
-        check_runtime_env(runtime_env)
-        job.runtime_env_json = json.dumps(runtime_env)
+        check_runtime_env(env)
+        job.runtime_env_json = json.dumps(env)
     if "metadata" in req:
         job.metadata.update(_str_dict("metadata", req["metadata"]))
     if "entrypoint_num_cpus" in req:
@@ -139,95 +150,11 @@ def parse_submit(body: Any) -> gcs_pb2.SubmittedJob:
                                  f"entrypoint_memory instead of {k!r} in entrypoint_resources")
             job.entrypoint_resources[str(k)] = _number(f"entrypoint_resources[{k!r}]", v)
     if req.get("entrypoint_label_selector"):
-        raise BadRequest("entrypoint_label_selector is not supported by this cluster (nodes "
-                         "have no labels); use entrypoint_resources with a custom resource")
+        raise BadRequest("entrypoint_label_selector is not supported by this cluster's job "
+                         "server (tasks and actors take label_selector); use "
+                         "entrypoint_resources with a custom resource")
     job.message = default_message(job)
     return job
-
-
-def runtime_env(job: gcs_pb2.SubmittedJob) -> Optional[Dict[str, Any]]:
-    return json.loads(job.runtime_env_json) if job.runtime_env_json else None
-
-
-def resources_requested(job: gcs_pb2.SubmittedJob) -> Dict[str, float]:
-    """The entrypoint's reservation as resource names (empty: run on the head, unreserved)."""
-    out = {k: v for k, v in job.entrypoint_resources.items() if v > 0}
-    if job.entrypoint_num_cpus > 0:
-        out["CPU"] = job.entrypoint_num_cpus
-    if job.entrypoint_num_gpus > 0:
-        out["GPU"] = job.entrypoint_num_gpus
-    if job.entrypoint_memory > 0:
-        out["memory"] = float(job.entrypoint_memory)
-    return out
-
-
-def default_message(job: gcs_pb2.SubmittedJob) -> str:
-    """Ray's default message for each status (common.py JobInfo.__post_init__)."""
-    if job.status == PENDING:
-        msg = "Job has not started yet."
-        if resources_requested(job):
-            msg += (" It may be waiting for resources (CPUs, GPUs, memory, custom resources) "
-                    "to become available.")
-        if job.runtime_env_json and job.runtime_env_json != "{}":
-            msg += " It may be waiting for the runtime environment to be set up."
-        return msg
-    return {RUNNING: "Job is currently running.", STOPPED: "Job was intentionally stopped.",
-            SUCCEEDED: "Job finished successfully.", FAILED: "Job failed."}[job.status]
-
-
-def details(job: gcs_pb2.SubmittedJob, driver: Optional[gcs_pb2.JobInfo] = None
-            ) -> Dict[str, Any]:
-    """JobDetails for a submitted job; ``driver`` is the last driver it started."""
-    return {
-        "type": "SUBMISSION",
-        "job_id": driver.job_id.hex() if driver is not None else None,
-        "submission_id": job.submission_id,
-        "driver_info": _driver_info(driver) if driver is not None else None,
-        "status": job.status,
-        "entrypoint": job.entrypoint,
-        "message": job.message or None,
-        "error_type": job.error_type or None,
-        "start_time": job.start_time_ms or None,
-        "end_time": job.end_time_ms or None,
-        "metadata": dict(job.metadata),
-        "runtime_env": runtime_env(job),
-        "driver_agent_http_address": job.driver_agent_http_address or None,
-        "driver_node_id": job.driver_node_id or None,
-        "driver_exit_code": job.driver_exit_code if job.has_driver_exit_code else None,
-        # Not in Ray's JobDetails; clients ignore what they do not know.
-        "entrypoint_num_cpus": job.entrypoint_num_cpus,
-        "entrypoint_num_gpus": job.entrypoint_num_gpus,
-        "entrypoint_memory": job.entrypoint_memory,
-        "entrypoint_resources": dict(job.entrypoint_resources) or None,
-    }
-
-
-def _driver_info(driver: gcs_pb2.JobInfo) -> Dict[str, str]:
-    return {"id": driver.job_id.hex(), "node_ip_address": driver.driver_ip,
-            "pid": str(driver.driver_pid)}
-
-
-def driver_details(driver: gcs_pb2.JobInfo) -> Dict[str, Any]:
-    """JobDetails for a driver someone started by hand (type DRIVER), as Ray lists them."""
-    return {
-        "type": "DRIVER", "job_id": driver.job_id.hex(), "submission_id": None,
-        "driver_info": _driver_info(driver),
-        "status": SUCCEEDED if driver.is_dead else RUNNING,
-        "entrypoint": driver.entrypoint, "message": None, "error_type": None,
-        "start_time": int(driver.start_time * 1000) or None,
-        "end_time": int(driver.end_time * 1000) or None,
-        "metadata": {}, "runtime_env": {}, "driver_agent_http_address": None,
-        "driver_node_id": None, "driver_exit_code": None,
-    }
-
-
-def last_drivers(drivers: List[gcs_pb2.JobInfo]) -> Dict[str, gcs_pb2.JobInfo]:
-    """submission id -> the newest driver that job started (Ray shows the last one)."""
-    out: Dict[str, gcs_pb2.JobInfo] = {}
-    for d in sorted(drivers, key=lambda d: int.from_bytes(d.job_id, "little")):
-        if d.submission_id:
-            out[d.submission_id] = d
-    return out
 
 
 def view_record(job: gcs_pb2.SubmittedJob, now_s: float) -> Dict[str, Any]:

@@ -25,7 +25,7 @@ from typing import Awaitable, Callable, Optional
 
 from aiohttp import web
 
-from agent.jobs.manager import JobManager, JobNotFound
+from agent.jobs.manager import JobManager, JobNotFound, LogsUnavailable
 from agent.jobs.packages import PackageError, check_name
 from agent.jobs.records import BadRequest
 
@@ -150,30 +150,27 @@ async def _get(request: web.Request) -> web.Response:
     return _json(details)
 
 
-async def _stop(request: web.Request) -> web.Response:
+async def _job_action(request: web.Request, action: str) -> web.Response:
+    """POST .../stop and DELETE ...: {"stopped": bool} or {"deleted": bool}, as Ray answers."""
     job_id = request.match_info["job_id"]
+    manager = request.app[_MANAGER]
     try:
-        stopped = await request.app[_MANAGER].stop(job_id)
+        done = await (manager.stop(job_id) if action == "stopped" else manager.delete(job_id))
     except JobNotFound:
         return _not_found(job_id)
     except BadRequest as exc:
         return _text(400, str(exc))
     except Exception:
         return _text(500, traceback.format_exc())
-    return _json({"stopped": stopped})
+    return _json({action: done})
+
+
+async def _stop(request: web.Request) -> web.Response:
+    return await _job_action(request, "stopped")
 
 
 async def _delete(request: web.Request) -> web.Response:
-    job_id = request.match_info["job_id"]
-    try:
-        deleted = await request.app[_MANAGER].delete(job_id)
-    except JobNotFound:
-        return _not_found(job_id)
-    except BadRequest as exc:
-        return _text(400, str(exc))
-    except Exception:
-        return _text(500, traceback.format_exc())
-    return _json({"deleted": deleted})
+    return await _job_action(request, "deleted")
 
 
 async def _logs(request: web.Request) -> web.Response:
@@ -185,7 +182,10 @@ async def _logs(request: web.Request) -> web.Response:
         return _not_found(job_id)
     if job is None:
         return _text(400, "Can only get logs of submission type jobs")
-    text = await asyncio.to_thread(manager.read_logs, job.submission_id)
+    try:
+        text = await manager.read_logs(job)
+    except LogsUnavailable as exc:
+        return _text(500, str(exc))  # Ray answers 500 when the driver's agent cannot be asked
     return _json({"logs": text})
 
 
@@ -206,6 +206,9 @@ async def _tail(request: web.Request) -> web.StreamResponse:
             if reader.done():
                 break
             await ws.send_str(chunk)
+    except LogsUnavailable as exc:
+        if not reader.done():
+            await ws.send_str(f"[{exc}]\n")
     finally:
         if not reader.done():
             reader.cancel()

@@ -7,8 +7,9 @@ caller has one TCP connection (runtime/frames.py) served by one thread that read
 a batch of calls, runs them one at a time (under `Executor.actor_lock`, shared
 by every caller) and writes the results: one read, one run, one write.
 
-Only sync actors with max_concurrency 1 open one: async and threaded actors run
-calls concurrently on their own loop or pool, and tasks never come here. The
+Only sync actors with max_concurrency 1 and no concurrency groups open one: async and
+threaded actors (a sync actor with groups is threaded) run calls concurrently on their
+loops or pools, and tasks never come here. The
 port goes to the GCS in the creation result; the GCS publishes it in the actor's
 address (`Address.task_port`) and callers connect to it. Cancels, borrower
 updates and everything else still use the worker's gRPC port.

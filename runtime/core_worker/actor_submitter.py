@@ -25,10 +25,11 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 import grpc
 
 from runtime import ids
+from runtime.core_worker.generators import submit_generator
 from runtime.core_worker.memory_store import Value
 from runtime.core_worker.submitter import TaskSubmitter, new_task, return_refs
 from runtime.core_worker.task_args import prepare_args
-from runtime.exceptions import ActorAlreadyExistsError, ActorDiedError, RayletDiedError
+from runtime.exceptions import ActorAlreadyExistsError, ActorDiedError, RayError, RayletDiedError
 from runtime.object_ref import ObjectRef
 from runtime.protocol import common_pb2, gcs_pb2
 from runtime.serialization import NONE_BYTES
@@ -64,6 +65,8 @@ class ActorCreation:
     max_restarts: int = 0
     max_concurrency: int = 1
     max_task_retries: int = 0
+    concurrency_groups: Optional[Dict[str, int]] = None  # name -> max concurrency
+    method_options: bytes = b""       # pickled @method options, for get_actor handles
 
 
 class ActorSubmitter:
@@ -101,7 +104,8 @@ class ActorSubmitter:
             max_concurrency=c.max_concurrency, placement_resources=c.place,
             hold_resources=c.hold, strategy=c.strategy, job_config=cw.job_config,
             is_async=c.is_async, method_names=c.method_names,
-            max_task_retries=c.max_task_retries)
+            max_task_retries=c.max_task_retries, concurrency_groups=c.concurrency_groups or {},
+            method_options=c.method_options)
         reply = cw.gcs_call("RegisterActor", spec, doing=f"creating actor {c.class_name}")
         if not reply.ok:
             if reply.HasField("existing"):
@@ -137,19 +141,22 @@ class ActorSubmitter:
         task.add_done_callback(self._background.discard)
 
     async def _kill(self, actor_id: bytes, no_restart: bool, reason: str) -> None:
-        try:
-            await self.cw.gcs_stub().KillActor(gcs_pb2.KillActorRequest(
-                actor_id=actor_id, no_restart=no_restart, reason=reason), timeout=10)
-        except grpc.RpcError as exc:
+        try:  # waits out a restarting GCS, so a kill is not lost in an outage
+            await self.cw.gcs_client.call("KillActor", gcs_pb2.KillActorRequest(
+                actor_id=actor_id, no_restart=no_restart, reason=reason), timeout=10,
+                doing=f"killing actor {actor_id.hex()}")
+        except (RayError, grpc.aio.UsageError) as exc:  # (a channel closed at shutdown)
             log.debug("KillActor failed: %s", exc)
 
     # -- calls (user thread) ------------------------------------------------------------------------
     def call(self, actor_id: bytes, class_name: str, method: str,
              handle_ref: Optional[ObjectRef], args: tuple, kwargs: dict, num_returns: int,
-             max_task_retries: int, retry_exceptions: Any = None):
-        """Submit `class_name.method(*args, **kwargs)` to the actor; its return refs."""
+             max_task_retries: int, retry_exceptions: Any = None, concurrency_group: str = "",
+             name: str = "", generator: int = 0, backpressure: Optional[int] = None):
+        """Submit `class_name.method(*args, **kwargs)` to the actor; its return refs.
+        `concurrency_group` and `name` are what the call's .options() say."""
         cw = self.cw
-        name = f"{class_name}.{method}"
+        name = name or f"{class_name}.{method}"
         blob, slots, held = prepare_args(cw, None, name, args, kwargs)
         if handle_ref is not None:
             # A call in flight keeps its actor in scope: `A.remote().f.remote()` must run f.
@@ -157,7 +164,11 @@ class ActorSubmitter:
         task = new_task(name, blob, slots, held, num_returns, max_task_retries, retry_exceptions)
         task.actor_id = actor_id
         task.method_name = method
-        refs = return_refs(cw, task)
+        task.concurrency_group = concurrency_group
+        if generator:
+            refs = submit_generator(cw, task, generator, backpressure)
+        else:
+            refs = return_refs(cw, task)
         if held:
             cw.refs.add_submitted(held)
         cw.post(self.submitter.submit_call, task)

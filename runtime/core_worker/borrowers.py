@@ -28,7 +28,7 @@ class _Channel:
     def __init__(self) -> None:
         self.add: List[bytes] = []
         self.remove: List[bytes] = []
-        self.copies: List[Tuple[bytes, str]] = []
+        self.copies: List[Tuple[bytes, str, bytes]] = []
         self.task: Optional[asyncio.Task] = None
         self.idle = asyncio.Event()
         self.idle.set()
@@ -49,10 +49,13 @@ class BorrowerNotifier:
         ch.remove.append(oid)
         self._kick(owner, borrower, ch)
 
-    def copied(self, owner: Owner, borrower: Owner, oid: bytes, store_address: str) -> None:
-        """Tell the owner this process copied oid into store_address (freed with it)."""
+    def copied(self, owner: Owner, borrower: Owner, oid: bytes, store_address: str,
+               node_id: bytes = b"") -> None:
+        """Tell the owner this process copied oid into store_address, the store of
+        node_id: it frees the copy with the original, and may serve readers from it if
+        the original is lost."""
         ch = self._channel(owner, borrower)
-        ch.copies.append((oid, store_address))
+        ch.copies.append((oid, store_address, node_id))
         self._kick(owner, borrower, ch)
 
     async def close(self) -> None:
@@ -91,9 +94,10 @@ class BorrowerNotifier:
                 ch.add, ch.remove, ch.copies = [], [], ch.copies[1:]
                 update = core_worker_pb2.BorrowerUpdate(borrower=address_proto(borrower),
                                                         add=add, remove=remove)
-                for oid, store in copies:
+                for oid, store, node_id in copies:
                     update.copies.append(oid)
                     update.copy_store_address = store
+                    update.copy_node_id = node_id
                 try:
                     await self._stub_for(owner).UpdateBorrowers(update, timeout=30)
                 except grpc.RpcError as exc:

@@ -33,6 +33,7 @@ from runtime.core_worker import task_context
 from runtime.core_worker.actor_submitter import ActorSubmitter
 from runtime.core_worker.borrowers import BorrowerNotifier
 from runtime.core_worker.memory_store import MemoryStore, Value
+from runtime.core_worker.object_pull import ObjectPuller, PullFailed, holders_of
 from runtime.core_worker.raylet_client import RayletClient
 from runtime.core_worker.reference_table import ReferenceTable, RefEntry
 from runtime.core_worker.submitter import PendingTask, TaskSubmitter
@@ -44,7 +45,7 @@ from runtime.object_store.client import StoreClient, map_object, write_object
 from runtime.object_store.store import object_file_name
 from runtime.protocol import (common_pb2, core_worker_pb2, core_worker_pb2_grpc, gcs_pb2_grpc,
                               raylet_pb2)
-from runtime.rpc_errors import gcs_error
+from runtime.core_worker.gcs_client import GcsClient
 from runtime.serialization import KIND_ERROR, Serialized, parse, serialize, serialize_error
 
 log = logging.getLogger("runtime.core_worker")
@@ -52,6 +53,23 @@ log = logging.getLogger("runtime.core_worker")
 DRIVER = "driver"
 WORKER = "worker"
 Owner = Tuple[str, int, bytes]
+# How many times one get() of a value recovers it (rebuilt, or found elsewhere) after
+# failing to read it, before it raises the read's error.
+RECOVERY_ATTEMPTS = 3
+
+
+class _SlotRef:
+    """An object id and its owner, where code takes an ObjectRef but must not count a
+    reference (a lineage re-run's arguments, get() waiting for a lost value again)."""
+
+    __slots__ = ("_id", "_owner")
+
+    def __init__(self, oid: bytes, owner: Owner) -> None:
+        self._id = oid
+        self._owner = owner
+
+    def hex(self) -> str:
+        return self._id.hex()
 
 
 async def _await(make):
@@ -79,6 +97,8 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         self.gcs_address = gcs_address
         self.session_dir = session_dir
         self.token = token
+        # GCS calls wait out a GCS restart (bounded); a private cluster's does not return.
+        self.gcs_client = GcsClient(gcs_address, token, gone=self._gcs_not_coming_back)
         self.job_id = job_id
         self.worker_id = worker_id or ids.random_id(ids.WORKER_ID_SIZE)
         self.startup_token = startup_token
@@ -127,7 +147,7 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         self._closing = False
         self._blocked_depth = 0
         self._shm_dir = ""
-        self._pulls: Dict[bytes, asyncio.Future] = {}
+        self._puller: Optional[ObjectPuller] = None  # see _pull
         self._pg_waits: Dict[bytes, asyncio.Task] = {}  # placement groups' ready() refs
         self._background: set = set()  # see spawn()
 
@@ -396,6 +416,8 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         await self.submitter.close()
         await self.actors.close()
         await self.borrowers.close()
+        if self._puller is not None:
+            await self._puller.close()
         if self.raylet is not None:
             await self.raylet.close()
         for _ in range(3):  # let request generators observe the close before channels go
@@ -406,6 +428,7 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
             await store.close()
         for ch in self._channels.values():
             await ch.close()
+        await self.gcs_client.close()
 
     # -- loop plumbing -------------------------------------------------------------------------------
     def run(self, coro, timeout: Optional[float] = None):
@@ -453,15 +476,18 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         return task
 
     def gcs_stub(self) -> gcs_pb2_grpc.GcsStub:
-        return gcs_pb2_grpc.GcsStub(self.channel(self.gcs_address))
+        return self.gcs_client.stub
+
+    def _gcs_not_coming_back(self) -> Optional[str]:
+        return ("nobody restarts the GCS of a private cluster (init() without an address)"
+                if self.owns_cluster else None)
 
     def gcs_call(self, method: str, request: Any, timeout: float = 30.0, doing: str = "") -> Any:
-        """User thread: one GCS call (made on the loop); a failure raises an error from
-        runtime.exceptions naming the GCS and its address, never a raw gRPC error."""
-        try:
-            return self.call(lambda: getattr(self.gcs_stub(), method)(request, timeout=timeout))
-        except grpc.RpcError as exc:
-            raise gcs_error(self.gcs_address, exc, doing) from None
+        """User thread: one GCS call (made on the loop), waiting out a GCS restart; a
+        failure raises an error from runtime.exceptions naming the GCS and its address,
+        never a raw gRPC error."""
+        return self.call(lambda: self.gcs_client.call(method, request, timeout=timeout,
+                                                      doing=doing))
 
     def channel(self, address: str) -> grpc.aio.Channel:
         ch = self._channels.get(address)
@@ -490,13 +516,18 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         self.post(self._free_owned, oid)
 
     def _free_owned(self, oid: bytes) -> None:
-        if oid in self.refs:  # re-referenced meanwhile (e.g. a late result)
+        """Loop thread: free the value of an owned object nothing references any more, and
+        its lineage too unless it is pinned as the argument of a task of the lineage
+        (then its entry stays; see reference_table.py)."""
+        entry = self.refs.get(oid)
+        if entry is not None and entry.total():  # re-referenced meanwhile (e.g. a late result)
             return
-        if oid in self.actors.handle_objects:
+        if entry is None and oid in self.actors.handle_objects:
             self.memory.delete(oid)
             self.actors.on_handle_freed(oid)
             return
-        self.submitter.released(oid)
+        if entry is None:
+            self.submitter.released(oid)
         v = self.memory.delete(oid)
         if v is not None and v.in_store:
             self.delete_stored(oid, v)
@@ -537,24 +568,45 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
     def wait_for_value(self, ref: ObjectRef, cb: Callable[[bytes, Value], None]) -> None:
         """cb(oid, value) once the value of ref is known here (fetching it from its owner)."""
         oid = ref._id
-        self.memory.add_waiter(oid, cb)
-        if oid not in self.memory and ref._owner[2] != self.worker_id and oid not in self._fetching:
-            self._fetching.add(oid)
-            self.spawn(self._fetch_from_owner(oid, ref._owner))
+        memory = self.memory
+        memory.add_waiter(oid, cb)
+        if oid not in memory:
+            if ref._owner[2] != self.worker_id:
+                if oid not in self._fetching:
+                    self._fetching.add(oid)
+                    self.spawn(self._fetch_from_owner(oid, ref._owner))
+            else:
+                task = self.submitter.state.lineage.get(oid)
+                if task is not None and task.done:
+                    # Checked after what is being carried out now (its result may be on
+                    # its way to the memory store): a finished task's value that is
+                    # missing was freed.
+                    self.loop.call_soon(self._rebuild_if_freed, oid)
 
-    async def _fetch_from_owner(self, oid: bytes, owner: Owner) -> None:
+    async def _fetch_from_owner(self, oid: bytes, owner: Owner,
+                                lost: Optional[Tuple[str, bytes]] = None) -> None:
+        """Learn oid's value (or location) from its owner, by long poll. `lost`: the
+        store this process could not read it from (and that store's node), which the
+        owner drops before it answers."""
+        lost_store = lost[0] if lost else ""
         try:
             while True:
                 try:
                     reply = await self._owner_stub(owner).GetObjectStatus(
-                        core_worker_pb2.ObjectStatusRequest(object_ids=[oid], timeout_s=30.0),
+                        core_worker_pb2.ObjectStatusRequest(object_ids=[oid], timeout_s=30.0,
+                                                            lost_store_address=lost_store),
                         timeout=60)
+                    lost_store = ""  # the owner has dropped it; later polls just wait
                 except grpc.RpcError as exc:
                     if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                        copy = (f", and its copy in the object store of node {lost[1].hex()[:8]} "
+                                f"({lost[0]}) cannot be read" if lost else "")
                         err = OwnerDiedError(oid.hex(), (
-                            f"Object {oid.hex()} is lost: its owner (pid-less address "
-                            f"{owner[0]}:{owner[1]}) is unreachable ({exc.code().name}); the "
-                            f"process that created the ObjectRef has exited."))
+                            f"Object {oid.hex()} is lost: its owner (the process at "
+                            f"{owner[0]}:{owner[1]}, worker {owner[2].hex()[:8]}) is "
+                            f"unreachable ({exc.code().name}){copy}. The process that created "
+                            f"the ObjectRef has exited (or its node died), and only the owner "
+                            f"can rebuild an object."))
                         self.memory.put(oid, Value(serialize_error(err).to_bytes(), is_error=True))
                         return
                     if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -632,85 +684,170 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
                      is_error=ser.kind == KIND_ERROR)
 
     async def _pull(self, oid: bytes, v: Value) -> Tuple[str, int]:
-        """Copy an object from another node's store into ours (once, however many readers
-        ask at the same time) and tell its owner, who frees the copy with the original."""
-        fut = self._pulls.get(oid)
-        if fut is None:
-            fut = self._pulls[oid] = asyncio.ensure_future(self._pull_once(oid, v))
-            fut.add_done_callback(lambda _f: self._pulls.pop(oid, None))
-        return await asyncio.shield(fut)
+        """Have this node's store copy an object from a store that holds it (the stores
+        move the bytes, once per node however many readers ask: object_pull.py) and
+        tell its owner, who frees the copy with the original."""
+        if self._puller is None:
+            self._puller = ObjectPuller(self.store_client(self.store_address))
+        result = await self._puller.pull(oid, holders_of(v.store_address, v.copies))
+        if isinstance(result, PullFailed):
+            # No holder delivered (result.failures: each one unreachable, missing or
+            # refused). ObjectLostError makes _read_or_recover tell the owner, whose
+            # state machine rebuilds the object or fails it; ObjectStoreFullError
+            # (no room here) goes to the caller.
+            raise result.error(lambda holder: self._describe_store(holder, v))
+        if result.new_copy:
+            owner = self._owner_of(oid)
+            if owner is not None and owner[2] != self.worker_id:
+                self.borrowers.copied(owner, self.address, oid, self.store_address, self.node_id)
+            else:
+                self._record_copy(oid, self.store_address, self.node_id)
+        return result.path, result.size
 
-    async def _pull_once(self, oid: bytes, v: Value) -> Tuple[str, int]:
-        local = self.store_client(self.store_address)
-        (have,) = await local.get([oid], 0.0)
-        if have.found:
-            return have.path, have.size
-        where = f"node {v.node_id.hex()[:8]} ({v.store_address})"
-        path = None
-        try:
-            fd = -1
-            received = size = 0
-            try:
-                async for chunk in self.store_client(v.store_address).read(oid):
-                    if not chunk.found:
-                        raise ObjectLostError(oid.hex(), (
-                            f"Object {oid.hex()} is no longer in the object store of {where}; "
-                            f"it was freed or that node's store restarted."))
-                    if path is None:
-                        size = chunk.size
-                        path = await local.create(oid, size)
-                        fd = os.open(path, os.O_WRONLY)
-                    if chunk.data:
-                        os.pwrite(fd, chunk.data, chunk.offset)
-                        received += len(chunk.data)
-            except grpc.RpcError as exc:
-                raise ObjectLostError(oid.hex(), (
-                    f"Object {oid.hex()} cannot be fetched from {where}: {exc.code().name}; "
-                    f"that node may be down.")) from None
-            finally:
-                if fd >= 0:
-                    os.close(fd)
-            if path is None or received != size:
-                raise ObjectLostError(oid.hex(), (
-                    f"Object {oid.hex()} cannot be fetched from {where}: its store sent "
-                    f"{received} of {size} bytes and ended the stream."))
-            await local.seal([oid])
-        except BaseException:
-            if path is not None:
-                await self._delete_partial(local, oid)
-            raise
-        owner = self._owner_of(oid)
-        if owner is not None and owner[2] != self.worker_id:
-            self.borrowers.copied(owner, self.address, oid, self.store_address)
-        else:
-            self._record_copy(oid, self.store_address)
-        return path, v.size
-
-    async def _delete_partial(self, local: StoreClient, oid: bytes) -> None:
-        """A pull failed after creating the local copy: free it now (the store would keep
-        it, unsealed and counted against its capacity, until this process exits)."""
-        try:
-            await local.delete([oid])
-        except Exception as exc:
-            log.warning("could not delete the partial copy of object %s in the local store: %s",
-                        oid.hex(), exc)
+    @staticmethod
+    def _describe_store(holder: str, v: Value) -> str:
+        node = v.node_id if holder == v.store_address else (v.copies or {}).get(holder, b"")
+        return f"node {node.hex()[:8]} ({holder})" if node else f"the object store at {holder}"
 
     def _owner_of(self, oid: bytes) -> Optional[Owner]:
         e = self.refs.get(oid)
         return e.owner if e is not None else None
 
-    def _record_copy(self, oid: bytes, store_address: str) -> None:
+    def _record_copy(self, oid: bytes, store_address: str, node_id: bytes = b"") -> None:
         v = self.memory.get(oid)
         if v is not None and v.in_store:
             if v.copies is None:
-                v.copies = set()
-            v.copies.add(store_address)
+                v.copies = {}
+            v.copies[store_address] = node_id
 
     async def _seal(self, store: StoreClient, oid: bytes) -> None:
         try:
             await store.seal([oid])
         except Exception as exc:
             log.warning("could not seal object %s: %s", oid.hex(), exc)
+
+    # -- lost objects and lineage ----------------------------------------------------------------------------
+    # What to do about a lost object is decided by the owner's state machine
+    # (OwnerState.object_lost: rebuild it from its lineage, or fail it with the reason);
+    # this section only notices losses (a read that failed, a borrower's report, a value
+    # freed while only lineage kept it) and carries out the lineage's pins.
+    def _read_or_recover(self, oid: bytes, v: Value, timeout: Optional[float]) -> Any:
+        """User thread: the bytes of in-store value v. A read that fails (its store is
+        unreachable, or no longer has it) makes the owner recover the value (rebuild it,
+        or point at another copy), and the read is tried again with what it answers."""
+        for _attempt in range(RECOVERY_ATTEMPTS):
+            try:
+                return self.map_from_store(oid, v)
+            except ObjectLostError as exc:
+                v = self._recover(oid, v, str(exc), timeout)
+            if not v.in_store:
+                return v.data  # an error, when it cannot be rebuilt
+        return self.map_from_store(oid, v)
+
+    def _recover(self, oid: bytes, v: Value, why: str, timeout: Optional[float]) -> Value:
+        owner = self._owner_of(oid) or self.address
+        self.post(self.location_lost, oid, v.store_address, why)
+        self._block_until([_SlotRef(oid, owner)], 1, timeout)  # type: ignore[list-item]
+        new = self.memory.get(oid)
+        if new is None:  # freed meanwhile
+            raise ObjectLostError(oid.hex(), f"Object {oid.hex()} was freed before get() finished")
+        return new
+
+    def location_lost(self, oid: bytes, store_address: str, why: str) -> None:
+        """Loop thread: oid could not be read from the object store at store_address.
+        The owner drops that location: another copy serves if there is one, else the
+        state machine rebuilds the object or fails it. A borrower asks the owner again,
+        telling it which store failed."""
+        v = self.memory.get(oid)
+        entry = self.refs.get(oid)
+        owned = entry is not None and entry.owned
+        node = b""
+        if v is not None:
+            if not v.in_store:
+                return  # an inline value (or error) is never lost
+            copies = v.copies
+            if store_address != v.store_address:
+                if copies and copies.pop(store_address, None) is not None and not copies:
+                    v.copies = None  # a copy went; the original still serves
+                return  # (else: read from elsewhere since, a newer value)
+            node = v.node_id
+            if owned and copies:
+                addr, node_id = next(iter(copies.items()))
+                nv = Value(None, True, node_id, addr, v.size, v.is_error)
+                rest = {a: n for a, n in copies.items() if a != addr}
+                nv.copies = rest or None
+                log.warning("object %s: its copy in the object store at %s is lost; the copy "
+                            "at %s serves from now on", oid.hex(), store_address, addr)
+                self.memory.put(oid, nv)
+                return
+            self.memory.delete(oid)
+        if owned:
+            where = (f"its copy in the object store of node {node.hex()[:8]} ({store_address}) "
+                     f"could not be read: {why}")
+            self.submitter.feed(self.submitter.state.object_lost(oid, where))
+        elif entry is not None and oid not in self._fetching:
+            self._fetching.add(oid)
+            self.spawn(self._fetch_from_owner(oid, entry.owner, (store_address, node)))
+
+    def _rebuild_if_freed(self, oid: bytes) -> None:
+        """Loop thread: someone waits for owned oid, whose task finished, and its value
+        is not here: it was freed while only lineage kept it (an argument of a task run
+        again), so it is rebuilt like a lost one."""
+        if oid in self.memory or not self.memory.has_waiters(oid):
+            return
+        task = self.submitter.state.lineage.get(oid)
+        if task is not None and task.done:
+            self.submitter.feed(self.submitter.state.object_lost(
+                oid, "its value was freed when only the lineage of a task that took it as an "
+                     "argument kept it"))
+
+    def pin_lineage(self, task: PendingTask) -> None:
+        """Loop thread (PinLineage): keep the owned arguments of a task of the lineage;
+        an argument with lineage of its own by its entry only, any other (a put object)
+        with its value, which nothing could rebuild."""
+        refs = self.refs
+        lineage = self.submitter.state.lineage
+        pins = []
+        for oid in task.arg_ids:
+            if oid in lineage:
+                if refs.add_lineage(oid):
+                    pins.append((oid, True))
+            else:
+                entry = refs.get(oid)
+                if entry is not None and entry.owned:
+                    refs.add_submitted((oid,))
+                    pins.append((oid, False))
+        task.pins = pins
+
+    def unpin_lineage(self, task: PendingTask) -> None:
+        """Loop thread (FreeLineage): undo pin_lineage."""
+        pins, task.pins = task.pins, None
+        if not pins:
+            return
+        refs = self.refs
+        for oid, lineage_only in pins:
+            if lineage_only:
+                refs.remove_lineage(oid)
+            else:
+                refs.remove_submitted((oid,))
+
+    def hold_args(self, task: PendingTask) -> None:
+        """Loop thread (Resubmit): a task runs again; it holds its arguments as when it was
+        submitted (store_returns releases them)."""
+        if task.arg_ids:
+            self.refs.add_submitted(task.arg_ids)
+
+    def slot_ref(self, oid: bytes) -> Optional[_SlotRef]:
+        """An argument of a task run again, with its owner; None if it is not known here
+        any more (a borrowed one this process released)."""
+        entry = self.refs.get(oid)
+        return _SlotRef(oid, entry.owner) if entry is not None else None
+
+    def fail_objects(self, oids: List[bytes], value: Value) -> None:
+        """Loop thread (FailObjects): lost objects that cannot be rebuilt get the error."""
+        for oid in oids:
+            if oid in self.refs:
+                self.memory.put(oid, value)
 
     # -- API: get / wait -----------------------------------------------------------------------------------
     def get(self, refs: Sequence[ObjectRef], timeout: Optional[float]) -> List[Any]:
@@ -726,7 +863,7 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
                 for r, v in zip(refs, values):
                     if v is not None and v.is_error:
                         self._materialize(r._id, v)
-        return [self._materialize(r._id, v) for r, v in zip(refs, values)]
+        return [self._materialize(r._id, v, timeout) for r, v in zip(refs, values)]
 
     def _block_until(self, refs: Sequence[ObjectRef], num: int, timeout: Optional[float],
                      for_get: bool = True, abort_on_error: bool = False) -> bool:
@@ -758,11 +895,11 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         if (blocked and self._blocked_depth == 1) or (not blocked and self._blocked_depth == 0):
             self.post(self.raylet.set_blocked, blocked)
 
-    def _materialize(self, oid: bytes, v: Value) -> Any:
+    def _materialize(self, oid: bytes, v: Value, timeout: Optional[float] = None) -> Any:
         if v is None:
             raise ObjectLostError(oid.hex(), f"Object {oid.hex()} was freed before get() finished")
         if v.in_store:
-            data = self.map_from_store(oid, v)
+            data = self._read_or_recover(oid, v, timeout)
         else:
             data = v.data
         kind, value = parse(data)
@@ -883,9 +1020,15 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         held on its arguments are released."""
         refs = self.refs
         memory = self.memory
+        again = task.attempt > 0  # a retry, or a run to rebuild lost objects
         for i, oid in enumerate(task.return_ids):
             v = values[i] if i < len(values) else values[-1]
-            if oid in refs:
+            e = refs.get(oid)
+            if e is not None and (not e.lineage or e.total()):  # (only lineage: not wanted)
+                if again:
+                    old = memory.get(oid)
+                    if old is not None and old.in_store and old.store_address != v.store_address:
+                        self.delete_stored(oid, old)  # the copy this run replaces
                 memory.put(oid, v)
             elif v.in_store:
                 self.delete_stored(oid, v)
@@ -916,27 +1059,19 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         self.memory.put(oid, Value(serialize_error(error).to_bytes(), is_error=True))
 
     async def _await_pg(self, oid: bytes, pg) -> None:
-        from runtime.exceptions import PlacementGroupSchedulingError
+        from runtime.exceptions import PlacementGroupSchedulingError, RayError
         from runtime.protocol import gcs_pb2
 
-        stub = self.gcs_stub()
         version = 0
-        unreachable_since: Optional[float] = None
         while oid in self.refs:
             try:
-                reply = await stub.GetPlacementGroup(gcs_pb2.PlacementGroupRequest(
-                    placement_group_id=pg.id.binary(), newer_than=version, timeout_s=30), timeout=60)
-            except grpc.RpcError as exc:
-                now = self.loop.time()
-                unreachable_since = unreachable_since or now
-                if now - unreachable_since > config.RECONNECT_TIMEOUT_S:
-                    err = gcs_error(self.gcs_address, exc,
-                                    f"waiting for placement group {pg.id.hex()}")
-                    self.memory.put(oid, Value(serialize_error(err).to_bytes(), is_error=True))
-                    return
-                await asyncio.sleep(0.5)
-                continue
-            unreachable_since = None
+                reply = await self.gcs_client.call(
+                    "GetPlacementGroup", gcs_pb2.PlacementGroupRequest(
+                        placement_group_id=pg.id.binary(), newer_than=version, timeout_s=30),
+                    timeout=60, doing=f"waiting for placement group {pg.id.hex()}")
+            except RayError as err:  # the GCS is gone for good, or refused the call
+                self.memory.put(oid, Value(serialize_error(err).to_bytes(), is_error=True))
+                return
             info = reply.info
             if not reply.found or info.state == "REMOVED":
                 err = PlacementGroupSchedulingError(
@@ -951,6 +1086,10 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
     # -- CoreWorker service ---------------------------------------------------------------------------------
     async def GetObjectStatus(self, request, context):
         reply = core_worker_pb2.ObjectStatusReply()
+        if request.lost_store_address:
+            for oid in request.object_ids:
+                self.location_lost(oid, request.lost_store_address,
+                                   "a process that borrows it could not read it there")
         waits = []
         for oid in request.object_ids:
             v = self.memory.get(oid)
@@ -969,6 +1108,9 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
 
             for oid in waits:
                 self.memory.add_waiter(oid, cb)
+                task = self.submitter.state.lineage.get(oid)
+                if task is not None and task.done:
+                    self.loop.call_soon(self._rebuild_if_freed, oid)
             try:
                 oid, value = await asyncio.wait_for(fut, request.timeout_s or 30.0)
                 reply.objects.append(value.to_proto(oid))
@@ -985,7 +1127,7 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         for oid in request.add:
             self.refs.add_borrower(oid, borrower)
         for oid in request.copies:
-            self._record_copy(oid, request.copy_store_address)
+            self._record_copy(oid, request.copy_store_address, request.copy_node_id)
         for oid in request.remove:
             self.refs.remove_borrower(oid, borrower)
         return common_pb2.Empty()
@@ -1014,6 +1156,9 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         for oid, counts in self.refs.snapshot().items():
             if not counts["owned"] or oid in self.actors.handle_objects:
                 continue
+            if not (counts["local"] or counts["submitted"] or counts["borrowers"]
+                    or counts["contained"]):
+                continue  # only the lineage of a task keeps it: its value is freed
             v = self.memory.get(oid)
             reply.objects.add(object_id=oid, size=v.size if v else 0,
                               in_store=bool(v and v.in_store), local_refs=counts["local"],

@@ -11,6 +11,17 @@ and run on the thread that reads the caller's connection
 (runtime/core_worker/actor_call_server.py), one at a time under `actor_lock`.
 Threaded actors run calls on a pool, async actors on an event loop of their own.
 
+Concurrency groups (Ray's ``concurrency_groups``) split an actor's calls: each group
+has a pool of its own (threaded actors; a sync actor with groups is threaded) or an
+event loop on a thread of its own (async actors), limited to the group's max
+concurrency; calls in no group run in the default group, limited by max_concurrency.
+A call's group is the one its ``.options(concurrency_group=...)`` names, else its
+method's ``@method(concurrency_group=...)``, read here from the class.
+
+A normal task with ``max_calls`` counts the runs of its function: the run that reaches
+the limit returns its result marked ``worker_exiting``, the worker runs nothing more,
+ends its task streams once every result has gone out, and exits (status 0).
+
 Whichever thread or asyncio task runs a task holds its identity in a context
 variable (runtime/core_worker/task_context.py), set here before the task's code
 runs and reset after it, so concurrent calls each see their own task.
@@ -37,14 +48,17 @@ from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
 from runtime import config
 from runtime.core_worker import task_context
+from runtime.core_worker.generators import GENERATOR_STREAMING, item_id
 from runtime.core_worker.memory_store import Value
 from runtime.core_worker.task_args import ArgSlot
 from runtime.exceptions import ActorDiedError, ActorExitRequested, RayTaskError, TaskCancelledError
 from runtime.protocol import common_pb2, core_worker_pb2
+from runtime.runtime_env import context as runtime_env_context
 from runtime.serialization import (KIND_ERROR, NONE_BYTES, format_remote_traceback, loads_function,
                                    parse, serialize, serialize_error)
 
 log = logging.getLogger("runtime.worker")
+_SITE_DIRS = ("site-packages", "dist-packages")
 
 
 class ExecutorHost(Protocol):
@@ -61,6 +75,7 @@ class ExecutorHost(Protocol):
     def spawn(self, coro: Any) -> Any: ...
     def run(self, coro: Any, timeout: Optional[float] = None) -> Any: ...
     def exit_soon(self, delay: float) -> None: ...
+    def shutdown(self, timeout: float = 5.0) -> None: ...
     def enter_job(self, job: common_pb2.JobConfig) -> None: ...
     def host_actor(self, actor_id: bytes) -> None: ...
     def results_must_wait(self) -> bool: ...
@@ -79,10 +94,29 @@ class _Stream:
         self.wake = asyncio.Event()
         self.closed = False
         self.job: Optional[common_pb2.JobConfig] = None
+        self.ending = False     # the worker exits: end once every result is out
+        self.posting = 0        # results waiting for a flush before they are added
+        self.finished = asyncio.Event()
 
     def add(self, result: common_pb2.TaskResult) -> None:
         self.pending.append(result)
         self.wake.set()
+
+
+class _LoopGroup:
+    """A concurrency group of an async actor: an event loop on a thread of its own, and
+    the semaphore (made on that loop) that holds it to `limit` calls at once."""
+
+    def __init__(self, name: str, limit: int) -> None:
+        self.limit = limit
+        self.semaphore: Optional[asyncio.Semaphore] = None
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True,
+                         name=f"actor-loop-{name}" if name else "actor-loop").start()
+
+
+class UnknownConcurrencyGroup(ValueError):
+    """A call names a concurrency group its actor does not define."""
 
 
 class Executor:
@@ -106,10 +140,14 @@ class Executor:
         self.pid = os.getpid()
         self.actor: Any = None
         self.actor_gpu_ids: Tuple[int, ...] = ()
-        self.actor_loop: Optional[asyncio.AbstractEventLoop] = None
-        self.actor_pool = None
-        self.actor_semaphore: Optional[asyncio.Semaphore] = None
-        self.actor_limit = 1
+        self.actor_loop: Optional[asyncio.AbstractEventLoop] = None  # the default group's
+        # Concurrency groups by name ("" the default group): an async actor's loops, a
+        # threaded actor's pools; and the group of each method that names one.
+        self.loop_groups: Dict[str, _LoopGroup] = {}
+        self.actor_pools: Dict[str, Any] = {}
+        self.method_groups: Dict[str, str] = {}
+        self.streams: set = set()     # PushTasks streams being served
+        self.max_calls_runs: Dict[bytes, int] = {}  # function id -> runs (max_calls only)
         self.creation_stream: Optional[_Stream] = None
         self.creation_task_id = b""
         self.creation_spec = None  # the actor's creation TaskSpec (its placement group)
@@ -117,10 +155,16 @@ class Executor:
         self.actor_exiting = False
         self.actor_lock = threading.Lock()  # a sync actor runs one call at a time
         self.call_server = None  # ActorCallServer, for a sync actor
+        # Generator tasks under back-pressure: items their owner has consumed, by task.
+        self._acks: Dict[bytes, int] = {}
+        self._ack_cond = threading.Condition()
 
     # -- loop thread ------------------------------------------------------------------------------
     async def serve_stream(self, request_iterator):
         stream = _Stream()
+        if self._exit:
+            return  # exiting (max_calls): nothing sent now would run
+        self.streams.add(stream)
         reader = asyncio.ensure_future(self._read(stream, request_iterator))
         try:
             while True:
@@ -130,10 +174,13 @@ class Executor:
                     batch = core_worker_pb2.ResultBatch(results=stream.pending)
                     stream.pending = []
                     yield batch
-                if stream.closed:
+                if stream.closed or (stream.ending and not stream.posting
+                                     and not stream.pending):
                     return
         finally:
             reader.cancel()
+            self.streams.discard(stream)
+            stream.finished.set()
 
     async def _read(self, stream: _Stream, request_iterator) -> None:
         try:
@@ -141,6 +188,9 @@ class Executor:
                 if batch.HasField("job_config"):
                     stream.job = batch.job_config
                 for spec in batch.tasks:
+                    if spec.generator_ack:
+                        self._generator_ack(spec.task_id, spec.generator_ack)
+                        continue
                     self.tasks.put((spec, stream))
         except asyncio.CancelledError:
             pass
@@ -150,8 +200,15 @@ class Executor:
             stream.closed = True
             stream.wake.set()
 
+    def _generator_ack(self, task_id: bytes, consumed: int) -> None:
+        with self._ack_cond:
+            if consumed > self._acks.get(task_id, 0):
+                self._acks[task_id] = consumed
+                self._ack_cond.notify_all()
+
     def _post_result(self, stream: _Stream, result: common_pb2.TaskResult) -> None:
         if self.must_flush():
+            stream.posting += 1
             self.cw.spawn(self._post_after_flush(stream, result))
             return
         stream.add(result)
@@ -164,8 +221,11 @@ class Executor:
         await self.cw.flush_before_results()
 
     async def _post_after_flush(self, stream: _Stream, result) -> None:
-        await self.flush()
-        stream.add(result)
+        try:
+            await self.flush()
+        finally:
+            stream.posting -= 1
+            stream.add(result)
 
     def cancel(self, task_id: bytes, force: bool) -> bool:
         """Loop thread (CancelTask). A running task on the main thread is interrupted, a
@@ -177,8 +237,8 @@ class Executor:
                 self.cancelled_running.add(task_id)
             if task_id in self.running_calls:
                 call = self.running_calls[task_id]
-                if call is not None and self.actor_loop is not None:
-                    self.actor_loop.call_soon_threadsafe(call.cancel)
+                if call is not None:
+                    call.get_loop().call_soon_threadsafe(call.cancel)
                     how = "a running async actor call, cancelling its asyncio task"
                 else:
                     how = "a running actor call, not interrupted"
@@ -229,7 +289,44 @@ class Executor:
                     result = self.execute(spec, stream)
             except KeyboardInterrupt:  # only from a handler the user's code installed
                 result = self._cancelled_result(spec)
+            if spec.max_calls and self._max_calls_reached(spec, result):
+                result.worker_exiting = True
+                self.cw.post(self._post_result, stream, result)
+                self._exit_after_max_calls(spec)
+                return
             self.cw.post(self._post_result, stream, result)
+
+    def _max_calls_reached(self, spec: common_pb2.TaskSpec, result: common_pb2.TaskResult
+                           ) -> bool:
+        """Count a run of the task's function (a cancelled task is no run): whether it
+        was the function's max_calls-th on this worker."""
+        if result.cancelled:
+            return False
+        runs = self.max_calls_runs.get(spec.function_id, 0) + 1
+        self.max_calls_runs[spec.function_id] = runs
+        return runs >= spec.max_calls
+
+    def _exit_after_max_calls(self, spec: common_pb2.TaskSpec) -> None:
+        """Main thread: take no more tasks, let every result go out and the task streams
+        end, then shut the core worker down; run_forever returns and the process exits.
+        A task sent after the last one never runs here: its owner sends it elsewhere."""
+        self._exit = True
+        log.info("exiting: this worker ran %s %d times, its max_calls", spec.name,
+                 spec.max_calls)
+        try:
+            self.cw.run(self._end_streams(), timeout=10.0)
+        except Exception:  # a stream that does not end in time is cut by the exit
+            log.warning("not every task stream ended before the max_calls exit",
+                        exc_info=True)
+        self.cw.shutdown(timeout=5.0)
+
+    async def _end_streams(self) -> None:
+        streams = list(self.streams)
+        for stream in streams:
+            stream.ending = True
+            stream.wake.set()
+        for stream in streams:
+            await stream.finished.wait()
 
     def execute_call(self, spec: common_pb2.TaskSpec, stream) -> common_pb2.TaskResult:
         """A sync actor call, on whichever thread received it: one at a time."""
@@ -241,6 +338,7 @@ class Executor:
         (the thread it came on), in a task context of its own."""
         task_id = spec.task_id
         call = bool(spec.actor_id) and not spec.actor_creation
+        generated: Tuple[int, list] = (0, [])
         with self._start_lock:
             if task_id in self.queued_cancels:
                 self.queued_cancels.discard(task_id)
@@ -260,9 +358,15 @@ class Executor:
                 fn, args, kwargs = self._prepare(spec, stream, call)
                 if call:
                     value = fn(*args, **kwargs)
+                    if spec.generator:
+                        generated = self._drain(spec, stream, value)
+                        value = None
                 else:
                     try:
                         value = fn(*args, **kwargs)
+                        if spec.generator:  # its items are its run: a cancel stops them
+                            generated = self._drain(spec, stream, value)
+                            value = None
                     finally:
                         self.running = None  # from here on a late SIGINT is dropped
                 if spec.actor_creation:
@@ -284,11 +388,118 @@ class Executor:
                 self.running = None
             self.cancelled_running.discard(task_id)
             task_context.leave(token)
-        return common_pb2.TaskResult(task_id=task_id, returns=returns, app_error=app_error,
-                                     exec_seconds=time.perf_counter() - start,
-                                     attempt=spec.attempt, start_time=wall_start,
-                                     end_time=time.time(), worker_pid=self.pid,
-                                     actor_task_port=self._call_port(spec, app_error))
+        result = common_pb2.TaskResult(task_id=task_id, returns=returns, app_error=app_error,
+                                       exec_seconds=time.perf_counter() - start,
+                                       attempt=spec.attempt, start_time=wall_start,
+                                       end_time=time.time(), worker_pid=self.pid,
+                                       actor_task_port=self._call_port(spec, app_error))
+        if spec.generator:
+            self._generated(result, generated)
+        return result
+
+    # -- generator tasks (runtime/core_worker/generators.py) ----------------------------------
+    def _generated(self, result: common_pb2.TaskResult, generated: Tuple[int, list]) -> None:
+        count, unstreamed = generated
+        result.is_generator = True
+        result.stream_count = count
+        if not result.app_error:
+            result.returns.extend(unstreamed)
+
+    def _streams(self, spec: common_pb2.TaskSpec, stream: Any) -> bool:
+        """Whether items go back as they are yielded: a streaming generator on a task
+        stream (a sync actor's call port answers a call once, with all its items)."""
+        return spec.generator == GENERATOR_STREAMING and isinstance(stream, _Stream)
+
+    def _item(self, spec: common_pb2.TaskSpec, stream: Any, index: int, value: Any,
+              error: bool, unstreamed: list) -> None:
+        loc = self._store_value(item_id(spec.task_id, index),
+                                self._task_error(spec, value) if error else value,
+                                spec.owner, kind_error=error)
+        if self._streams(spec, stream):
+            self.cw.post(self._post_result, stream, common_pb2.TaskResult(
+                task_id=spec.task_id, stream_item=True, item_index=index, returns=[loc],
+                attempt=spec.attempt))
+        else:
+            unstreamed.append(loc)
+
+    def _drain(self, spec: common_pb2.TaskSpec, stream: Any, gen: Any) -> Tuple[int, list]:
+        """Run a generator to its end, sending each item as it comes; an exception it
+        raises is its last item (the items before it are delivered). (count, items that
+        go in the final result)."""
+        if not inspect.isgenerator(gen) and not hasattr(gen, "__next__"):
+            raise TypeError(f"{spec.name} was called as a generator task (num_returns="
+                            f"'streaming' or 'dynamic') but returned a "
+                            f"{type(gen).__name__}, not a generator; use yield in it")
+        limit = spec.generator_backpressure if self._streams(spec, stream) else 0
+        unstreamed: list = []
+        count = 0
+        try:
+            while True:
+                if limit and not self._wait_consumed(spec.task_id, count, limit, stream):
+                    break  # the owner's stream is gone: nobody reads further items
+                try:
+                    item = next(gen)
+                except StopIteration:
+                    break
+                except (KeyboardInterrupt, ActorExitRequested):
+                    raise
+                except Exception as exc:
+                    self._item(spec, stream, count, exc, True, unstreamed)
+                    count += 1
+                    break
+                self._item(spec, stream, count, item, False, unstreamed)
+                count += 1
+        finally:
+            if limit:
+                with self._ack_cond:
+                    self._acks.pop(spec.task_id, None)
+            close = getattr(gen, "close", None)
+            if close is not None:
+                close()  # a cancel or a gone owner ends it: its finally blocks run now
+        return count, unstreamed
+
+    def _wait_consumed(self, task_id: bytes, produced: int, limit: int, stream: Any) -> bool:
+        """Back-pressure: wait until fewer than `limit` items are unconsumed (a cancel's
+        SIGINT interrupts the wait); False if the stream closed meanwhile."""
+        with self._ack_cond:
+            while produced - self._acks.get(task_id, 0) >= limit:
+                if getattr(stream, "closed", False):
+                    return False
+                self._ack_cond.wait(0.2)
+        return True
+
+    async def _drain_async(self, spec: common_pb2.TaskSpec, stream: Any, gen: Any
+                           ) -> Tuple[int, list]:
+        """_drain for an async actor's call: an async generator, or a sync one."""
+        if not inspect.isasyncgen(gen):
+            return self._drain(spec, stream, gen)
+        limit = spec.generator_backpressure if self._streams(spec, stream) else 0
+        unstreamed: list = []
+        count = 0
+        try:
+            while True:
+                while limit and count - self._acks.get(spec.task_id, 0) >= limit:
+                    if getattr(stream, "closed", False):
+                        return count, unstreamed
+                    await asyncio.sleep(0.005)
+                try:
+                    item = await gen.__anext__()
+                except StopAsyncIteration:
+                    break
+                except (asyncio.CancelledError, ActorExitRequested):
+                    raise
+                except Exception as exc:
+                    self._item(spec, stream, count, exc, True, unstreamed)
+                    count += 1
+                    break
+                self._item(spec, stream, count, item, False, unstreamed)
+                count += 1
+        finally:
+            if limit:
+                with self._ack_cond:
+                    self._acks.pop(spec.task_id, None)
+            await gen.aclose()
+        return count, unstreamed
 
     def _call_port(self, spec: common_pb2.TaskSpec, app_error: bool) -> int:
         if not spec.actor_creation or app_error or self.call_server is None:
@@ -308,6 +519,10 @@ class Executor:
         if call:
             if self.actor is None or spec.actor_id != cw.current_actor_id:
                 raise RuntimeError(f"this worker does not host actor {spec.actor_id.hex()}")
+            if spec.concurrency_group and not (self.loop_groups or self.actor_pools):
+                raise UnknownConcurrencyGroup(
+                    f"{spec.name}: the actor has no concurrency groups, so it has no group "
+                    f"{spec.concurrency_group!r}; define it in @remote(concurrency_groups=...)")
             method = getattr(self.actor, spec.method_name)
             args, kwargs = self._args(spec)
             return method, args, kwargs
@@ -328,18 +543,32 @@ class Executor:
     def _actor_created(self, spec: common_pb2.TaskSpec, stream: _Stream, instance: Any) -> None:
         self.actor = instance
         cls = type(instance)
-        is_async = any(inspect.iscoroutinefunction(m) for _n, m in inspect.getmembers(cls, callable))
+        members = inspect.getmembers(cls, callable)
+        is_async = any(inspect.iscoroutinefunction(m) or inspect.isasyncgenfunction(m)
+                       for _n, m in members)
         limit = spec.max_concurrency or (1000 if is_async else 1)
+        groups = dict(spec.concurrency_groups)
+        self.method_groups = {
+            n: g for n, m in members
+            if (g := (getattr(m, "__runtime_method_options__", None) or {}).get(
+                "concurrency_group"))}
+        lost = sorted({g for g in self.method_groups.values() if g not in groups})
+        if lost:
+            raise RuntimeError(
+                f"actor {spec.name}: its methods run in concurrency groups {lost}, which its "
+                f"creation spec does not define (the caller's concurrency_groups did not "
+                f"reach this worker)")
         if is_async:
-            loop = asyncio.new_event_loop()
-            self.actor_loop = loop
-            self.actor_semaphore = None
-            self.actor_limit = limit
-            threading.Thread(target=loop.run_forever, name="actor-loop", daemon=True).start()
-        elif limit > 1:
+            self.loop_groups = {name: _LoopGroup(name, n)
+                                for name, n in [("", limit), *groups.items()]}
+            self.actor_loop = self.loop_groups[""].loop
+        elif limit > 1 or groups:
             from concurrent.futures import ThreadPoolExecutor
 
-            self.actor_pool = ThreadPoolExecutor(max_workers=limit, thread_name_prefix="actor")
+            self.actor_pools = {
+                name: ThreadPoolExecutor(max_workers=n, thread_name_prefix=(
+                    f"actor-{name}" if name else "actor"))
+                for name, n in [("", limit), *groups.items()]}
         else:
             from runtime.core_worker.actor_call_server import ActorCallServer
 
@@ -350,24 +579,54 @@ class Executor:
                             spec.actor_id.hex(), exc_info=True)
 
     def _dispatch_concurrent(self, spec: common_pb2.TaskSpec, stream: _Stream) -> bool:
-        """Run an actor call off the main thread when the actor is async or threaded."""
+        """Run an actor call off the main thread when the actor is async or threaded, in
+        its concurrency group."""
         if not spec.actor_id or spec.actor_creation:
             return False
-        if self.actor_loop is not None:
-            asyncio.run_coroutine_threadsafe(self._execute_async(spec, stream), self.actor_loop)
+        if self.loop_groups:
+            group = self._call_group(spec, stream, self.loop_groups)
+            if group is not None:
+                asyncio.run_coroutine_threadsafe(self._execute_async(spec, stream, group),
+                                                 group.loop)
             return True
-        if self.actor_pool is not None:
-            self.actor_pool.submit(self._execute_and_post, spec, stream)
+        if self.actor_pools:
+            pool = self._call_group(spec, stream, self.actor_pools)
+            if pool is not None:
+                pool.submit(self._execute_and_post, spec, stream)
             return True
         return False
+
+    def _call_group(self, spec: common_pb2.TaskSpec, stream: _Stream, groups: Dict[str, Any]):
+        """The group (loop or pool) an actor call runs in; None when it names a group the
+        actor lacks, whose call has then failed with the reason."""
+        name = spec.concurrency_group or self.method_groups.get(spec.method_name, "")
+        group = groups.get(name)
+        if group is None:
+            known = sorted(g for g in groups if g)
+            exc = UnknownConcurrencyGroup(
+                f"{spec.name}: the actor has no concurrency group {name!r} (its groups: "
+                f"{known or 'none'}); define it in @remote(concurrency_groups=...) on the class")
+            self.cw.post(self._post_result, stream, common_pb2.TaskResult(
+                task_id=spec.task_id, returns=self._error_returns(spec, exc), app_error=True,
+                attempt=spec.attempt, worker_pid=self.pid))
+        return group
+
+    def on_actor_loop(self) -> bool:
+        """Whether the caller runs on one of this async actor's event loops (exit_actor)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        return any(g.loop is loop for g in self.loop_groups.values())
 
     def _execute_and_post(self, spec: common_pb2.TaskSpec, stream: _Stream) -> None:
         result = self.execute(spec, stream)
         self.cw.post(self._post_result, stream, result)
 
-    async def _execute_async(self, spec: common_pb2.TaskSpec, stream: _Stream) -> None:
-        """An async actor call, as an asyncio task of the actor's loop: cancel() cancels it
-        whether it waits for a slot (max_concurrency) or runs."""
+    async def _execute_async(self, spec: common_pb2.TaskSpec, stream: _Stream,
+                             group: _LoopGroup) -> None:
+        """An async actor call, as an asyncio task of its group's loop: cancel() cancels it
+        whether it waits for a slot (the group's max concurrency) or runs."""
         task_id = spec.task_id
         with self._start_lock:
             if task_id in self.queued_cancels:
@@ -376,9 +635,9 @@ class Executor:
                 return
             self.running_calls[task_id] = asyncio.current_task()
         try:
-            if self.actor_semaphore is None:
-                self.actor_semaphore = asyncio.Semaphore(self.actor_limit)
-            async with self.actor_semaphore:
+            if group.semaphore is None:
+                group.semaphore = asyncio.Semaphore(group.limit)
+            async with group.semaphore:
                 result = await self._run_async(spec, stream)
         except asyncio.CancelledError:  # while it waited for a slot
             result = self._cancelled_result(spec)
@@ -387,13 +646,17 @@ class Executor:
         self.cw.post(self._post_result, stream, result)
 
     async def _run_async(self, spec: common_pb2.TaskSpec, stream: _Stream) -> common_pb2.TaskResult:
+        generated: Tuple[int, list] = (0, [])
         token = task_context.enter(spec.task_id, spec.name, self.actor_gpu_ids, True, spec)
         start = time.perf_counter()
         wall_start = time.time()
         try:
             fn, args, kwargs = self._prepare(spec, stream, True)
             value = fn(*args, **kwargs)
-            if inspect.isawaitable(value):
+            if spec.generator:
+                generated = await self._drain_async(spec, stream, value)
+                value = None
+            elif inspect.isawaitable(value):
                 value = await value
             returns = self._returns(spec, value)
             app_error = False
@@ -407,10 +670,13 @@ class Executor:
         finally:
             self.cancelled_running.discard(spec.task_id)
             task_context.leave(token)
-        return common_pb2.TaskResult(task_id=spec.task_id, returns=returns, app_error=app_error,
-                                     exec_seconds=time.perf_counter() - start,
-                                     attempt=spec.attempt, start_time=wall_start,
-                                     end_time=time.time(), worker_pid=self.pid)
+        result = common_pb2.TaskResult(task_id=spec.task_id, returns=returns, app_error=app_error,
+                                       exec_seconds=time.perf_counter() - start,
+                                       attempt=spec.attempt, start_time=wall_start,
+                                       end_time=time.time(), worker_pid=self.pid)
+        if spec.generator:
+            self._generated(result, generated)
+        return result
 
     def _actor_exit(self, spec: common_pb2.TaskSpec) -> common_pb2.TaskResult:
         """exit_actor(): fail this call, tell the GCS not to restart, then exit the process."""
@@ -432,13 +698,26 @@ class Executor:
         return result
 
     def _apply_job(self, job: common_pb2.JobConfig) -> None:
-        """Make the driver's importable modules importable here (Ray does the same)."""
+        """Make the driver's importable modules importable here, and start where the
+        driver runs. A runtime_env's py_modules and working_dir come first on sys.path,
+        and its working_dir stays the current directory, as in Ray. In a pip runtime_env's
+        venv the driver's site-packages are left out: they would shadow the packages the
+        environment installed (the node's own stay visible, after the venv's)."""
+        setup = runtime_env_context.worker_setup()
         for path in reversed(list(job.sys_path)):
-            if path and path not in sys.path:
-                sys.path.insert(0, path)
-        if job.cwd and os.path.isdir(job.cwd):
+            if not path or path in sys.path:
+                continue
+            if setup.pip and os.path.basename(path.rstrip("/")) in _SITE_DIRS:
+                continue
+            sys.path.insert(0, path)
+        for path in reversed(setup.sys_path):
+            if path in sys.path:
+                sys.path.remove(path)
+            sys.path.insert(0, path)
+        cwd = setup.working_dir or job.cwd
+        if cwd and os.path.isdir(cwd):
             try:
-                os.chdir(job.cwd)
+                os.chdir(cwd)
             except OSError:
                 pass
         self.jobs_applied.add(job.job_id)
@@ -527,15 +806,18 @@ class Executor:
             loc.store_address = v.store_address
         return loc
 
-    def _error_returns(self, spec: common_pb2.TaskSpec, exc: BaseException):
+    def _task_error(self, spec: common_pb2.TaskSpec, exc: BaseException) -> RayTaskError:
         cause = exc
         if isinstance(exc, RayTaskError):
             cause = exc.cause if exc.cause is not None else exc
-        err = RayTaskError(spec.name or "task", format_remote_traceback(exc), cause,
-                           pid=os.getpid(), ip=self.cw.node_ip,
-                           actor_repr=repr(self.actor) if spec.actor_id and self.actor is not None
-                           and not spec.actor_creation else None,
-                           actor_id=spec.actor_id.hex() if spec.actor_id else None)
+        return RayTaskError(spec.name or "task", format_remote_traceback(exc), cause,
+                            pid=os.getpid(), ip=self.cw.node_ip,
+                            actor_repr=repr(self.actor) if spec.actor_id and self.actor is not None
+                            and not spec.actor_creation else None,
+                            actor_id=spec.actor_id.hex() if spec.actor_id else None)
+
+    def _error_returns(self, spec: common_pb2.TaskSpec, exc: BaseException):
+        err = self._task_error(spec, exc)
         loc = self._store_value(spec.return_ids[0], err, spec.owner, kind_error=True) \
             if spec.return_ids else None
         out = []

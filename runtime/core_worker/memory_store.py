@@ -26,7 +26,9 @@ class Value:
         self.store_address = store_address
         self.size = size
         self.is_error = is_error
-        self.copies: Optional[set] = None  # other stores holding a copy (owner side)
+        # Owner side: other stores holding a copy (store address -> its node id), freed
+        # with the original, and serving readers if the original is lost.
+        self.copies: Optional[Dict[str, bytes]] = None
 
     @classmethod
     def from_proto(cls, loc: "common_pb2.ObjectLocation") -> "Value":

@@ -39,9 +39,33 @@ again while they have ``max_task_retries`` left) or dead (they fail with the rea
 
 The owner keeps each finished normal task that may be retried as the *lineage* of the
 objects it returned (what is needed to run it again) until the last of them is
-released; ``FreeLineage`` then drops it. Arguments are not pinned by lineage (they are
-released when the task ends, as before): re-running tasks to rebuild lost objects is
-the next issue's, and it decides that.
+released; ``FreeLineage`` then drops it. When an object it owns is lost (its only copy
+was on a node or in a store that died, or only lineage kept it and its value was freed),
+``object_lost`` re-runs the task that made it, as a new attempt that counts against
+``max_retries``; its arguments are resolved again, so an argument that is lost too is
+rebuilt first, recursively. What cannot be rebuilt fails with Ray 2.60's
+ObjectReconstructionFailedError and its reason: a ``put`` object, a task created with
+max_retries=0, one out of retries, lineage evicted (beyond LINEAGE_MAX_BYTES). A task
+whose worker could not fetch an argument (its copy was lost meanwhile) is not failed:
+the argument is recovered (``ArgumentLost``) and the task resolved again, without
+using a retry.
+
+How lineage pins arguments (``PinLineage``, undone by ``FreeLineage``): while a task is
+kept as lineage, its arguments this process owns stay known. An argument that can be
+rebuilt itself (it has lineage) is pinned by lineage only: its value is freed with its
+last reference and rebuilt if a re-run needs it, as Ray's lineage_ref_count. An
+argument that cannot be rebuilt (a put object, e.g. a large argument put by .remote())
+keeps its value while the lineage lives, since the re-run could not do without it (Ray's
+OutOfScope keeps objects that are not reconstructable for lineage references, too).
+Borrowed arguments are not pinned: their owner frees them when this process is done,
+so rebuilding a task that needs one of them after that fails with its owner's error.
+
+Tasks on a node that dies are retried elsewhere like those of any dead worker. A
+remote raylet that went away (its stream broke, or it could not be reached) is
+remembered: a spillback that names it is not followed but asked of the local raylet
+again a moment later (HELD_RETRY_S), the dead raylet being probed at most once per
+backoff (DEAD_RAYLET_BACKOFF_S), until it grants a lease again or the local raylet
+stops naming it (once the GCS marks its node dead).
 """
 from __future__ import annotations
 
@@ -51,7 +75,11 @@ from typing import (Any, Callable, Deque, Dict, Iterable, List, Optional, Protoc
                     Tuple, Union)
 
 from runtime.core_worker.memory_store import Value
-from runtime.exceptions import (ActorUnavailableError, RayActorError, TaskCancelledError,
+from runtime.exceptions import (ActorUnavailableError, ObjectFetchTimedOutError, ObjectLostError,
+                                ObjectReconstructionFailedError,
+                                ObjectReconstructionFailedLineageEvictedError,
+                                ObjectReconstructionFailedMaxAttemptsExceededError, RayActorError,
+                                RuntimeEnvSetupError, TaskCancelledError,
                                 TaskUnschedulableError)
 from runtime.protocol import common_pb2
 
@@ -82,6 +110,24 @@ LINEAGE_MAX_BYTES = 1 << 30
 # Workers this owner saw die, remembered so that a grant of one of them (the raylet may
 # not have noticed yet) is handed back at once instead of costing a task a retry.
 DEAD_WORKERS_KEPT = 10_000
+# A raylet that went away is probed (a spillback to it is followed) at most once per
+# this long, doubling per failure up to the second figure; meanwhile spillbacks to it
+# are asked of the local raylet again every HELD_RETRY_S, at most (it drops the node
+# as soon as the GCS marks it dead).
+DEAD_RAYLET_BACKOFF_S = (0.1, 2.0)
+HELD_RETRY_S = 0.2
+# Objects whose lineage was evicted, remembered (oldest first out) to name the reason
+# when one of them is lost.
+EVICTED_KEPT = 100_000
+# How often one task may find an argument lost and be resolved again without using a
+# retry (each time the argument is recovered first), before the loss fails it.
+ARGUMENT_LOSSES_MAX = 3
+# Ray's reasons (ErrorType names) why a lost object cannot be rebuilt.
+MAX_ATTEMPTS_EXCEEDED = "OBJECT_UNRECONSTRUCTABLE_MAX_ATTEMPTS_EXCEEDED"
+LINEAGE_EVICTED = "OBJECT_UNRECONSTRUCTABLE_LINEAGE_EVICTED"
+PUT = "OBJECT_UNRECONSTRUCTABLE_PUT"
+RETRIES_DISABLED = "OBJECT_UNRECONSTRUCTABLE_RETRIES_DISABLED"
+_PUT_INDEX = b"\x00\x00\x00\x00"  # the return index of put objects (runtime/ids.py)
 
 Error = Union[BaseException, Value]  # an exception, or one already serialized
 
@@ -94,7 +140,9 @@ class PendingTask:
                  "arg_values", "arg_ids", "return_ids", "key", "resources", "strategy",
                  "retries_left", "retry_exceptions", "attempt", "cancelled", "state", "waiting",
                  "actor_id", "method_name", "parent_task_id", "lease", "link", "seq",
-                 "pushed_at", "placed_attempt", "running_attempt", "live_returns")
+                 "pushed_at", "placed_attempt", "running_attempt", "live_returns", "nslots",
+                 "lineage_kept", "pins", "argument_losses", "max_calls", "concurrency_group",
+                 "generator", "stream")
 
     def __init__(self) -> None:
         self.task_id = b""
@@ -126,6 +174,14 @@ class PendingTask:
         self.placed_attempt = -1
         self.running_attempt = -1
         self.live_returns = 0  # return objects still referenced (lineage)
+        self.nslots = 0  # its first nslots arg_ids are its ObjectRef arguments (slots)
+        self.lineage_kept = False  # kept as lineage: PinLineage sent, FreeLineage owed
+        self.pins: Any = None  # what the shell pinned for it (PinLineage), for FreeLineage
+        self.argument_losses = 0
+        self.max_calls = 0  # a task: its worker exits after this many runs of the function
+        self.concurrency_group = ""  # an actor call: the group named by .options()
+        self.generator = 0  # generators.GENERATOR_STREAMING / _DYNAMIC, or 0
+        self.stream: Any = None  # a generator's items, as the shell keeps them
 
     @property
     def done(self) -> bool:
@@ -177,7 +233,7 @@ class KeyState:
     the leases that run them and the lease requests out for them."""
 
     __slots__ = ("queue", "leases", "requests", "resources", "strategy", "function_id", "name",
-                 "warned", "queued_requests")
+                 "warned", "queued_requests", "held", "retry_armed")
 
     def __init__(self, resources: Dict[str, float], strategy: Any, function_id: bytes,
                  name: str) -> None:
@@ -192,6 +248,10 @@ class KeyState:
         # Requests the raylet said wait for busy resources: while there are any, more
         # workers are not coming soon, so short tasks may be pipelined.
         self.queued_requests: set = set()
+        # Lease requests spilled back to a raylet that went away: sent nowhere, they
+        # count as outstanding until the retry timer (ArmRetry, retry_held) asks again.
+        self.held = 0
+        self.retry_armed = False
 
 
 class ActorQueue:
@@ -235,10 +295,12 @@ class CancelLeaseRequest:
 
 
 class ReturnLease:
-    __slots__ = ("raylet", "lease_id", "kill_worker")
+    __slots__ = ("raylet", "lease_id", "kill_worker", "worker_exiting")
 
-    def __init__(self, raylet: str, lease_id: int, kill_worker: bool = False) -> None:
+    def __init__(self, raylet: str, lease_id: int, kill_worker: bool = False,
+                 worker_exiting: bool = False) -> None:
         self.raylet, self.lease_id, self.kill_worker = raylet, lease_id, kill_worker
+        self.worker_exiting = worker_exiting  # it reached max_calls: out of the pool
 
 
 class ArmIdleTimer:
@@ -328,15 +390,71 @@ class Warn:
 
 
 class FreeLineage:
+    """The task is no longer kept as lineage: undo its PinLineage, if it had one."""
     __slots__ = ("task",)
 
     def __init__(self, task: PendingTask) -> None:
         self.task = task
 
 
+class PinLineage:
+    """The task is kept as lineage: pin its arguments (see the module docstring). Comes
+    before the Finish that releases what the running task held."""
+    __slots__ = ("task",)
+
+    def __init__(self, task: PendingTask) -> None:
+        self.task = task
+
+
+class Resubmit:
+    """The task runs again to rebuild lost objects: hold its arguments as a pending task
+    does (task.slot_refs are object ids now; the shell finds their owners)."""
+    __slots__ = ("task",)
+
+    def __init__(self, task: PendingTask) -> None:
+        self.task = task
+
+
+class FailObjects:
+    """Store `error` as the value of these owned objects (lost, and not rebuilt)."""
+    __slots__ = ("oids", "error")
+
+    def __init__(self, oids: List[bytes], error: Error) -> None:
+        self.oids, self.error = oids, error
+
+
+class ArgumentLost:
+    """The worker running `task` could not fetch its argument `oid` from `location` (an
+    ObjectLocation): forget that location and recover the value (the owner rebuilds it,
+    a borrower asks its owner). The task is resolved again right after."""
+    __slots__ = ("task", "oid", "location")
+
+    def __init__(self, task: PendingTask, oid: bytes, location: Any) -> None:
+        self.task, self.oid, self.location = task, oid, location
+
+
+class StreamItem:
+    """Store one item a generator task yielded (result.returns[0], index result.item_index)
+    in the task's stream."""
+
+    __slots__ = ("task", "result")
+
+    def __init__(self, task: PendingTask, result: Any) -> None:
+        self.task = task
+        self.result = result
+
+
+class ArmRetry:
+    """Call retry_held(key) after `delay` seconds."""
+    __slots__ = ("key", "delay")
+
+    def __init__(self, key: "KeyState", delay: float) -> None:
+        self.key, self.delay = key, delay
+
+
 Action = Union[RequestLease, CancelLeaseRequest, ReturnLease, ArmIdleTimer, Connect, CloseLink,
                ResolveArgs, Push, Finish, Fail, WorkerDied, CancelRemote, WatchActor, Warn,
-               FreeLineage]
+               FreeLineage, PinLineage, Resubmit, FailObjects, ArgumentLost, ArmRetry, StreamItem]
 
 
 class Recorder(Protocol):
@@ -426,6 +544,10 @@ class OwnerState:
         self.lineage: Dict[bytes, PendingTask] = {}  # owned return object -> its task
         self.lineage_done: "OrderedDict[bytes, PendingTask]" = OrderedDict()  # finished, kept
         self.lineage_bytes = 0
+        self.lineage_evicted: "OrderedDict[bytes, None]" = OrderedDict()
+        # Remote raylets that went away: address -> [when the next probe may go, failures].
+        self.dead_raylets: Dict[str, List[float]] = {}
+        self.streams: Dict[bytes, PendingTask] = {}  # generator tasks, until their last item
         self._next_request = 0
 
     # -- normal tasks ---------------------------------------------------------------------------
@@ -433,6 +555,8 @@ class OwnerState:
         """A task from .remote(): resolve its arguments, then queue it under its key."""
         self.tasks[task.task_id] = task
         self.recorder.new_task(task, "NORMAL_TASK", PENDING_ARGS_AVAIL)
+        if task.generator:
+            self.streams[task.task_id] = task
         if task.retries_left != 0 and task.return_ids:
             task.live_returns = len(task.return_ids)
             lineage = self.lineage
@@ -446,7 +570,7 @@ class OwnerState:
         return out
 
     def _resolve(self, task: PendingTask, out: List[Action]) -> None:
-        n = len(task.slot_refs or ())
+        n = task.nslots = len(task.slot_refs or ())
         task.state = PENDING_ARGS_AVAIL
         task.arg_values = [None] * n
         task.waiting = n
@@ -523,9 +647,11 @@ class OwnerState:
             self._push(task, best.link, best, out)
         if queue:
             if self.raylet_up:  # else they wait for the reconnection (raylet_restored)
-                for _ in range(min(len(queue), self.max_lease_requests) - len(ks.requests)):
+                for _ in range(min(len(queue), self.max_lease_requests) - len(ks.requests)
+                               - ks.held):
                     self._request_lease(ks, LOCAL_RAYLET, out)
             return
+        ks.held = 0  # nothing waits for them any more (the retry timer finds nothing to do)
         if ks.requests:
             for rid in ks.requests:
                 self.requests.pop(rid, None)
@@ -584,8 +710,10 @@ class OwnerState:
         ks.warned = True
         return [Warn(message)]
 
-    def lease_rejected(self, request_id: int, message: str) -> List[Action]:
-        """No node can ever grant it: every task queued under the key fails."""
+    def lease_rejected(self, request_id: int, message: str,
+                       runtime_env_failed: bool = False) -> List[Action]:
+        """No node can ever grant it, or its runtime_env could not be set up: every task
+        queued under the key fails."""
         out: List[Action] = []
         ks = self._answered(request_id)
         if ks is None:
@@ -593,23 +721,55 @@ class OwnerState:
         tasks = [t for t in ks.queue if not t.cancelled]
         ks.queue.clear()
         if tasks:
-            self._fail(tasks, TaskUnschedulableError(message), out)
+            error = (RuntimeEnvSetupError(message) if runtime_env_failed
+                     else TaskUnschedulableError(message))
+            self._fail(tasks, error, out)
         return out
 
     def lease_spilled(self, request_id: int, raylet: str) -> List[Action]:
         """Ask `raylet` (another node's) instead."""
         out: List[Action] = []
         ks = self._answered(request_id)
-        if ks is not None:
-            log.debug("lease request for %s spilled back to %s", ks.name, raylet)
-            self._request_lease(ks, raylet, out)
+        if ks is None:
+            return out
+        dead = self.dead_raylets.get(raylet)
+        if dead is not None:
+            now = self.clock()
+            if now < dead[0]:
+                # It went away moments ago: ask the local raylet again later (its view
+                # of the cluster may drop that node by then) rather than now, in a loop.
+                ks.held += 1
+                if not ks.retry_armed:
+                    ks.retry_armed = True
+                    out.append(ArmRetry(ks, min(dead[0] - now, HELD_RETRY_S)))
+                return out
+            # Time to probe it once more (a node agent may have restarted it there).
+            dead[0] = now + _backoff(int(dead[1]))
+        log.debug("lease request for %s spilled back to %s", ks.name, raylet)
+        self._request_lease(ks, raylet, out)
         return out
+
+    def retry_held(self, ks: KeyState) -> List[Action]:
+        """The retry timer of `ks` fired: ask the local raylet again for the requests that
+        were spilled back to a raylet that went away."""
+        out: List[Action] = []
+        ks.retry_armed = False
+        ks.held = 0
+        if ks.queue:
+            self._pump(ks, out)
+        return out
+
+    def raylet_is_dead(self, raylet: str) -> bool:
+        """Whether the remote raylet at `raylet` went away and has granted nothing since."""
+        return raylet in self.dead_raylets
 
     def lease_granted(self, raylet: str, request_id: int, lease_id: int, worker_id: bytes,
                       address: str, node_id: bytes = b"", pid: int = 0,
                       gpu_ids: Sequence[int] = ()) -> List[Action]:
         """`raylet` granted the worker at `address`; tasks queued under the key go there."""
         out: List[Action] = []
+        if raylet != LOCAL_RAYLET:
+            self.dead_raylets.pop(raylet, None)  # it answers again
         ks = self._answered(request_id)
         if ks is None:  # cancelled meanwhile (or forgotten with its raylet): give it back
             out.append(ReturnLease(raylet, lease_id))
@@ -645,6 +805,8 @@ class OwnerState:
     # -- results and lost workers ---------------------------------------------------------------
     def task_result(self, link: WorkerLink, result: Any) -> List[Action]:
         """A TaskResult came back on `link`."""
+        if result.stream_item:
+            return self.stream_item(result)
         out: List[Action] = []
         task = link.inflight.pop(result.task_id, None)
         if task is None:
@@ -660,25 +822,110 @@ class OwnerState:
         lease = task.lease
         if lease is not None:
             lease.inflight -= 1
+        if result.worker_exiting:
+            self._worker_exiting(link, out)
         if self.recorder.enabled:
             self.recorder.result(task, link, result, self.node_id)
         fid = task.function_id
         prev = self.fn_time.get(fid)
         self.fn_time[fid] = (result.exec_seconds if prev is None
                              else 0.8 * prev + 0.2 * result.exec_seconds)
-        if result.app_error and not result.cancelled and self._retry_app_error(task, result):
-            if task.retries_left > 0:
-                task.retries_left -= 1
-            task.attempt += 1
-            log.info("retrying task %s after an application error (attempt %s)", task.name,
-                     task.attempt)
-            self._requeue(task, out)
+        if not result.app_error:
+            self._finish(task, Finish(task, result), FINISHED, out)
+        elif result.cancelled:
+            self._finish(task, Finish(task, result), FAILED, out)
         else:
-            self._finish(task, Finish(task, result), FAILED if result.app_error else FINISHED,
-                         out)
+            lost = self._lost_argument(task, result) if task.nslots else None
+            if lost is not None:
+                self._argument_lost(task, lost[0], lost[1], out)
+            elif self._retry_app_error(task, result):
+                if task.retries_left > 0:
+                    task.retries_left -= 1
+                task.attempt += 1
+                log.info("retrying task %s after an application error (attempt %s)", task.name,
+                         task.attempt)
+                self._requeue(task, out)
+            else:
+                self._finish(task, Finish(task, result), FAILED, out)
         if lease is not None and not lease.dead:
             self._pump(lease.key, out)
         return out
+
+    def stream_item(self, result: Any) -> List[Action]:
+        """A generator task yielded an item. It is looked up among generator tasks, not
+        in-flight ones: an item may arrive after its task's final result (the worker
+        flushes borrower registrations before some results), or from an attempt that has
+        since been retried (the shell keeps only indices it has not seen)."""
+        task = self.streams.get(result.task_id)
+        if task is None:
+            return []
+        return [StreamItem(task, result)]
+
+    def stream_closed(self, task_id: bytes) -> None:
+        """Every item of a generator task, up to its end, has reached the shell."""
+        self.streams.pop(task_id, None)
+
+    def _worker_exiting(self, link: WorkerLink, out: List[Action]) -> None:
+        """The worker ran its function's max_calls and exits: its leases go back marked so
+        (the raylet drops it from the pool: no crash), and the tasks sent to it after the
+        last one, which it will not run, go back to their queues, retries untouched."""
+        link.dead = True
+        if self.links.get(link.worker_id) is link:
+            del self.links[link.worker_id]
+        touched: List[KeyState] = []
+        for ks in self.keys.values():
+            for lease in [lease for lease in ks.leases if lease.link is link]:
+                lease.dead = True
+                ks.leases.remove(lease)
+                touched.append(ks)
+                out.append(ReturnLease(lease.raylet, lease.lease_id, worker_exiting=True))
+        left = list(link.inflight.values())
+        link.inflight.clear()
+        for task in left:
+            if task.lease is not None:
+                task.lease.inflight -= 1
+            if task.cancelled:
+                self._fail([task], TaskCancelledError(task.task_id.hex()), out)
+            else:
+                self._requeue(task, out)
+        for ks in {id(k): k for k in touched}.values():
+            self._pump(ks, out)
+
+    def _argument_lost(self, task: PendingTask, i: int, location: Any,
+                       out: List[Action]) -> None:
+        """Its worker could not fetch argument `i` from `location`: recover the argument
+        (ArgumentLost), then resolve the arguments again. Not a retry: the task did not
+        run."""
+        oid = task.arg_ids[i]
+        task.argument_losses += 1
+        task.attempt += 1
+        task.link = None
+        task.lease = None
+        log.warning("the worker running %s could not fetch its argument %s (%s); recovering "
+                    "it, then running the task again (attempt %s)", task.name, oid.hex(),
+                    _where(location), task.attempt)
+        self.recorder.requeued_task(task)
+        out.append(ArgumentLost(task, oid, location))
+        task.slot_refs = list(task.arg_ids[:task.nslots])
+        self._resolve(task, out)
+
+    def _lost_argument(self, task: PendingTask, result: Any) -> Optional[Tuple[int, Any]]:
+        """(slot index, location) when the task failed only because its worker could not
+        fetch that argument from the store that held it (a plain ObjectLostError about
+        it: its owner may still rebuild it), else None."""
+        if task.argument_losses >= ARGUMENT_LOSSES_MAX or not result.returns:
+            return None
+        try:
+            err = self.parse_error(result.returns[0].inline_data)
+        except Exception:
+            return None
+        cause = getattr(err, "cause", None) or err
+        if type(cause) not in (ObjectLostError, ObjectFetchTimedOutError):
+            return None
+        for i, loc in enumerate(task.arg_values):
+            if loc is not None and loc.in_store and loc.object_id.hex() == cause.object_ref_hex:
+                return i, loc
+        return None
 
     def _retry_app_error(self, task: PendingTask, result: Any) -> bool:
         """retry_exceptions: True retries any exception, a list only those classes."""
@@ -790,18 +1037,26 @@ class OwnerState:
         objects are referenced."""
         task.state = state
         self.tasks.pop(task.task_id, None)
+        keep = state == FINISHED and task.live_returns > 0
+        if keep and not task.lineage_kept:
+            task.lineage_kept = True
+            if task.arg_ids:
+                out.append(PinLineage(task))  # before the Finish releases what it held
         if not shared:
             out.append(action)
         task.arg_values = []
         task.slot_refs = None
-        if task.live_returns > 0:
-            if state == FINISHED:
-                self.lineage_done[task.task_id] = task
-                self.lineage_bytes += _lineage_size(task)
-                if self.lineage_bytes > self.lineage_max_bytes:
-                    self._evict_lineage(out)
-            else:  # an error is not worth running again
-                self._unindex(task)
+        if keep:
+            self.lineage_done[task.task_id] = task
+            self.lineage_bytes += _lineage_size(task)
+            if self.lineage_bytes > self.lineage_max_bytes:
+                self._evict_lineage(out)
+            return
+        if task.live_returns > 0:  # an error is not worth running again
+            self._unindex(task)
+        if task.lineage_kept:  # a run to rebuild its objects failed, or they went meanwhile
+            task.lineage_kept = False
+            out.append(FreeLineage(task))
 
     # -- lineage --------------------------------------------------------------------------------
     def references_released(self, oids: Iterable[bytes]) -> List[Action]:
@@ -809,13 +1064,17 @@ class OwnerState:
         released goes (FreeLineage)."""
         out: List[Action] = []
         lineage = self.lineage
+        evicted = self.lineage_evicted
         for oid in oids:
             task = lineage.pop(oid, None)
             if task is None:
+                if evicted:
+                    evicted.pop(oid, None)
                 continue
             task.live_returns -= 1
             if task.live_returns == 0 and self.lineage_done.pop(task.task_id, None) is not None:
                 self.lineage_bytes -= _lineage_size(task)
+                task.lineage_kept = False
                 out.append(FreeLineage(task))
         return out
 
@@ -827,11 +1086,76 @@ class OwnerState:
     def _evict_lineage(self, out: List[Action]) -> None:
         """Beyond lineage_max_bytes the oldest lineage goes first (as Ray's
         max_lineage_bytes): its objects can no longer be rebuilt."""
+        evicted = self.lineage_evicted
         while self.lineage_bytes > self.lineage_max_bytes and self.lineage_done:
             _tid, task = self.lineage_done.popitem(last=False)
             self.lineage_bytes -= _lineage_size(task)
+            for oid in task.return_ids:
+                if self.lineage.get(oid) is task:
+                    evicted[oid] = None
+            while len(evicted) > EVICTED_KEPT:
+                evicted.popitem(last=False)
             self._unindex(task)
+            task.lineage_kept = False
             out.append(FreeLineage(task))
+
+    # -- lost objects ---------------------------------------------------------------------------
+    def object_lost(self, oid: bytes, where: str) -> List[Action]:
+        """The value of `oid`, which this process owns, is gone: `where` says what became
+        of it (e.g. "its only copy was in the object store of node 1a2b3c4d
+        (127.0.0.3:6382), which is unreachable"). The shell has dropped the lost
+        location. Re-run the task that made it, unless it runs already (once is enough
+        for all its objects), or fail the object with the reason it cannot be rebuilt."""
+        out: List[Action] = []
+        task = self.lineage.get(oid)
+        if task is not None:
+            if not task.done:
+                return out  # being made (again) already
+            if task.retries_left != 0:
+                self._rebuild(task, oid, where, out)
+                return out
+            reason = MAX_ATTEMPTS_EXCEEDED
+        elif oid in self.lineage_evicted:
+            reason = LINEAGE_EVICTED
+        elif oid.endswith(_PUT_INDEX):
+            reason = PUT
+        else:
+            reason = RETRIES_DISABLED
+        cls = {MAX_ATTEMPTS_EXCEEDED: ObjectReconstructionFailedMaxAttemptsExceededError,
+               LINEAGE_EVICTED: ObjectReconstructionFailedLineageEvictedError
+               }.get(reason, ObjectReconstructionFailedError)
+        message = ObjectReconstructionFailedError.REASONS[reason]
+        log.warning("object %s was lost (%s) and cannot be rebuilt (%s)", oid.hex(), where,
+                    reason)
+        out.append(FailObjects([oid], cls(oid.hex(), (
+            f"Failed to retrieve object {oid.hex()}: it was lost ({where}) and cannot be "
+            f"rebuilt.\n\n[{reason}] {message}"), reason=reason, reason_message=message)))
+        return out
+
+    def _rebuild(self, task: PendingTask, oid: bytes, where: str, out: List[Action]) -> None:
+        """Run a finished task of the lineage again, as a new attempt: its arguments are
+        held and resolved again (those lost too are rebuilt first, by the same path)."""
+        if self.lineage_done.pop(task.task_id, None) is not None:
+            self.lineage_bytes -= _lineage_size(task)
+        if task.retries_left > 0:
+            task.retries_left -= 1
+        task.attempt += 1
+        task.cancelled = False
+        task.link = None
+        task.lease = None
+        task.argument_losses = 0
+        self.tasks[task.task_id] = task
+        log.warning("object %s was lost (%s); running %s again to rebuild it (attempt %s, "
+                    "%s retries left)", oid.hex(), where, task.name, task.attempt,
+                    "unlimited" if task.retries_left < 0 else task.retries_left)
+        self.recorder.requeued_task(task)
+        out.append(Resubmit(task))
+        if task.nslots:
+            task.slot_refs = list(task.arg_ids[:task.nslots])
+            self._resolve(task, out)
+        else:
+            task.state = PENDING_ARGS_AVAIL
+            self._enqueue(task, out)
 
     # -- raylets ----------------------------------------------------------------------------------
     def raylet_lost(self, raylet: str) -> List[Action]:
@@ -841,6 +1165,10 @@ class OwnerState:
         out: List[Action] = []
         if raylet == LOCAL_RAYLET:
             self.raylet_up = False
+        else:
+            dead = self.dead_raylets.get(raylet)
+            failures = 1 if dead is None else int(dead[1]) + 1
+            self.dead_raylets[raylet] = [self.clock() + _backoff(failures), failures]
         touched: List[KeyState] = []
         for rid in [rid for rid, r in self.request_raylet.items() if r == raylet]:
             ks = self._answered(rid)
@@ -954,6 +1282,8 @@ class OwnerState:
         a = self.actor(task.actor_id)
         self.tasks[task.task_id] = task
         self.recorder.new_task(task, "ACTOR_TASK", PENDING_ARGS_AVAIL)
+        if task.generator:
+            self.streams[task.task_id] = task
         if a.death is not None:
             self._fail([task], a.death, out)
             return out
@@ -1184,6 +1514,18 @@ class OwnerState:
 
 def _seq(task: PendingTask) -> int:
     return task.seq
+
+
+def _backoff(failures: int) -> float:
+    first, most = DEAD_RAYLET_BACKOFF_S
+    return min(most, first * (2 ** max(0, failures - 1)))
+
+
+def _where(location: Any) -> str:
+    """Where an ObjectLocation says the value is, for messages."""
+    if location is None or not location.in_store:
+        return "inline"
+    return f"the object store of node {location.node_id.hex()[:8]} ({location.store_address})"
 
 
 def _lineage_size(task: PendingTask) -> int:

@@ -119,9 +119,10 @@ class RayletClient:
     def request_lease(self, req: raylet_pb2.LeaseRequest) -> None:
         self.send(raylet_pb2.ClientMessage(request_lease=req))
 
-    def return_lease(self, lease_id: int, kill_worker: bool = False) -> None:
+    def return_lease(self, lease_id: int, kill_worker: bool = False,
+                     worker_exiting: bool = False) -> None:
         self.send(raylet_pb2.ClientMessage(return_lease=raylet_pb2.ReturnLease(
-            lease_id=lease_id, kill_worker=kill_worker)))
+            lease_id=lease_id, kill_worker=kill_worker, worker_exiting=worker_exiting)))
 
     def cancel_request(self, request_id: int) -> None:
         self.send(raylet_pb2.ClientMessage(cancel_request=raylet_pb2.CancelLeaseRequest(

@@ -13,6 +13,12 @@ An owned object is freed when all four reach zero; a borrowed one is released
 thread-safe: ObjectRefs die on any thread. Frees and releases are handed to the
 callbacks, which must only enqueue work (they run under no lock but may run on a
 user thread).
+
+An owned object may also be pinned by *lineage* (``lineage``: finished tasks kept to
+rebuild lost objects that took it as an argument; see owner_state.py). That count
+keeps the entry, not the value: when the four counts reach zero the value is freed
+(``on_free`` is called, the entry stays, ``wanted`` is False) and the entry goes once
+the lineage count is zero too (``on_free`` again, with no entry left).
 """
 from __future__ import annotations
 
@@ -25,7 +31,8 @@ Owner = Tuple[str, int, bytes]
 
 
 class RefEntry:
-    __slots__ = ("owner", "owned", "local", "submitted", "contained", "borrowers", "contains")
+    __slots__ = ("owner", "owned", "local", "submitted", "contained", "borrowers", "contains",
+                 "lineage")
 
     def __init__(self, owner: Owner, owned: bool) -> None:
         self.owner = owner
@@ -35,6 +42,7 @@ class RefEntry:
         self.contained = 0
         self.borrowers: Optional[Set[Owner]] = None
         self.contains: Optional[List[Tuple[bytes, Owner]]] = None
+        self.lineage = 0
 
     def total(self) -> int:
         return self.local + self.submitted + self.contained + (len(self.borrowers) if self.borrowers else 0)
@@ -80,6 +88,11 @@ class ReferenceTable:
     def get(self, oid: bytes) -> Optional[RefEntry]:
         return self._entries.get(oid)
 
+    def wanted(self, oid: bytes) -> bool:
+        """Whether something references oid's value (not only lineage)."""
+        e = self._entries.get(oid)
+        return e is not None and e.total() > 0
+
     def owned_ids(self) -> List[bytes]:
         with self._locked():
             return [k for k, e in self._entries.items() if e.owned]
@@ -88,7 +101,8 @@ class ReferenceTable:
         with self._locked():
             return {k: {"owned": e.owned, "local": e.local, "submitted": e.submitted,
                         "contained": e.contained,
-                        "borrowers": len(e.borrowers) if e.borrowers else 0}
+                        "borrowers": len(e.borrowers) if e.borrowers else 0,
+                        "lineage": e.lineage}
                     for k, e in self._entries.items()}
 
     # -- local references -------------------------------------------------------------
@@ -122,6 +136,28 @@ class ReferenceTable:
         for oid in oids:
             self._dec(oid, "submitted")
 
+    # -- lineage (owner side) -----------------------------------------------------------
+    def add_lineage(self, oid: bytes) -> bool:
+        """Keep the entry of owned `oid` (not its value) for a task of the lineage."""
+        with self._locked():
+            e = self._entries.get(oid)
+            if e is None or not e.owned:
+                return False
+            e.lineage += 1
+            return True
+
+    def remove_lineage(self, oid: bytes) -> None:
+        free = None
+        with self._locked():
+            e = self._entries.get(oid)
+            if e is None or e.lineage == 0:
+                return
+            e.lineage -= 1
+            if e.lineage == 0 and e.total() == 0:
+                free = self._entries.pop(oid)
+        if free is not None:
+            self._finish(oid, free)
+
     # -- refs contained in other objects ----------------------------------------------
     def add_contained(self, outer: bytes, inner: Iterable[Tuple[bytes, Owner]]) -> None:
         """`outer` (held here) contains refs `inner`; keep them alive while it lives.
@@ -139,7 +175,7 @@ class ReferenceTable:
                     e = self._entries[oid] = RefEntry(tuple(owner), owner[2] == self.me[2])
                 e.contained += 1
             o = self._entries.get(outer)
-            if o is not None:
+            if o is not None and o.total() > 0:  # (a value only lineage keeps is freed)
                 o.contains = (o.contains or []) + inner
                 inner = []
         for oid, _owner in inner:  # outer already gone: drop at once
@@ -164,7 +200,7 @@ class ReferenceTable:
                 return
             e.borrowers.discard(borrower)
             if e.total() == 0:
-                free = self._entries.pop(oid)
+                free = self._zero(oid, e)
         if free is not None:
             self._finish(oid, free)
 
@@ -185,8 +221,19 @@ class ReferenceTable:
             setattr(e, field, value if value > 0 else 0)
             if e.total() != 0:
                 return
-            del self._entries[oid]
+            e = self._zero(oid, e)
         self._finish(oid, e)
+
+    def _zero(self, oid: bytes, e: RefEntry) -> RefEntry:
+        """Under the lock: nothing references e's value any more. Drop the entry, unless
+        lineage keeps it: then a stand-in carries what to release (the value and what
+        it contains) and the entry stays, emptied of them."""
+        if not e.lineage:
+            del self._entries[oid]
+            return e
+        gone = RefEntry(e.owner, e.owned)
+        gone.contains, e.contains = e.contains, None
+        return gone
 
     def _finish(self, oid: bytes, e: RefEntry) -> None:
         if e.contains:

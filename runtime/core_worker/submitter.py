@@ -32,18 +32,22 @@ from runtime import config, frames, ids
 from runtime.core_worker import task_context
 from runtime.core_worker.call_connection import CallConnection
 from runtime.core_worker.memory_store import Value
-from runtime.core_worker.owner_state import (LOCAL_RAYLET, ActorQueue, ArmIdleTimer,
-                                             CancelLeaseRequest, CancelRemote, CloseLink, Connect,
-                                             Fail, Finish, FreeLineage, Lease, OwnerState,
-                                             PendingTask, Push, Recorder, RequestLease,
-                                             ResolveArgs, ReturnLease, WatchActor, WorkerDied,
-                                             WorkerLink, Warn)
+from runtime.core_worker.gcs_client import GcsClient
+from runtime.core_worker.generators import (GENERATOR_DYNAMIC, DynamicObjectRefGenerator,
+                                             item_id)
+from runtime.core_worker.owner_state import (LOCAL_RAYLET, StreamItem, ActorQueue, ArgumentLost, ArmIdleTimer,
+                                             ArmRetry, CancelLeaseRequest, CancelRemote, CloseLink,
+                                             Connect, Fail, FailObjects, Finish, FreeLineage,
+                                             KeyState, Lease, OwnerState, PendingTask, PinLineage,
+                                             Push, Recorder, RequestLease, ResolveArgs, Resubmit,
+                                             ReturnLease, WatchActor, WorkerDied, WorkerLink, Warn)
 from runtime.core_worker.raylet_client import RayletClient
 from runtime.core_worker.worker_connection import Connection, WorkerConnection
-from runtime.exceptions import ActorDiedError, RayTaskError, WorkerCrashedError
+from runtime.exceptions import (ActorDiedError, NodeDiedError, ObjectLostError, RayError,
+                                RayTaskError, WorkerCrashedError)
 from runtime.object_ref import ObjectRef
 from runtime.protocol import common_pb2, core_worker_pb2, core_worker_pb2_grpc, gcs_pb2, raylet_pb2
-from runtime.serialization import parse, serialize_error
+from runtime.serialization import parse, serialize, serialize_error
 from runtime.vocabulary import ACTOR_DEAD, STRATEGY_PLACEMENT_GROUP
 
 log = logging.getLogger("runtime.core_worker")
@@ -68,6 +72,7 @@ class OwnerHost(Protocol):
     token: str
     session_dir: str
     gcs_address: str
+    gcs_client: GcsClient                      # GCS calls that wait out a GCS restart
     raylet: RayletClient                       # the local raylet's stream, current one
     raylet_exit: Optional[Callable[[], Optional[str]]]
 
@@ -79,6 +84,13 @@ class OwnerHost(Protocol):
     def add_contained(self, locations: Any) -> None: ...
     def raylet_death(self) -> Optional[BaseException]: ...
     async def wait_raylet_exit(self, timeout: float) -> None: ...
+    # lineage (see owner_state.py): pins, re-runs, objects that are lost
+    def pin_lineage(self, task: PendingTask) -> None: ...
+    def unpin_lineage(self, task: PendingTask) -> None: ...
+    def hold_args(self, task: PendingTask) -> None: ...
+    def slot_ref(self, oid: bytes) -> Optional[Any]: ...
+    def fail_objects(self, oids: List[bytes], value: Value) -> None: ...
+    def location_lost(self, oid: bytes, store_address: str, why: str) -> None: ...
 
 
 def new_task(name: str, args: bytes, slots, held: List[bytes], num_returns: int,
@@ -143,6 +155,7 @@ class TaskSubmitter:
         self.conns: Dict[WorkerLink, Connection] = {}
         self.remote_raylets: Dict[str, RayletClient] = {}   # other nodes' raylets (spillback)
         self._timers: Dict[Lease, asyncio.TimerHandle] = {}
+        self._retry_timers: Dict[KeyState, asyncio.TimerHandle] = {}
         self._queue: Deque[Any] = deque()
         self._applying = False
         self._background: Set[asyncio.Future] = set()  # asyncio tasks of ours, cancelled at close
@@ -153,6 +166,9 @@ class TaskSubmitter:
             Push: self._push, Finish: self._store_result, Fail: self._store_error,
             WorkerDied: self._worker_died, CancelRemote: self._cancel_remote,
             WatchActor: self._watch_actor, Warn: self._warn, FreeLineage: self._free_lineage,
+            PinLineage: self._pin_lineage, Resubmit: self._resubmit,
+            FailObjects: self._fail_objects, ArgumentLost: self._argument_lost,
+            ArmRetry: self._arm_retry, StreamItem: self._stream_item,
         }
 
     @property
@@ -215,7 +231,8 @@ class TaskSubmitter:
         elif outcome == "warning":
             actions = st.lease_warning(rid, grant.warning.message)
         elif outcome == "rejected":
-            actions = st.lease_rejected(rid, grant.rejected.message)
+            actions = st.lease_rejected(rid, grant.rejected.message,
+                                        grant.rejected.runtime_env_failed)
         elif outcome == "spillback":
             actions = st.lease_spilled(rid, grant.spillback.raylet_address)
         else:
@@ -279,7 +296,8 @@ class TaskSubmitter:
     def _return_lease(self, a: ReturnLease) -> None:
         client = self._raylet(a.raylet)
         if client is not None:
-            client.return_lease(a.lease_id, kill_worker=a.kill_worker)
+            client.return_lease(a.lease_id, kill_worker=a.kill_worker,
+                                worker_exiting=a.worker_exiting)
 
     def _arm_idle_timer(self, a: ArmIdleTimer) -> None:
         lease = a.lease
@@ -289,6 +307,15 @@ class TaskSubmitter:
     def _idle_timer(self, lease: Lease) -> None:
         self._timers.pop(lease, None)
         self.feed(self.state.lease_idle(lease))
+
+    def _arm_retry(self, a: ArmRetry) -> None:
+        ks = a.key
+        self._retry_timers[ks] = asyncio.get_running_loop().call_later(a.delay, self._retry_timer,
+                                                                       ks)
+
+    def _retry_timer(self, ks: KeyState) -> None:
+        self._retry_timers.pop(ks, None)
+        self.feed(self.state.retry_held(ks))
 
     def _connect(self, a: Connect) -> None:
         link = a.link
@@ -329,7 +356,8 @@ class TaskSubmitter:
                 task_id=task.task_id, job_id=host.job_id, function_id=task.function_id,
                 name=task.name, args=task.args, return_ids=task.return_ids,
                 owner=host.address_proto, attempt=task.attempt, gpu_ids=lease.gpu_ids,
-                parent_task_id=task.parent_task_id, resources=task.resources)
+                parent_task_id=task.parent_task_id, resources=task.resources,
+                max_calls=task.max_calls)
             strategy = task.strategy
             if strategy.kind == STRATEGY_PLACEMENT_GROUP:
                 spec.placement_group_id = strategy.placement_group_id
@@ -342,10 +370,68 @@ class TaskSubmitter:
                 task_id=task.task_id, job_id=host.job_id, name=task.name, args=task.args,
                 return_ids=task.return_ids, owner=host.address_proto, attempt=task.attempt,
                 actor_id=task.actor_id, method_name=task.method_name,
-                parent_task_id=task.parent_task_id)
+                parent_task_id=task.parent_task_id, concurrency_group=task.concurrency_group)
         if task.arg_values:
             spec.arg_values.extend(task.arg_values)
+        if task.generator:
+            self._push_generator(task, spec, conn)
         conn.send(spec)
+
+    # -- generator tasks (runtime/core_worker/generators.py) ------------------------------------
+    def _push_generator(self, task: PendingTask, spec: common_pb2.TaskSpec,
+                        conn: Connection) -> None:
+        stream = task.stream
+        spec.generator = task.generator
+        spec.generator_backpressure = stream.backpressure
+        # Back-pressure acks ride the task stream as TaskSpecs; a sync actor's call port
+        # runs every spec it reads as a call, so there the worker is never paused.
+        if stream.backpressure and isinstance(conn, WorkerConnection):
+            post = self.host.post  # type: ignore[attr-defined]
+            stream.ack = lambda n: post(self._send_ack, conn, task.task_id, n)
+        else:
+            stream.ack = None
+
+    def _send_ack(self, conn: Connection, task_id: bytes, consumed: int) -> None:
+        if not conn.dead:
+            conn.send(common_pb2.TaskSpec(task_id=task_id, generator_ack=consumed))
+
+    def _stream_item(self, a: StreamItem) -> None:
+        task, result = a.task, a.result
+        loc = result.returns[0]
+        if loc.contained:
+            self.host.add_contained(loc)
+        task.stream.add_item(result.item_index, Value.from_proto(loc), self.host)
+        self._close_stream_if_complete(task)
+
+    def _close_stream_if_complete(self, task: PendingTask) -> None:
+        if task.stream.complete():
+            self.state.stream_closed(task.task_id)
+
+    def _finish_stream(self, task: PendingTask, result: common_pb2.TaskResult,
+                       values: List[Value]) -> None:
+        """A generator task's final result: items that did not stream (dynamic, or a sync
+        actor's call port) follow its return; a dynamic task's return value becomes the
+        DynamicObjectRefGenerator of its items."""
+        stream = task.stream
+        host = self.host
+        extra = result.returns[len(task.return_ids):]
+        for index, loc in enumerate(extra):
+            if loc.contained:
+                host.add_contained(loc)
+            stream.add_item(index, Value.from_proto(loc), host)
+        if task.generator == GENERATOR_DYNAMIC and not result.app_error and task.return_ids:
+            n = result.stream_count
+            refs = [ObjectRef(item_id(task.task_id, i), host.address, host) for i in range(n)]
+            ser = serialize(DynamicObjectRefGenerator(refs))
+            data = ser.to_bytes()
+            values[0] = Value(data, size=len(data))
+            host.refs.add_contained(task.return_ids[0], [
+                (item_id(task.task_id, i), host.address) for i in range(n)])
+        if result.app_error and result.returns:  # it failed before it could yield
+            stream.fail(Value.from_proto(result.returns[0]), host)
+        else:
+            stream.finish(result.stream_count)
+        self._close_stream_if_complete(task)
 
     def _store_result(self, a: Finish) -> None:
         returns = a.result.returns
@@ -353,23 +439,51 @@ class TaskSubmitter:
         for loc in returns:
             if loc.contained:
                 self.host.add_contained(loc)
+        if a.task.stream is not None:
+            self._finish_stream(a.task, a.result, values)
         self.host.store_returns(a.task, values)
 
     def _store_error(self, a: Fail) -> None:
         value = _error_value(a.error)
         store = self.host.store_returns
         for task in a.tasks:
+            if task.stream is not None:
+                task.stream.fail(value, self.host)
+                self._close_stream_if_complete(task)
             store(task, [value] * len(task.return_ids))
 
     def _worker_died(self, a: WorkerDied) -> None:
         undecided = []
+        remote = []
         for task in a.tasks:
             if self._raylet_death_may_show(task):
                 undecided.append(task)
+            elif self._remote_raylet_death_may_show(task):
+                remote.append(task)
             else:
                 self.feed(self.state.fail_tasks([task], self._no_retry_error(task, a.error)))
         if undecided:
             self._spawn(self._decide_after_grace(undecided, a.error))
+        if remote:
+            self._spawn(self._decide_after_remote_grace(remote, a.error))
+
+    def _remote_raylet_death_may_show(self, task: PendingTask) -> bool:
+        """Whether the worker ran on another node whose raylet may be found dead in a
+        moment (its node died with it: its stream breaks about when the worker's does)."""
+        lease = task.lease
+        return (lease is not None and lease.raylet != LOCAL_RAYLET
+                and not self.state.raylet_is_dead(lease.raylet))
+
+    async def _decide_after_remote_grace(self, tasks: List[PendingTask], error: str) -> None:
+        """As _decide_after_grace, for workers of other nodes: when their raylet's stream
+        breaks too within RAYLET_DEATH_GRACE_S, the node died, and that is the error."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RAYLET_DEATH_GRACE_S
+        raylets = {t.lease.raylet for t in tasks if t.lease is not None}
+        while loop.time() < deadline and not all(self.state.raylet_is_dead(r) for r in raylets):
+            await asyncio.sleep(0.02)
+        for task in tasks:
+            self.feed(self.state.fail_tasks([task], self._no_retry_error(task, error)))
 
     def _raylet_death_may_show(self, task: PendingTask) -> bool:
         """Whether the worker may have died with the local raylet, whose death the
@@ -396,6 +510,13 @@ class TaskSubmitter:
             death = self.host.raylet_death()
             if death is not None:
                 return death
+        elif self.state.raylet_is_dead(lease.raylet):
+            link = lease.link
+            return NodeDiedError(
+                f"The node running task {task.name} died: its raylet at {lease.raylet} and its "
+                f"worker (pid {link.pid}, node {link.node_id.hex()[:8]}) went away ({error}), "
+                f"and the task has no retries left (max_retries). Check that node "
+                f"(`agentctl status`, its logs); tasks with retries left run on other nodes.")
         return WorkerCrashedError(
             f"The worker running task {task.name} died unexpectedly ({error}) and the task "
             f"has no retries left (max_retries). Check the worker's log in "
@@ -416,8 +537,22 @@ class TaskSubmitter:
         log.warning("%s", a.message)
 
     def _free_lineage(self, a: FreeLineage) -> None:
-        """Nothing is pinned for lineage yet (arguments are released when the task ends):
-        the state machine dropping the entry is all there is to it."""
+        self.host.unpin_lineage(a.task)
+
+    def _pin_lineage(self, a: PinLineage) -> None:
+        self.host.pin_lineage(a.task)
+
+    def _resubmit(self, a: Resubmit) -> None:
+        self.host.hold_args(a.task)
+
+    def _fail_objects(self, a: FailObjects) -> None:
+        self.host.fail_objects(a.oids, _error_value(a.error))
+
+    def _argument_lost(self, a: ArgumentLost) -> None:
+        loc = a.location
+        self.host.location_lost(a.oid, loc.store_address, (
+            f"a worker running {a.task.name} could not fetch it from the object store of "
+            f"node {loc.node_id.hex()[:8]} ({loc.store_address})"))
 
     # -- actors ---------------------------------------------------------------------------------------
     def _watch_actor(self, a: WatchActor) -> None:
@@ -431,20 +566,20 @@ class TaskSubmitter:
         try:
             while a.watching:
                 wait_s = HANDSHAKE_RECHECK_S if a.watch_handshake_error else 30.0
-                try:
-                    reply = await self.host.gcs_stub().GetActor(gcs_pb2.GetActorRequest(
-                        actor_id=actor_id, newer_than=a.version, timeout_s=wait_s),
-                        timeout=wait_s + 30)
-                except grpc.RpcError as exc:
-                    if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                        continue
+                try:  # a restarting GCS is waited for (bounded) by the GCS client
+                    reply = await self.host.gcs_client.call(
+                        "GetActor", gcs_pb2.GetActorRequest(
+                            actor_id=actor_id, newer_than=a.version, timeout_s=wait_s),
+                        timeout=wait_s + 30, doing=f"watching actor {actor_id.hex()}",
+                        none_on_deadline=True)
+                except RayError as exc:
                     self.feed(st.actor_dead(actor_id, actor_died_error(
-                        actor_id, f"its state cannot be learnt: the GCS at "
-                                  f"{self.host.gcs_address} is unreachable "
-                                  f"({exc.code().name}: {exc.details()})")))
+                        actor_id, f"its state cannot be learnt: {exc}")))
                     return
                 if not a.watching:  # killed, or the cluster went, while this waited
                     return
+                if reply is None:  # the long poll's deadline passed: ask again
+                    continue
                 if not reply.found:
                     self.feed(st.actor_dead(actor_id, actor_died_error(
                         actor_id, "the actor is unknown to the GCS")))
@@ -482,6 +617,9 @@ class TaskSubmitter:
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
+        for timer in self._retry_timers.values():
+            timer.cancel()
+        self._retry_timers.clear()
         for conn in list(self.conns.values()):
             conn.close()
         self.conns.clear()
@@ -499,7 +637,8 @@ def resolve_slots(sub: TaskSubmitter, task: PendingTask) -> None:
     """Learn the values of task's slot refs (from this process's memory store, or from
     their owners) and report each to the state machine. While some are missing, the
     task's pending reason (task events) names the first of them, and the next one when
-    that arrives; it is cleared once none is."""
+    that arrives; it is cleared once none is. A task run again to rebuild lost objects
+    has object ids in task.slot_refs; the host finds their owners."""
     slots = task.slot_refs or []
     recorder = sub.state.recorder
     named: List[Optional[bytes]] = [None]  # the object the reported reason names
@@ -526,7 +665,19 @@ def resolve_slots(sub: TaskSubmitter, task: PendingTask) -> None:
             sub.feed(actions)
         return cb
 
+    host = sub.host
     for i, ref in enumerate(slots):
-        sub.host.wait_for_value(ref, make_cb(i))
+        if type(ref) is bytes:  # a task run again to rebuild objects: ids, not refs
+            oid = ref
+            ref = host.slot_ref(oid)
+            if ref is None:
+                err = ObjectLostError(oid.hex(), (
+                    f"Object {oid.hex()}, an argument of {task.name}, is no longer known "
+                    f"here: it was borrowed from another process and released once the task "
+                    f"had run, so the task cannot run again to rebuild its lost results."))
+                sub.feed(sub.state.arg_ready(task, i, _error_value(err).to_proto(oid)))
+                continue
+            slots[i] = ref
+        host.wait_for_value(ref, make_cb(i))
     if task.waiting and recorder.enabled:
         name_next()

@@ -8,8 +8,15 @@ each transition is a unit test (tests/test_actor_lifecycle.py). The states are t
 ActorState enum of protos common.proto (Ray's names).
 
 TRANSITIONS below is the table; a stimulus not in it for the current state changes
-nothing (a late result for a dead actor, a second kill). ``kill`` and ``worker_died``
-pick between two rows by the kill's ``no_restart`` and the restart budget.
+nothing (a late result for a dead actor, a second kill). ``kill``, ``worker_died`` and
+``node_died`` pick between two rows by the kill's ``no_restart`` and the restart budget.
+
+Two stimuli come from the GCS's own failures. ``restored`` rebuilds the lifecycle of an
+actor a restarted GCS read from its store: an ALIVE actor is taken to be leased until
+its raylet says otherwise (``reattached`` or ``worker_lost_while_down``), one that was
+being placed is placed again. ``node_died``: the node the actor's worker ran on is dead,
+so the worker is gone with its lease; creating the actor there is simply retried
+elsewhere, an actor that was alive restarts within its budget.
 """
 from __future__ import annotations
 
@@ -34,11 +41,15 @@ TRANSITIONS: Dict[Tuple[int, str], int] = {
     (PENDING_CREATION, "kill/no_restart"): DEAD,
     (PENDING_CREATION, "kill/restart"): PENDING_CREATION,
     (PENDING_CREATION, "internal_error"): DEAD,
+    (PENDING_CREATION, "node_died"): PENDING_CREATION,   # placed again; no restart counted
     (ALIVE, "exited"): DEAD,
     (ALIVE, "worker_died/restart"): RESTARTING,
     (ALIVE, "worker_died/no_restart"): DEAD,
     (ALIVE, "kill/no_restart"): DEAD,
     (ALIVE, "kill/restart"): ALIVE,        # until its worker's stream breaks: worker_died
+    (ALIVE, "node_died/restart"): RESTARTING,
+    (ALIVE, "node_died/no_restart"): DEAD,
+    (ALIVE, "reattached"): ALIVE,          # a restarted GCS found its worker and lease
     (RESTARTING, "lease_granted"): RESTARTING,
     (RESTARTING, "created"): ALIVE,
     (RESTARTING, "unschedulable"): DEAD,
@@ -48,6 +59,8 @@ TRANSITIONS: Dict[Tuple[int, str], int] = {
     (RESTARTING, "kill/no_restart"): DEAD,
     (RESTARTING, "kill/restart"): RESTARTING,
     (RESTARTING, "internal_error"): DEAD,
+    (RESTARTING, "node_died/restart"): RESTARTING,
+    (RESTARTING, "node_died/no_restart"): DEAD,
 }
 
 
@@ -110,6 +123,26 @@ class ActorLifecycle:
         self.leased = False                   # a worker is leased for it
         self.requesting = False               # a lease request is in flight
         self.intentional = False              # it died because it was asked to (kill, exit)
+
+    @classmethod
+    def restored(cls, state: int, max_restarts: int, num_restarts: int, death_cause: str = "",
+                 death_error: bytes = b"") -> Tuple["ActorLifecycle", List[Action]]:
+        """The lifecycle of an actor a restarted GCS read from its store, and what to do.
+
+        ALIVE: its worker is taken to hold its lease still (``leased``) until its raylet
+        answers; PENDING_CREATION and RESTARTING: a placement was under way when the GCS
+        died, so it starts again (the old lease, if any, is returned by the manager)."""
+        life = cls(max_restarts)
+        life.state = state
+        life.num_restarts = num_restarts
+        life.death_cause = death_cause
+        life.death_error = death_error
+        if state == ALIVE:
+            life.leased = True
+            return life, []
+        if state in (PENDING_CREATION, RESTARTING):
+            return life, [Place()]
+        return life, []
 
     @property
     def state_name(self) -> str:
@@ -214,11 +247,45 @@ class ActorLifecycle:
             return self._die(kill[1])
         cause = (f"its worker process (pid {pid}) died ({error})" if kill is None
                  else f"it was killed ({kill[1]})")
+        return self._restart_or_die("worker_died", cause)
+
+    def worker_lost_while_down(self, pid: int) -> List[Action]:
+        """A restarted GCS asked the actor's raylet, which no longer holds its lease: the
+        worker died while the GCS was down (restarted within the budget, as any death)."""
+        return self.worker_died(pid, "it exited while the GCS was down")
+
+    def reattached(self) -> List[Action]:
+        """A restarted GCS found the actor's worker still leased: nothing changes."""
+        if self._go("reattached") is None:
+            return []
+        self.leased = True
+        return [Event("reattached", "found alive after the GCS restarted")]
+
+    def node_died(self, node: str, reason: str, pid: int = 0) -> List[Action]:
+        """The node its worker ran on (or was being created on) is dead; the worker and
+        its lease went with it."""
+        self.leased = False
+        self.requesting = False
+        if self.state == DEAD:
+            return []
+        kill, self.kill = self.kill, None
+        if kill is not None and kill[0]:
+            self.intentional = True
+            return self._die(kill[1])
+        where = f"node {node}" + (f" (worker pid {pid})" if pid else "")
+        cause = f"its {where} died: {reason}"
+        if self.state == PENDING_CREATION:
+            self.state = self._go("node_died") or self.state
+            return [Event("rescheduling", f"{cause}; creating it on another node", "WARNING"),
+                    Place()]
+        return self._restart_or_die("node_died", cause)
+
+    def _restart_or_die(self, stimulus: str, cause: str) -> List[Action]:
         budget = "inf" if self.max_restarts == -1 else str(self.max_restarts)
         if self.max_restarts == -1 or self.num_restarts < self.max_restarts:
-            nxt = self._go("worker_died/restart")
+            nxt = self._go(f"{stimulus}/restart")
             if nxt is None:  # pragma: no cover - every live state has the row
-                raise InvalidTransition(f"worker_died in {self.state_name}")
+                raise InvalidTransition(f"{stimulus} in {self.state_name}")
             self.state = nxt
             self.num_restarts += 1
             return [Publish(), Event("restarting",

@@ -10,6 +10,15 @@ happens and carries out what it returns. Owners are watched with a WaitForExit
 call that fails when the owner exits, which ends its non-detached actors.
 
 States (Ray's): PENDING_CREATION -> ALIVE <-> RESTARTING -> DEAD.
+
+Every actor is in the GCS's store: its spec once (at registration, before the reply),
+its record (ActorInfo and lease id) at each state change, and a change is published to
+GetActor long polls only once it is durable, so no caller acts on a state a restarted
+GCS would not know. A restarted GCS reads them back: each ALIVE actor's raylet hands
+the leases of the dead GCS over to the new one when it connects (RegisterAck.gcs_leases)
+and the actor's worker is watched again, same process, same state; an actor whose lease
+is gone died meanwhile and restarts within its budget; one that was being placed is
+placed again. When a node dies its actors restart elsewhere (``node_died``).
 """
 from __future__ import annotations
 
@@ -22,11 +31,12 @@ from typing import Dict, Optional, Tuple
 
 import grpc
 
-from runtime import ids, rpc
+from runtime import ids, labels, rpc
 from runtime.core_worker.raylet_client import RayletClient
 from runtime.core_worker.worker_connection import WorkerConnection
 from runtime.gcs import actor_lifecycle as lc
 from runtime.gcs.actor_lifecycle import ActorLifecycle
+from runtime.gcs.storage import StorageError
 from runtime.gcs.versioned import ChangeSignal
 from runtime.protocol import (common_pb2, core_worker_pb2_grpc, gcs_pb2, raylet_pb2)
 from runtime.raylet.resources import add, missing, subtract
@@ -43,7 +53,13 @@ ACTOR_FIELDS = ("actor_id", "class_name", "state", "job_id", "name", "ray_namesp
 ACTOR_ALIASES = {"id": "actor_id", "class": "class_name", "node": "node_ip",
                  "restarts": "num_restarts", "namespace": "ray_namespace",
                  "reason": "pending_reason", "job": "job_id", "death": "death_cause"}
-_DEFAULT = common_pb2.SchedulingStrategy(kind=STRATEGY_DEFAULT)
+#: The GCS store's tables: ActorSpec by actor id (written once), ActorRecord by actor id.
+SPEC_TABLE = "actor_specs"
+TABLE = "actors"
+#: A node whose raylet could not be reached is left out of placements for this long.
+UNREACHABLE_AVOID_S = 5.0
+#: Pause before placing again after a raylet could not be reached.
+RETRY_PLACE_S = 0.5
 
 
 class _RayletLink:
@@ -59,8 +75,10 @@ class _RayletLink:
         self.manager = manager
 
     async def connect(self) -> None:
-        await self.client.connect(raylet_pb2.RegisterClient(
-            worker_id=self.manager.gcs_worker_id, is_driver=True, pid=os.getpid(), port=0))
+        ack = await self.client.connect(raylet_pb2.RegisterClient(
+            worker_id=self.manager.gcs_worker_id, is_driver=True, pid=os.getpid(), port=0,
+            is_gcs=True))
+        self.manager.on_link_up(self, ack)
 
     def _on_grant(self, grant: raylet_pb2.LeaseGrant) -> None:
         outcome = grant.WhichOneof("outcome")
@@ -82,7 +100,9 @@ class _RayletLink:
             if not fut.done():
                 fut.set_exception(ConnectionError(reason))
         self.pending.clear()
-        self.manager.links.pop(self.node_id, None)
+        if self.manager.links.get(self.node_id) is self:
+            del self.manager.links[self.node_id]
+        self.manager.on_link_lost(self, reason)
 
 
 class _Actor:
@@ -94,13 +114,19 @@ class _Actor:
             max_restarts=spec.max_restarts, detached=spec.detached, owner=spec.owner,
             method_names=spec.method_names, is_async=spec.is_async,
             max_task_retries=spec.max_task_retries, start_time=time.time(),
-            resources=spec.hold_resources)
+            resources=spec.hold_resources, method_options=spec.method_options)
         self.changed = ChangeSignal()
         self.life = ActorLifecycle(spec.max_restarts)
         self.conn: Optional[WorkerConnection] = None
         self.lease: Optional[Tuple[_RayletLink, int]] = None
         self.request: Optional[Tuple[_RayletLink, int]] = None
         self.creating: Optional[asyncio.Task] = None
+        self.resume: list = []   # a restarted GCS: what the restored lifecycle asked for
+        self.unsaved = 0         # record writes not committed yet (see _publish)
+
+    def record(self) -> gcs_pb2.ActorRecord:
+        return gcs_pb2.ActorRecord(info=self.info,
+                                   lease_id=self.lease[1] if self.lease is not None else 0)
 
 
 class ActorManager:
@@ -120,6 +146,10 @@ class ActorManager:
         self._spread_next = 0  # round-robin position for SPREAD actors
         # node id -> (report seq, resources SPREAD placed there since that report)
         self._spread_charged: Dict[bytes, Tuple[int, dict]] = {}
+        # node id -> when its raylet could not be reached (placements avoid it a while)
+        self._unreachable: Dict[bytes, float] = {}
+        # A restarted GCS: node id -> {lease id: ALIVE actor} to find on that node's raylet.
+        self._reattach: Dict[bytes, Dict[int, _Actor]] = {}
 
     def channel(self, address: str) -> grpc.aio.Channel:
         ch = self._channels.get(address)
@@ -129,6 +159,8 @@ class ActorManager:
 
     # -- RPCs ----------------------------------------------------------------------------------------
     async def register(self, spec: gcs_pb2.ActorSpec) -> gcs_pb2.RegisterActorReply:
+        if spec.actor_id in self.actors:  # sent again by a client that lost the first answer
+            return gcs_pb2.RegisterActorReply(ok=True)
         if spec.name:
             key = (spec.namespace, spec.name)
             holder = self.actors.get(self.names.get(key, b""))
@@ -143,6 +175,15 @@ class ActorManager:
             self.names[key] = spec.actor_id
         actor = _Actor(spec)
         self.actors[spec.actor_id] = actor
+        try:
+            await self.gcs.writer.write([(SPEC_TABLE, spec.actor_id, spec.SerializeToString()),
+                                         (TABLE, spec.actor_id, actor.record().SerializeToString())])
+        except StorageError as exc:
+            del self.actors[spec.actor_id]
+            if spec.name and self.names.get((spec.namespace, spec.name)) == spec.actor_id:
+                del self.names[(spec.namespace, spec.name)]
+            return gcs_pb2.RegisterActorReply(ok=False, error=(
+                f"the GCS could not store actor {spec.class_name} ({exc}); it was not created"))
         if not spec.detached and spec.owner.port:
             self._watch_owner(spec.owner)
         self._apply(actor, actor.life.registered())
@@ -190,7 +231,7 @@ class ActorManager:
                     log.info("actor %s (%s) is alive in pid %s at %s", spec.actor_id.hex()[:8],
                              spec.class_name, info.pid,
                              actor.conn.address if actor.conn is not None else "?")
-                actor.changed.bump(info)
+                self._publish(actor)
             elif isinstance(action, lc.Event):
                 if action.state == "restarting":
                     log.warning("actor %s (%s): %s", spec.actor_id.hex()[:8], spec.class_name,
@@ -214,6 +255,20 @@ class ActorManager:
                 if spec.name and self.names.get(key) == spec.actor_id:
                     del self.names[key]
             # PushCreation is carried out by _create, which holds the grant.
+
+    def _publish(self, actor: _Actor) -> None:
+        """Write the actor's record, then wake GetActor long polls: a caller never learns
+        a state that a restarted GCS would not know. Of several changes written in a row,
+        the last one's commit wakes them (the record they read is that one)."""
+        actor.unsaved += 1
+        saved = self.gcs.persist(TABLE, actor.spec.actor_id, actor.record())
+        saved.add_done_callback(lambda _f: self._saved(actor))
+
+    @staticmethod
+    def _saved(actor: _Actor) -> None:
+        actor.unsaved -= 1
+        if not actor.unsaved:
+            actor.changed.bump(actor.info)
 
     def _spawn(self, coro) -> asyncio.Task:
         """Run coro in the background, kept until it ends or close() cancels it."""
@@ -252,12 +307,172 @@ class ActorManager:
             actor.info.pending_reason = message
             actor.changed.bump(actor.info)
 
+    # -- a restarted GCS, lost raylets and dead nodes ------------------------------------------------------
+    def restore(self, specs: Dict[bytes, gcs_pb2.ActorSpec],
+                records: Dict[bytes, gcs_pb2.ActorRecord]) -> None:
+        """Take the actors a previous GCS left in the store (before serving)."""
+        for actor_id, rec in records.items():
+            spec = specs.get(actor_id)
+            if spec is None:
+                log.error("actor %s has a record but no spec in the GCS store; dropped",
+                          actor_id.hex())
+                continue
+            actor = _Actor(spec)
+            actor.info.CopyFrom(rec.info)
+            actor.info.version += 1  # long polls of the previous GCS's callers wake up
+            state = common_pb2.ActorState.Value(rec.info.state)
+            actor.life, actor.resume = ActorLifecycle.restored(
+                state, spec.max_restarts, rec.info.num_restarts, rec.info.death_cause,
+                rec.info.death_error)
+            self.actors[actor_id] = actor
+            if spec.name and state != lc.DEAD:
+                self.names[(spec.namespace, spec.name)] = actor_id
+            if state == lc.ALIVE:
+                self._reattach.setdefault(rec.info.node_id, {})[rec.lease_id] = actor
+
+    def start_recovery(self) -> None:
+        """Watch the owners again, place the actors that were being placed, and find the
+        workers of the alive ones through their raylets (running loop, serving)."""
+        for actor in self.actors.values():
+            if actor.life.state == lc.DEAD:
+                continue
+            if not actor.spec.detached and actor.spec.owner.port:
+                self._watch_owner(actor.spec.owner)
+            resume, actor.resume = actor.resume, []
+            self._apply(actor, resume)
+        # Every live raylet, not only those with alive actors: leases of the previous GCS
+        # for actors it was still creating are returned there.
+        for node in self.gcs.nodes.values():
+            if node.alive:
+                self._reattach.setdefault(node.node_id, {})
+        for node_id in list(self._reattach):
+            self._spawn(self._reattach_node(node_id))
+
+    def node_registered(self, node_id: bytes) -> None:
+        """A node this GCS did not know registered: a raylet that outlived a GCS whose
+        store is gone may hold leases of actors nobody knows any more. Connecting hands
+        them over, and on_link_up returns them (killing their workers)."""
+        if node_id not in self._reattach:
+            self._reattach[node_id] = {}
+            self._spawn(self._reattach_node(node_id))
+
+    async def _reattach_node(self, node_id: bytes) -> None:
+        """Connect to the raylet of a node that had alive actors: the connection hands
+        this GCS the leases (on_link_up). Until the node answers or is dead."""
+        while node_id in self._reattach:
+            node = self.gcs.nodes.get(node_id)
+            if node is None or not node.alive:
+                self.node_died(node_id, node_id.hex()[:8], node.death_reason if node else
+                               "the restarted GCS does not know it")
+                return
+            try:
+                await self._link(node)
+                if not self._reattach.get(node_id, True):
+                    del self._reattach[node_id]  # linked before: nothing was waiting there
+                return
+            except (ConnectionError, grpc.RpcError, asyncio.TimeoutError, OSError) as exc:
+                log.info("raylet of node %s not reachable yet to find its actors: %s",
+                         node_id.hex()[:8], exc)
+                await asyncio.sleep(RETRY_PLACE_S)
+
+    def on_link_up(self, link: _RayletLink, ack: raylet_pb2.RegisterAck) -> None:
+        """This GCS connected to a raylet, which handed over the leases held there by GCS
+        connections (a previous GCS's, or this one's lost link): keep those of alive
+        actors, return (killing) the others."""
+        self._unreachable.pop(link.node_id, None)
+        held = {g.lease_id: g for g in ack.gcs_leases}
+        waiting = self._reattach.pop(link.node_id, {})
+        for actor in self.actors.values():  # this GCS's own leases, over a lost link
+            if actor.lease is not None and actor.info.node_id == link.node_id:
+                lease_id = actor.lease[1]
+                if held.pop(lease_id, None) is not None:
+                    actor.lease = (link, lease_id)
+        for lease_id, actor in waiting.items():
+            if actor.life.state != lc.ALIVE:
+                continue  # killed meanwhile: its lease is returned below, with the others
+            got = held.pop(lease_id, None)
+            if got is None or got.worker_id != actor.info.address.worker_id:
+                log.warning("actor %s (%s): its worker (pid %s) is gone from node %s after the "
+                            "GCS restart", actor.spec.actor_id.hex()[:8], actor.spec.class_name,
+                            actor.info.pid, link.node_id.hex()[:8])
+                self._apply(actor, actor.life.worker_lost_while_down(actor.info.pid))
+                continue
+            actor.lease = (link, lease_id)
+            self._watch_worker(actor)
+            log.info("actor %s (%s) found alive in pid %s after the GCS restart",
+                     actor.spec.actor_id.hex()[:8], actor.spec.class_name, actor.info.pid)
+            self._apply(actor, actor.life.reattached())
+            if actor.life.kill is not None:  # kill(no_restart=False) while it was unreachable
+                link.client.return_lease(lease_id, kill_worker=True)
+        for lease_id, g in held.items():
+            log.info("returning lease %s (worker pid %s) on node %s: no actor of this GCS "
+                     "holds it", lease_id, g.worker_pid, link.node_id.hex()[:8])
+            link.client.return_lease(lease_id, kill_worker=True)
+
+    def _watch_worker(self, actor: _Actor) -> None:
+        """Hold a PushTasks stream to the actor's worker: when it breaks, the worker is gone."""
+        addr = f"{actor.info.address.ip}:{actor.info.address.port}"
+        conn = WorkerConnection(self, self.channel(addr), addr, actor.info.address.worker_id,
+                                actor.spec.job_config)
+        actor.conn = conn
+        self.by_conn[id(conn)] = actor
+
+    def on_link_lost(self, link: _RayletLink, reason: str) -> None:
+        """The connection to a raylet broke. The raylet keeps the leases of this GCS's
+        actors until a GCS connects again; reconnect while any actor holds one."""
+        self._unreachable[link.node_id] = time.monotonic()
+        if any(a.lease is not None and a.lease[0] is link for a in self.actors.values()):
+            log.warning("lost the connection to the raylet of node %s (%s); reconnecting to "
+                        "keep its actors' leases", link.node_id.hex()[:8], reason)
+            self._spawn(self._relink(link.node_id))
+
+    async def _relink(self, node_id: bytes) -> None:
+        while True:
+            node = self.gcs.nodes.get(node_id)
+            if node is None or not node.alive:
+                return  # node_died takes care of its actors
+            try:
+                await self._link(node)
+                return
+            except (ConnectionError, grpc.RpcError, asyncio.TimeoutError, OSError):
+                await asyncio.sleep(RETRY_PLACE_S)
+
+    def node_died(self, node_id: bytes, label: str, reason: str) -> None:
+        """The node is dead: its actors' workers and leases are gone; each actor restarts
+        elsewhere within its budget, or is dead with the node's death as the reason."""
+        self._reattach.pop(node_id, None)
+        self._unreachable[node_id] = time.monotonic()
+        for actor in list(self.actors.values()):
+            if actor.life.state == lc.DEAD or actor.info.node_id != node_id:
+                continue
+            if actor.lease is None and actor.conn is None and actor.life.state != lc.ALIVE:
+                continue  # already being placed again (its worker's stream broke first)
+            if actor.life.state == lc.ALIVE and not actor.life.leased:
+                continue
+            conn, actor.conn, actor.lease = actor.conn, None, None
+            if conn is not None:
+                self.by_conn.pop(id(conn), None)
+                conn.close()
+            self._apply(actor, actor.life.node_died(label, reason, actor.info.pid))
+        link = self.links.pop(node_id, None)
+        if link is not None:
+            self._spawn(link.client.close())
+
     # -- placement and creation ---------------------------------------------------------------------------
     def _pick_node(self, actor: _Actor) -> Optional[gcs_pb2.NodeInfo]:
         nodes = [n for n in self.gcs.nodes.values() if n.alive and not n.draining]
         if not nodes:
             return None
+        now = time.monotonic()
+        reachable = [n for n in nodes
+                     if now - self._unreachable.get(n.node_id, -1e9) > UNREACHABLE_AVOID_S]
         s = actor.spec.strategy
+        if reachable and not (s.kind == STRATEGY_NODE_AFFINITY and s.node_id and not s.soft):
+            nodes = reachable
+        if s.label_selector:
+            # Only nodes whose labels match; none: wait on one (its raylet says why, and
+            # spills the request back here once a matching node joins).
+            nodes = [n for n in nodes if labels.matches(s.label_selector, n.labels)] or nodes
         if s.kind == STRATEGY_NODE_AFFINITY and s.node_id:
             for n in nodes:
                 if n.node_id == s.node_id:
@@ -343,7 +558,17 @@ class ActorManager:
                         f"NodeAffinitySchedulingStrategy names node {s.node_id.hex()} which is "
                         f"not alive (soft=False)"))
                     return
-                link = await self._link(node)
+                try:
+                    link = await self._link(node)
+                except (ConnectionError, grpc.RpcError, asyncio.TimeoutError, OSError) as exc:
+                    # A raylet that does not answer is probably on a node that is dying: it
+                    # is avoided for a while, and the actor placed again.
+                    self._unreachable[node.node_id] = time.monotonic()
+                    log.warning("raylet of node %s at %s:%s unreachable while placing actor "
+                                "%s: %s", node.node_id.hex()[:8], node.node_ip, node.raylet_port,
+                                spec.actor_id.hex()[:8], exc)
+                    await asyncio.sleep(RETRY_PLACE_S)
+                    continue
                 if life.state == lc.DEAD:  # killed while the link connected
                     return
                 rid = next(self._request_ids)
@@ -354,7 +579,12 @@ class ActorManager:
                 life.lease_requested()
                 # The GCS has spread a SPREAD actor already: its raylet must not spread it
                 # again, so it asks as DEFAULT (which stays on a node that can run it).
-                strategy = (_DEFAULT if spec.strategy.kind == STRATEGY_SPREAD else spec.strategy)
+                # It keeps the actor's runtime_env, which travels with the strategy.
+                strategy = spec.strategy
+                if strategy.kind == STRATEGY_SPREAD:
+                    strategy = common_pb2.SchedulingStrategy(kind=STRATEGY_DEFAULT,
+                                                             runtime_env=spec.strategy.runtime_env,
+                                                             label_selector=spec.strategy.label_selector)
                 link.client.request_lease(raylet_pb2.LeaseRequest(
                     request_id=rid, resources=spec.placement_resources, strategy=strategy,
                     function_name=f"actor {spec.class_name}", is_actor=True, hold_differs=True,
@@ -415,7 +645,8 @@ class ActorManager:
             function_blob=spec.class_blob, name=f"{spec.class_name}.__init__", args=spec.args,
             arg_values=spec.arg_values, return_ids=[ids.object_id_for_return(task_id, 1)],
             owner=spec.owner, actor_id=spec.actor_id, actor_creation=True,
-            max_concurrency=spec.max_concurrency, gpu_ids=grant.gpu_ids))
+            max_concurrency=spec.max_concurrency, gpu_ids=grant.gpu_ids,
+            concurrency_groups=spec.concurrency_groups))
 
     # -- WorkerConnection handler ----------------------------------------------------------------------
     def on_result(self, conn: WorkerConnection, result: common_pb2.TaskResult) -> None:

@@ -9,7 +9,7 @@ used once, and a terminal status never changes again.
 from __future__ import annotations
 
 import logging
-from typing import Dict, Optional
+from typing import Dict, Iterable, Optional
 
 from runtime.gcs.events import EventLog
 from runtime.protocol import gcs_pb2
@@ -31,6 +31,13 @@ class SubmittedJobTable:
         self.events = events
         self.max_finished = max_finished
         self.finished = 0
+
+    def restore(self, jobs: Iterable[gcs_pb2.SubmittedJob]) -> None:
+        """Take the records a previous GCS kept in its store (oldest first)."""
+        for job in sorted(jobs, key=lambda j: j.start_time_ms):
+            self.jobs[job.submission_id] = job
+            if job.status in TERMINAL:
+                self.finished += 1
 
     def put(self, request: gcs_pb2.PutSubmittedJobRequest) -> gcs_pb2.SubmittedJobReply:
         job = request.job

@@ -18,12 +18,20 @@ Invariants:
   starts: the next attempt's Prepare can never cross a Cancel of the previous one;
 * an RPC that failed without an answer (``LOST``) may have taken effect: it is
   cancelled like a success.
+
+Two stimuli come from failures elsewhere (issue 12). ``node_died``: a created group with
+bundles on a dead node keeps its other bundles (``kept``) and goes back to PENDING for
+the lost ones only; the next attempt places just those (its Created names every
+bundle's node). ``recover``: a restarted GCS found the group mid-attempt in its store;
+every live node is told to cancel that attempt's bundles (the attempt number was stored
+before its Prepares went out, so a late Prepare of it is refused too), and the group is
+then PENDING again.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 NodeId = bytes
 
@@ -92,6 +100,25 @@ class GroupReservation:
         self._waiting: set = set()    # nodes of this attempt whose Prepare/Commit is in flight
         self._done: set = set()       # nodes that prepared (PREPARING) or committed (COMMITTING)
         self._cancelled: set = set()  # nodes of this attempt already sent a Cancel
+        # Bundles committed by an earlier attempt that stay where they are while the others
+        # are placed again (their node is alive): index -> node.
+        self.kept: Dict[int, NodeId] = {}
+
+    @classmethod
+    def restored(cls, bundle_count: int, state: State, attempts: int,
+                 placement: Sequence[NodeId] = ()) -> "GroupReservation":
+        """A group a restarted GCS read from its store. CREATED keeps its placement;
+        REMOVED stays removed; any other state is mid-way and needs ``recover``, with the
+        bundles that have a node in `placement` kept (a group being rescheduled)."""
+        r = cls(bundle_count)
+        r.attempts = attempts
+        if state in (State.CREATED, State.REMOVED):
+            r.state = state
+            r.placement = tuple(placement)
+        else:
+            r.state = State.ABORTING
+            r.kept = {i: n for i, n in enumerate(placement) if n}
+        return r
 
     @property
     def busy(self) -> bool:
@@ -99,18 +126,26 @@ class GroupReservation:
         return self.in_flight > 0
 
     # -- stimuli ------------------------------------------------------------------------------
-    def begin(self, placement: Sequence[NodeId]) -> List[Prepare]:
-        """Start an attempt with bundle i on placement[i]; nothing if not PENDING and idle."""
+    @property
+    def missing(self) -> List[int]:
+        """The bundles the next attempt must place (all of them, less the kept ones)."""
+        return [i for i in range(self.bundle_count) if i not in self.kept]
+
+    def begin(self, placement: Union[Sequence[NodeId], Mapping[int, NodeId]]) -> List[Prepare]:
+        """Start an attempt with bundle i on placement[i] (a sequence for every bundle, or
+        index -> node for the missing ones); nothing if not PENDING and idle."""
         if self.state is not State.PENDING or self.busy:
             return []
-        if len(placement) != self.bundle_count:
-            raise ValueError(f"a placement names {len(placement)} nodes for "
-                             f"{self.bundle_count} bundles")
+        assigned = dict(placement) if isinstance(placement, Mapping) else dict(enumerate(placement))
+        if sorted(assigned) != self.missing:
+            raise ValueError(f"a placement names bundles {sorted(assigned)} where bundles "
+                             f"{self.missing} of {self.bundle_count} need a node")
         self.attempts += 1
-        self.placement = tuple(placement)
+        self.placement = tuple(assigned.get(i, self.kept.get(i, b"")) for i in
+                               range(self.bundle_count))
         self.reason = ""
         self._nodes = {}
-        for i, node in enumerate(placement):
+        for i, node in sorted(assigned.items()):
             self._nodes[node] = self._nodes.get(node, ()) + (i,)
         self._waiting = set(self._nodes)
         self._done = set()
@@ -141,6 +176,7 @@ class GroupReservation:
             self._done.add(action.node)
             if self._done == set(self._nodes):
                 self.state = State.CREATED
+                self.kept = {}
                 return [Created(self.placement)]
             return []
         if self.state is State.COMMITTING:
@@ -164,8 +200,47 @@ class GroupReservation:
             return []
         self.state = State.REMOVED
         every = tuple(range(self.bundle_count))
-        nodes = list(dict.fromkeys([*live_nodes, *self._nodes]))
+        nodes = list(dict.fromkeys([*live_nodes, *self._nodes, *self.kept.values(),
+                                    *(n for n in self.placement if n)]))
+        self.kept = {}
         return self._send([Cancel(n, every, remove=True) for n in nodes])
+
+    def node_died(self, node: NodeId) -> Tuple[List[int], list]:
+        """`node` is dead: (the bundles lost with it, the RPCs to send). A created group
+        keeps its other bundles and is PENDING for the lost ones; one mid-attempt that
+        counted on a kept bundle there undoes the attempt (its answers on `node` itself
+        come back LOST anyway); a removed group has nothing to lose."""
+        if self.state is State.REMOVED:
+            return [], []
+        if self.state is State.CREATED:
+            lost = [i for i, n in enumerate(self.placement) if n == node]
+            if not lost:
+                return [], []
+            self.kept = {i: n for i, n in enumerate(self.placement) if n != node}
+            self.state = State.PENDING
+            self.reason = f"node {node.hex()[:8]} died with bundle(s) {lost}; placing them again"
+            return lost, []
+        lost = sorted(i for i, n in self.kept.items() if n == node)
+        if not lost:
+            return [], []
+        for i in lost:
+            del self.kept[i]
+        why = f"node {node.hex()[:8]} died with bundle(s) {lost}"
+        if self.state in (State.PREPARING, State.COMMITTING):
+            return lost, self._abort(why, also=None)
+        return lost, []
+
+    def recover(self, live_nodes: Iterable[NodeId]) -> List[Cancel]:
+        """After ``restored`` mid-attempt: cancel that attempt's bundles (all but the kept
+        ones) on every live node; once all answered the group is PENDING (Retry)."""
+        if self.state is not State.ABORTING or self.busy:
+            return []
+        self.reason = "the GCS restarted during an attempt; undoing it"
+        redo = tuple(self.missing)
+        self._nodes = {}
+        self._waiting = set()
+        cancels = [Cancel(n, redo) for n in dict.fromkeys(live_nodes)]
+        return self._send(cancels) + self._settle()
 
     # -- helpers ------------------------------------------------------------------------------
     def _send(self, actions: list) -> list:

@@ -11,6 +11,13 @@ holds anything while it waits, so it cannot block other work.
 Which RPC to send next, and what a reply or a removal means at any point, is
 decided by the sans-I/O ``GroupReservation`` (pg_reservation.py); this module
 only plans, sends the RPCs it asks for and feeds the answers back.
+
+Groups are kept in the GCS's store (``PlacementGroupRecord``): a created group is
+written before it is announced, and an attempt's number before its Prepares go out.
+A restarted GCS keeps created groups as they are (their raylets never lost the
+bundles), undoes any attempt that was under way and tries again, and finishes
+removals. When a node dies, the bundles it held are placed again on other nodes
+(state RESCHEDULING) while the others stay where they are.
 """
 from __future__ import annotations
 
@@ -29,6 +36,8 @@ from runtime.raylet.resources import add, fits, missing, subtract
 from runtime.raylet.scheduler import brief
 
 log = logging.getLogger("runtime.gcs.placement_groups")
+#: The GCS store's table of groups (PlacementGroupRecord by group id).
+TABLE = "placement_groups"
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 BUNDLE_RPC_TIMEOUT_S = 10.0
 
@@ -77,15 +86,22 @@ def _log_failure(task: asyncio.Task) -> None:
         log.error("placement group scheduling failed", exc_info=task.exception())
 
 
+#: PlacementGroupInfo.state -> the reservation state a restarted GCS resumes from (any
+#: other state was mid-way: the attempt is undone and tried again).
+_FINAL = {"CREATED": State.CREATED, "REMOVED": State.REMOVED}
+
+
 class _Group:
-    def __init__(self, spec: gcs_pb2.PlacementGroupSpec) -> None:
+    def __init__(self, spec: gcs_pb2.PlacementGroupSpec,
+                 reservation: Optional[GroupReservation] = None) -> None:
         self.info = gcs_pb2.PlacementGroupInfo(spec=spec, state="PENDING", create_time=time.time())
         self.changed = ChangeSignal()
-        self.reservation = GroupReservation(len(spec.bundles))
+        self.reservation = reservation or GroupReservation(len(spec.bundles))
         self.task: Optional[asyncio.Task] = None
         # The scheduling task waits for resources to change (no RPC of its own in flight),
         # so a removal may cancel it; otherwise it ends by itself once its RPCs answered.
         self.idle = False
+        self.removal_done = False
 
 
 class PlacementGroupManager:
@@ -94,6 +110,7 @@ class PlacementGroupManager:
         self.groups: Dict[bytes, _Group] = {}
         self.names: Dict[Tuple[str, str], bytes] = {}
         self.resources_changed = asyncio.Event()
+        self._background: set = set()  # recoveries, removals finished after a restart
 
     def _stub(self, node) -> raylet_pb2_grpc.RayletStub:
         return raylet_pb2_grpc.RayletStub(
@@ -102,11 +119,39 @@ class PlacementGroupManager:
     def _changed(self, g: _Group) -> None:
         g.changed.bump(g.info)
 
+    def _save(self, g: _Group) -> asyncio.Future:
+        """Write the group to the GCS's store; the future resolves once it is durable."""
+        return self.gcs.persist(TABLE, g.info.spec.placement_group_id,
+                                gcs_pb2.PlacementGroupRecord(info=g.info,
+                                                             attempts=g.reservation.attempts,
+                                                             removal_done=g.removal_done))
+
+    def _announce(self, g: _Group) -> None:
+        """Wake GetPlacementGroup long polls once what they will read is durable."""
+        self._save(g).add_done_callback(lambda _f: self._changed(g))
+
+    def _start(self, g: _Group, coro=None) -> None:
+        g.task = asyncio.ensure_future(coro or self._schedule(g))
+        g.task.add_done_callback(_log_failure)
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(_log_failure)
+        return task
+
+    def _live(self) -> List[bytes]:
+        return [n.node_id for n in self.gcs.nodes.values() if n.alive]
+
     # -- RPCs ---------------------------------------------------------------------------------------------
     async def create(self, spec: gcs_pb2.PlacementGroupSpec) -> gcs_pb2.PlacementGroupReply:
         if spec.strategy not in STRATEGIES:
             return gcs_pb2.PlacementGroupReply(error=f"invalid strategy {spec.strategy!r}: use one "
                                                      f"of {', '.join(STRATEGIES)}")
+        existing = self.groups.get(spec.placement_group_id)
+        if existing is not None:  # sent again by a client that lost the first answer
+            return gcs_pb2.PlacementGroupReply(found=True, info=existing.info)
         if spec.name:
             key = (spec.namespace, spec.name)
             holder = self.groups.get(self.names.get(key, b""))
@@ -117,8 +162,8 @@ class PlacementGroupManager:
             self.names[key] = spec.placement_group_id
         g = _Group(spec)
         self.groups[spec.placement_group_id] = g
-        g.task = asyncio.ensure_future(self._schedule(g))
-        g.task.add_done_callback(_log_failure)
+        await self._save(g)
+        self._start(g)
         return gcs_pb2.PlacementGroupReply(found=True, info=g.info)
 
     async def get(self, req: gcs_pb2.PlacementGroupRequest) -> gcs_pb2.PlacementGroupReply:
@@ -138,7 +183,8 @@ class PlacementGroupManager:
         g.info.state = "REMOVED"
         # Every live node hears of the removal: the ones holding bundles free them, and all
         # of them fail work still waiting for the group instead of letting it hang.
-        cancels = g.reservation.remove([n.node_id for n in self.gcs.nodes.values() if n.alive])
+        cancels = g.reservation.remove(self._live())
+        saved = self._save(g)  # a GCS restarted before the end finishes the removal
         if g.task is not None and g.idle:
             g.task.cancel()
         spec = g.info.spec
@@ -154,6 +200,9 @@ class PlacementGroupManager:
                         "its bundles: %s", spec.placement_group_id.hex()[:8], len(left),
                         ", ".join(n.hex()[:8] for n in left))
         log.info("placement group %s removed", spec.placement_group_id.hex()[:8])
+        g.removal_done = True
+        await saved
+        await self._save(g)
         self._changed(g)
         self.gcs.events.record("placement_group", spec.placement_group_id.hex(), "removed",
                                spec.name or "unnamed")
@@ -161,18 +210,108 @@ class PlacementGroupManager:
     def list(self) -> gcs_pb2.PlacementGroupList:
         return gcs_pb2.PlacementGroupList(groups=[g.info for g in self.groups.values()])
 
+    # -- a restarted GCS ---------------------------------------------------------------------------------
+    def restore(self, records: Dict[bytes, gcs_pb2.PlacementGroupRecord]) -> None:
+        """Take the groups a previous GCS left in the store (before serving)."""
+        for pg_id, rec in records.items():
+            spec = rec.info.spec
+            r = GroupReservation.restored(len(spec.bundles),
+                                          _FINAL.get(rec.info.state, State.PENDING),
+                                          rec.attempts, list(rec.info.bundle_nodes))
+            g = _Group(spec, r)
+            g.info.CopyFrom(rec.info)
+            g.removal_done = rec.removal_done
+            self.groups[pg_id] = g
+            if spec.name and rec.info.state != "REMOVED":
+                self.names[(spec.namespace, spec.name)] = pg_id
+
+    def start_recovery(self) -> None:
+        """Undo the attempts the previous GCS left under way, then schedule those groups
+        again; finish the removals it had not finished."""
+        for g in self.groups.values():
+            r = g.reservation
+            if r.state is State.ABORTING:
+                log.info("placement group %s was being placed when the GCS stopped (attempt "
+                         "%d): undoing that attempt and placing it again",
+                         g.info.spec.placement_group_id.hex()[:8], r.attempts)
+                self._start(g, self._recover(g))
+            elif r.state is State.REMOVED and not g.removal_done:
+                self._spawn(self._finish_removal(g))
+
+    async def _recover(self, g: _Group) -> None:
+        await self._drive(g, g.reservation.recover(self._live()))
+        await self._schedule(g)
+
+    async def _finish_removal(self, g: _Group) -> None:
+        await self.gcs.actor_manager.kill_in_placement_group(g.info.spec.placement_group_id)
+        again = GroupReservation(len(g.info.spec.bundles))
+        await self._drive(g, again.remove(self._live()), again)
+        g.removal_done = True
+        await self._save(g)
+
+    def node_died(self, node_id: bytes) -> None:
+        """Bundles on a dead node are placed again elsewhere; the others stay."""
+        for g in self.groups.values():
+            r = g.reservation
+            lost, actions = r.node_died(node_id)
+            if not lost:
+                continue
+            spec = g.info.spec
+            for i in lost:
+                if i < len(g.info.bundle_nodes):
+                    g.info.bundle_nodes[i] = b""
+            g.info.state = "RESCHEDULING"
+            g.info.pending_reason = r.reason or f"placing bundle(s) {lost} again"
+            log.warning("placement group %s: node %s died with bundle(s) %s; placing them again",
+                        spec.placement_group_id.hex()[:8], node_id.hex()[:8], lost)
+            self.gcs.events.record("placement_group", spec.placement_group_id.hex(),
+                                   "rescheduling", f"{spec.name or 'unnamed'}: node "
+                                   f"{node_id.hex()[:8]} died with bundle(s) {lost}",
+                                   severity="WARNING", node_id=node_id)
+            self._announce(g)
+            if actions:
+                self._spawn(self._drive(g, actions))
+            if g.task is None or g.task.done():
+                self._start(g)
+        ev, self.resources_changed = self.resources_changed, asyncio.Event()
+        ev.set()
+
+    async def close(self) -> None:
+        left = [t for t in self._background if not t.done()]
+        left += [g.task for g in self.groups.values() if g.task is not None and not g.task.done()]
+        for t in left:
+            t.cancel()
+        if left:
+            await asyncio.gather(*left, return_exceptions=True)
+
     # -- scheduling -------------------------------------------------------------------------------------
-    async def _schedule(self, g: _Group) -> None:
+    def _plan(self, g: _Group, nodes: list):
+        """Where the bundles the next attempt needs go: a list (every bundle) or index ->
+        node (the ones lost with a node, the others kept); or (None, why)."""
         spec = g.info.spec
-        bundles = [dict(b.resources) for b in spec.bundles]
+        r = g.reservation
+        need = r.missing
+        kept_nodes = set(r.kept.values())
+        if r.kept and spec.strategy == "STRICT_SPREAD":
+            nodes = [n for n in nodes if n.node_id not in kept_nodes]
+        elif r.kept and spec.strategy == "STRICT_PACK":
+            nodes = [n for n in nodes if n.node_id in kept_nodes]
+        placement, why = plan(spec.strategy, [dict(spec.bundles[i].resources) for i in need],
+                              [(n.node_id, dict(n.resources_total), dict(n.resources_available))
+                               for n in nodes])
+        if placement is None or not r.kept:
+            return placement, why
+        return dict(zip(need, placement)), ""
+
+    async def _schedule(self, g: _Group) -> None:
         r = g.reservation
         while r.state is State.PENDING:
             nodes = [n for n in self.gcs.nodes.values() if n.alive and not n.draining]
-            placement, why = plan(spec.strategy, bundles,
-                                  [(n.node_id, dict(n.resources_total), dict(n.resources_available))
-                                   for n in nodes])
+            placement, why = self._plan(g, nodes)
             if placement is not None:
-                await self._drive(g, r.begin(placement))
+                actions = r.begin(placement)
+                await self._save(g)  # the attempt number is durable before its Prepares go out
+                await self._drive(g, actions)
                 if r.state is not State.PENDING:
                     return  # created, or removed meanwhile
                 why = r.reason
@@ -187,9 +326,11 @@ class PlacementGroupManager:
             finally:
                 g.idle = False
 
-    async def _drive(self, g: _Group, actions: list) -> None:
+    async def _drive(self, g: _Group, actions: list,
+                     r: Optional[GroupReservation] = None) -> None:
         """Send the RPCs the reservation asks for (concurrently) and feed each answer back,
         until none of them is in flight."""
+        r = r or g.reservation
         running: set = set()
 
         def act(actions: list) -> None:
@@ -198,10 +339,9 @@ class PlacementGroupManager:
                     self._created(g, a)
                 elif isinstance(a, Retry):
                     log.info("placement group %s: attempt %d failed (%s); it waits for resources",
-                             g.info.spec.placement_group_id.hex()[:8], g.reservation.attempts,
-                             a.reason)
+                             g.info.spec.placement_group_id.hex()[:8], r.attempts, a.reason)
                 else:
-                    running.add(asyncio.ensure_future(self._rpc(g, a)))
+                    running.add(asyncio.ensure_future(self._rpc(g, a, r)))
 
         act(actions)
         try:
@@ -213,10 +353,9 @@ class PlacementGroupManager:
             for t in running:
                 t.cancel()
 
-    async def _rpc(self, g: _Group, a) -> list:
+    async def _rpc(self, g: _Group, a, r: GroupReservation) -> list:
         """One bundle RPC; returns what the reservation does with its answer."""
         spec = g.info.spec
-        r = g.reservation
         req = raylet_pb2.BundleRequest(placement_group_id=spec.placement_group_id,
                                        indexes=list(a.indexes), attempt=r.attempts)
         if isinstance(a, Prepare):
@@ -253,13 +392,16 @@ class PlacementGroupManager:
 
     def _created(self, g: _Group, a: Created) -> None:
         spec = g.info.spec
+        again = g.info.state == "RESCHEDULING"
         g.info.state = "CREATED"
+        del g.info.bundle_nodes[:]
         g.info.bundle_nodes.extend(a.bundle_nodes)
         g.info.pending_reason = ""
         g.info.scheduled_time = time.time()
-        log.info("placement group %s created (%s, %d bundles)",
-                 spec.placement_group_id.hex()[:8], spec.strategy, len(spec.bundles))
-        self._changed(g)
-        self.gcs.events.record("placement_group", spec.placement_group_id.hex(), "created",
+        log.info("placement group %s %s (%s, %d bundles)", spec.placement_group_id.hex()[:8],
+                 "rescheduled" if again else "created", spec.strategy, len(spec.bundles))
+        self._announce(g)
+        self.gcs.events.record("placement_group", spec.placement_group_id.hex(),
+                               "rescheduled" if again else "created",
                                f"{spec.name or 'unnamed'}: {spec.strategy}, "
                                f"{len(spec.bundles)} bundles")

@@ -12,6 +12,8 @@ Modules:
 * ``server`` - the store process: the async service, its gRPC servicer, ``main()``.
 * ``client`` - ``StoreClient`` (asyncio gRPC) and the ``write_object`` /
   ``map_object`` helpers that touch the object files directly.
+* ``transfer`` - moving objects between nodes: each store serves its objects on a
+  transfer port and pulls other stores' objects into its own memory (``Pull``).
 """
 from runtime.object_store.client import StoreClient, map_object, write_object
 

@@ -231,14 +231,16 @@ class StoreClient:
         await self._call("Seal", self._get_stub().Seal(
             object_store_pb2.ObjectIds(object_ids=list(object_ids))))
 
-    def read(self, object_id: bytes, timeout_s: float = 30.0) -> Any:
-        """Stream of Chunks with the object's bytes (for copying it to another node).
+    async def pull(self, object_id: bytes, holders: Sequence[str],
+                   timeout_s: float = 0.0) -> object_store_pb2.PullReply:
+        """Have this store copy object_id from one of `holders` (other stores' addresses).
 
-        The stream's errors are gRPC errors (grpc.RpcError): the caller, reading
-        another node's store, turns them into ObjectLostError.
+        The reply says how it went (see PullReply): a failed pull is a reply with
+        ok=False and each holder's failure, not an exception; exceptions mean this
+        store itself could not be asked.
         """
-        return self._get_stub().Read(object_store_pb2.StoreGetRequest(
-            object_ids=[object_id], timeout_s=timeout_s))
+        return await self._call("Pull", self._get_stub().Pull(object_store_pb2.PullRequest(
+            object_id=object_id, holders=list(holders), timeout_s=timeout_s)))
 
     async def get(self, object_ids: Iterable[bytes],
                   timeout_s: float) -> list[object_store_pb2.StoreObject]:

@@ -37,8 +37,11 @@ import grpc
 
 from runtime import component, rpc
 from runtime.object_store import reclaim
+from runtime.object_store.client import StoreClient
 from runtime.object_store.store import (FILE_PREFIX, Entry, FileOps, ObjState, StoreState,
                                         format_bytes, object_file_name)
+from runtime.object_store.transfer import (CONNECT_TIMEOUT_S, REFUSED, UNREACHABLE, HolderError,
+                                           PullManager, TransferCounters, TransferServer)
 from runtime.protocol import common_pb2, object_store_pb2, object_store_pb2_grpc
 
 log = logging.getLogger("object_store")
@@ -53,6 +56,9 @@ SWEEP_INTERVAL_S = 30.0
 #: (or name by id) in one call; raytop's agent asks for at most its view's row limit.
 LIST_DEFAULT_LIMIT = 1000
 LIST_MAX = 20_000
+#: Environment variable with the default of --max-serve-bytes-per-s (for stores that a
+#: node or node agent starts, which inherit it).
+SERVE_RATE_ENV = "RUNTIME_OBJECT_SERVE_MAX_BYTES_PER_S"
 _T = TypeVar("_T")
 
 
@@ -130,6 +136,10 @@ class StoreService:
         self._pid_namespace = reclaim.pid_namespace()
         self._pidfd_unavailable = False
         self.reclaimed_objects = 0
+        self.transfer_counters = TransferCounters()
+        # Set by serve() once the transfer port is up (runtime/object_store/transfer.py).
+        self.pulls: PullManager | None = None
+        self.transfer_port = 0
 
     # ---- paths -------------------------------------------------------------------
     def shm_path(self, object_id: bytes) -> str:
@@ -451,17 +461,45 @@ class StoreService:
 
     # ---- Seal ----------------------------------------------------------------------
     def seal(self, object_ids: Iterable[bytes]) -> None:
-        """Make objects readable and wake the Gets waiting for them."""
+        """Make objects readable and wake the Gets waiting for them.
+
+        An object being pulled from another node is sealed by its pull, once all its
+        bytes are in, even when a local writer of the same object seals it first.
+        """
         for object_id in object_ids:
-            if not self.state.seal(object_id):
-                entry = self.state.get(object_id)
-                if entry is None:
-                    log.warning("seal of unknown object %s ignored", object_id.hex()[:16])
+            if self.pulls is not None and self.pulls.intercept_seal(object_id):
                 continue
-            self._unwatch_object(self.state.entries[object_id])
-            for fut in self._seal_waiters.pop(object_id, ()):
-                if not fut.done():
-                    fut.set_result(None)
+            self._seal_one(object_id)
+
+    def _seal_one(self, object_id: bytes) -> None:
+        if not self.state.seal(object_id):
+            entry = self.state.get(object_id)
+            if entry is None:
+                log.warning("seal of unknown object %s ignored", object_id.hex()[:16])
+            return
+        self._unwatch_object(self.state.entries[object_id])
+        for fut in self._seal_waiters.pop(object_id, ()):
+            if not fut.done():
+                fut.set_result(None)
+
+    # ---- pulled copies (PullManager) ---------------------------------------------------
+    def seal_pulled(self, object_id: bytes) -> None:
+        """Every byte of a pulled copy is in: make it readable."""
+        self._seal_one(object_id)
+
+    def discard_pulled(self, object_id: bytes) -> None:
+        """Free a pull's partial copy (no holder could deliver the rest)."""
+        entry = self.state.get(object_id)
+        if entry is None or entry.state is not ObjState.CREATED:
+            return
+        self.state.remove(object_id)
+        self._discard(entry.shm_path, entry.size)
+
+    async def resolve_for_transfer(self, object_id: bytes) -> GetResult:
+        """Where another store can read a sealed object from (restored if spilled and
+        there is room; else its spill file). Unsealed objects are not served."""
+        (result,) = await self.get([object_id], 0.0)
+        return result
 
     # ---- Get -----------------------------------------------------------------------
     async def get(self, object_ids: Sequence[bytes], timeout_s: float) -> list[GetResult]:
@@ -523,8 +561,13 @@ class StoreService:
 
     # ---- Delete --------------------------------------------------------------------
     async def delete(self, object_ids: Iterable[bytes]) -> None:
-        """Free objects and their files; unknown ids are ignored (idempotent)."""
+        """Free objects and their files; unknown ids are ignored (idempotent).
+
+        An object being pulled stops receiving; its pull reports it freed.
+        """
         for object_id in object_ids:
+            if self.pulls is not None:
+                self.pulls.cancel(object_id)
             while True:
                 entry = self.state.get(object_id)
                 if entry is None:
@@ -626,8 +669,6 @@ class StoreService:
 
 
 # ---- gRPC ----------------------------------------------------------------------------
-READ_CHUNK_BYTES = 4 * 1024 * 1024
-
 
 class ObjectStoreServicer(object_store_pb2_grpc.ObjectStoreServicer):
     """Translates the ObjectStore RPCs to StoreService calls."""
@@ -665,29 +706,18 @@ class ObjectStoreServicer(object_store_pb2_grpc.ObjectStoreServicer):
         await self._svc.delete(request.object_ids)
         return common_pb2.Empty()
 
-    async def Read(self, request, context):
-        """Stream an object's bytes in chunks; the file stays readable through the open
-        descriptor even if the object is spilled or deleted meanwhile."""
-        if len(request.object_ids) != 1:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Read takes exactly one object id")
-        (res,) = await self._svc.get(list(request.object_ids), request.timeout_s)
-        if not res.found:
-            yield object_store_pb2.Chunk(found=False)
-            return
-        fd = os.open(res.path, os.O_RDONLY)
+    async def Pull(self, request, context):
+        """Copy an object from another node's store into this one (transfer.py)."""
+        if self._svc.pulls is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "this object store serves no transfers (started without them)")
         try:
-            offset = 0
-            if res.size == 0:
-                yield object_store_pb2.Chunk(found=True, size=0)
-            while offset < res.size:
-                n = min(READ_CHUNK_BYTES, res.size - offset)
-                data = await asyncio.to_thread(os.pread, fd, n, offset)
-                if not data:
-                    break
-                yield object_store_pb2.Chunk(found=True, size=res.size, offset=offset, data=data)
-                offset += len(data)
-        finally:
-            os.close(fd)
+            self._svc._check_id(request.object_id)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Pull: {exc}")
+        outcome = await self._svc.pulls.pull(request.object_id, list(request.holders),
+                                             request.timeout_s)
+        return outcome.to_proto()
 
     async def List(self, request, context):
         """What the store holds, bounded: the named ids it has, or its largest objects."""
@@ -712,13 +742,46 @@ class ObjectStoreServicer(object_store_pb2_grpc.ObjectStoreServicer):
 
     async def Stats(self, request, context):
         s = self._svc.state.stats()
+        t = self._svc.transfer_counters
         return object_store_pb2.StoreStats(
             capacity=s.capacity, used=s.used, num_objects=s.num_objects,
             spilled_bytes=s.spilled_bytes_total, spilled_objects=s.spilled_objects_total,
             restored_objects=s.restored_objects_total, num_spilled_now=s.num_spilled_now,
             shm_dir=self._svc.shm_dir, spill_dir=self._svc.spill_dir or "",
             node_id=self._svc.node_id_hex, num_unsealed=s.num_unsealed,
-            reclaimed_objects=self._svc.reclaimed_objects)
+            reclaimed_objects=self._svc.reclaimed_objects,
+            transfer_port=self._svc.transfer_port, pulls=t.pulls, pulls_joined=t.pulls_joined,
+            pulls_failed=t.pulls_failed, pull_failovers=t.pull_failovers,
+            pulled_bytes=t.pulled_bytes, serves=t.serves, served_bytes=t.served_bytes,
+            pulls_active=self._svc.pulls.active if self._svc.pulls is not None else 0)
+
+
+class HolderDirectory:
+    """Where other stores serve transfers: asked of each store (its Stats) once, then
+    cached by the PullManager, which asks again when the port stops answering."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+        self._clients: dict[str, StoreClient] = {}
+
+    async def transfer_port(self, holder: str) -> int:
+        client = self._clients.get(holder)
+        if client is None:
+            client = self._clients[holder] = StoreClient(holder, self._token)
+        try:
+            reply = await asyncio.wait_for(client.stats(), CONNECT_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise HolderError(UNREACHABLE, f"its store at {holder} did not answer within "
+                                           f"{CONNECT_TIMEOUT_S:g}s") from None
+        except Exception as exc:  # StoreClient's errors name the store and what failed
+            raise HolderError(UNREACHABLE, str(exc)) from None
+        if not reply.transfer_port:
+            raise HolderError(REFUSED, f"its store at {holder} serves no transfer port")
+        return reply.transfer_port
+
+    async def close(self) -> None:
+        for client in self._clients.values():
+            await client.close()
 
 
 # ---- process ---------------------------------------------------------------------------
@@ -736,11 +799,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-spill", action="store_true", help="reject Creates instead of spilling")
     p.add_argument("--sweep-interval-s", type=float, default=SWEEP_INTERVAL_S,
                    help="how often to remove files of dead stores from the shm dir")
+    p.add_argument("--transfer-port", type=int, default=0,
+                   help="TCP port other stores pull objects from (0 picks a free port)")
+    p.add_argument("--max-serve-bytes-per-s", type=int,
+                   default=int(os.environ.get(SERVE_RATE_ENV, "0") or 0),
+                   help="cap on the bytes per second of each transfer this store serves, "
+                        f"0: none (default ${SERVE_RATE_ENV}); keeps transfers from filling "
+                        "a shared link")
     args = p.parse_args(argv)
     if args.capacity < 0:
         p.error(f"--capacity must be >= 0, got {args.capacity}")
     if args.sweep_interval_s <= 0:
         p.error(f"--sweep-interval-s must be > 0, got {args.sweep_interval_s}")
+    if args.max_serve_bytes_per_s < 0:
+        p.error(f"--max-serve-bytes-per-s must be >= 0, got {args.max_serve_bytes_per_s}")
+    if not 0 <= args.transfer_port <= 65535:
+        p.error(f"--transfer-port must be 0 to 65535, got {args.transfer_port}")
     if args.no_spill:
         args.spill_dir = None
     elif args.spill_dir is None:
@@ -761,19 +835,32 @@ async def serve(args: argparse.Namespace, token: str) -> None:
     server = rpc.make_server(token)
     object_store_pb2_grpc.add_ObjectStoreServicer_to_server(ObjectStoreServicer(service), server)
     port = rpc.bind(server, args.host, args.port)
+    transfer = TransferServer(token, service.resolve_for_transfer, service.transfer_counters,
+                              max_bytes_per_s=args.max_serve_bytes_per_s)
+    try:
+        service.transfer_port = await transfer.start(args.host, args.transfer_port)
+    except OSError as exc:
+        raise SystemExit(f"object store of node {args.node_id[:12]}: {exc.strerror} "
+                         "(--transfer-port)") from None
+    holders = HolderDirectory(token)
+    service.pulls = PullManager(service, token, service.transfer_counters, holders.transfer_port,
+                                own_address=f"{args.host}:{port}")
     await server.start()
     sweeper = asyncio.ensure_future(service.sweep_loop(args.sweep_interval_s))
     try:
-        component.announce_ready(args.ready_file, port=port)
-        log.info("object store serving on %s:%d: capacity %s, shm dir %s, spill dir %s",
-                 args.host, port, format_bytes(args.capacity), args.shm_dir,
-                 args.spill_dir or "(spilling disabled)")
+        component.announce_ready(args.ready_file, port=port, transfer_port=service.transfer_port)
+        log.info("object store serving on %s:%d (transfers on port %d): capacity %s, shm dir "
+                 "%s, spill dir %s", args.host, port, service.transfer_port,
+                 format_bytes(args.capacity), args.shm_dir, args.spill_dir or "(spilling disabled)")
         await stop.wait()
         log.info("stopping: deleting %d objects", len(service.state.entries))
     finally:
         sweeper.cancel()
         await asyncio.gather(sweeper, return_exceptions=True)
         await server.stop(grace=0.5)
+        await transfer.close()
+        await service.pulls.close()
+        await holders.close()
         service.close_watches()
         await service.drain()
         service.cleanup_files()

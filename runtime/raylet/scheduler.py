@@ -23,7 +23,20 @@ Policy:
   round-robin over the alive nodes in node-id order (this one included), taking
   the next node that has the resources free now, else the next one that has them
   at all; a remote choice is spilled back to that node's raylet (which must then
-  grant it) and charged to our view of that node until the GCS reports it again.
+  grant it) and charged to our view of that node until the GCS reports it again;
+* workers are pooled by runtime environment (Ray's runtime_env hash, ``env``): a
+  request is granted only a worker started for its environment, "" being none. An
+  environment is set up once per node (``SetupEnv``) before its first worker starts;
+  while that runs, its requests wait (WAIT_ENV) without holding a starting slot, so a
+  long pip install never keeps other work from getting workers. If the setup fails,
+  every request waiting for that environment is rejected with the reason, and the next
+  request for it tries again;
+* a request with a label selector (Ray's ``label_selector``, compiled by runtime/labels.py)
+  runs only on a node whose labels match it: this node, else one it spills back to, else
+  it waits, as a request for missing resources does, until a matching node joins;
+* a worker whose lease comes back with ``worker_exiting`` (it reached its function's
+  max_calls and exits) leaves the pool at once: it is never granted again, and its exit
+  is no crash.
 """
 from __future__ import annotations
 
@@ -33,6 +46,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
+from runtime.labels import Selector, node_labels
 from runtime.raylet.resources import (GpuInstances, Resources, add, bundle_resources, describe,
                                       fits, missing, subtract)
 
@@ -50,7 +64,7 @@ def _remember(table: "OrderedDict", key: str, value) -> None:
 
 
 # Why a request waits (PendingRequest.waiting); see Scheduler.reason_text.
-WAIT_NEW, WAIT_INFEASIBLE, WAIT_GROUP, WAIT_RESOURCES, WAIT_WORKER, WAIT_GPU = range(6)
+WAIT_NEW, WAIT_INFEASIBLE, WAIT_GROUP, WAIT_RESOURCES, WAIT_WORKER, WAIT_GPU, WAIT_ENV = range(7)
 
 
 def brief(res: Resources) -> str:
@@ -82,6 +96,8 @@ class PendingRequest:
     spread_placed: bool = False  # SPREAD: its node is chosen (it waits here if this one)
     job_id: bytes = b""
     waiting: int = WAIT_NEW      # why it is not granted yet (WAIT_*)
+    env: str = ""                # the runtime_env hash of the worker it needs ("" = none)
+    selector: Optional[Selector] = None  # the node labels it needs (None: any node)
 
 
 @dataclass
@@ -103,6 +119,7 @@ class Worker:
     lease_id: Optional[int] = None
     idle_since: float = field(default_factory=time.monotonic)
     blocked: bool = False
+    env: str = ""  # the runtime_env hash it was started for
 
 
 @dataclass
@@ -131,6 +148,7 @@ class Reject:
     client: int
     request_id: int
     message: str
+    runtime_env: bool = False  # its runtime_env could not be set up (RuntimeEnvSetupError)
 
 
 @dataclass
@@ -157,6 +175,13 @@ class Queued:
 @dataclass
 class StartWorkers:
     count: int
+    env: str = ""  # started for this runtime_env (set up already)
+
+
+@dataclass
+class SetupEnv:
+    """Set up the runtime_env `env` on this node, then report env_ready or env_failed."""
+    env: str
 
 
 @dataclass
@@ -172,12 +197,15 @@ class RemoteNode:
     raylet_address: str
     total: Resources
     available: Resources
+    labels: Dict[str, str] = field(default_factory=dict)
 
 
 class Scheduler:
     def __init__(self, node_id: bytes, total: Resources, gpu_ids: List[int],
-                 max_starting: int = 2, soft_worker_limit: Optional[int] = None) -> None:
+                 max_starting: int = 2, soft_worker_limit: Optional[int] = None,
+                 labels: Optional[Dict[str, str]] = None) -> None:
         self.node_id = node_id
+        self.labels = node_labels(node_id.hex(), labels, total)  # with Ray's defaults
         self.total: Resources = dict(total)
         self.available: Resources = dict(total)
         self.gpus = GpuInstances(gpu_ids)
@@ -186,7 +214,11 @@ class Scheduler:
         self.idle: List[bytes] = []  # LIFO: the warmest worker first
         self.leases: Dict[int, Lease] = {}
         self.starting = 0
+        self.starting_env: Dict[str, int] = {}  # of `starting`, per runtime_env ("" too)
         self.max_starting = max_starting
+        self.envs_ready: set = {""}   # runtime_envs set up on this node
+        self.envs_setting_up: set = set()
+        self.env_failures: Dict[str, str] = {}  # failed setups whose requests to reject
         self.soft_worker_limit = soft_worker_limit or max(1, int(total.get("CPU", 1)))
         self.remote_nodes: Dict[bytes, RemoteNode] = {}
         self.prepared: Dict[Tuple[str, int], Resources] = {}
@@ -207,22 +239,51 @@ class Scheduler:
     def cancel_request(self, client: int, request_id: int) -> bool:
         return self.pending.pop((client, request_id), None) is not None
 
-    def worker_starting(self, n: int = 1) -> None:
+    def worker_starting(self, n: int = 1, env: str = "") -> None:
         self.starting += n
+        self.starting_env[env] = self.starting_env.get(env, 0) + n
 
-    def worker_start_failed(self) -> None:
+    def worker_start_failed(self, env: str = "") -> None:
         self.starting = max(0, self.starting - 1)
+        self._started_one(env)
 
     def worker_registered(self, worker: Worker) -> None:
         self.starting = max(0, self.starting - 1)
+        self._started_one(worker.env)
         self.workers[worker.worker_id] = worker
         self.idle.append(worker.worker_id)
 
-    def return_lease(self, lease_id: int) -> Optional[Worker]:
+    def _started_one(self, env: str) -> None:
+        left = self.starting_env.get(env, 0) - 1
+        if left > 0:
+            self.starting_env[env] = left
+        else:
+            self.starting_env.pop(env, None)
+
+    def env_ready(self, env: str) -> None:
+        """The runtime_env `env` is set up on this node: its workers may start."""
+        self.envs_setting_up.discard(env)
+        self.envs_ready.add(env)
+
+    def env_failed(self, env: str, message: str) -> None:
+        """Setting up `env` failed (or a worker started for it died before registering):
+        the next schedule() rejects the requests waiting for it with `message`; a later
+        request sets it up again."""
+        if not env:
+            return  # no environment to blame: a plain worker's failed start is retried
+        self.envs_setting_up.discard(env)
+        self.envs_ready.discard(env)
+        self.env_failures[env] = message
+
+    def return_lease(self, lease_id: int, worker_exiting: bool = False) -> Optional[Worker]:
+        """The holder is done with the lease. With `worker_exiting` the worker exits
+        (max_calls): it leaves the pool instead of idling, so its exit is no crash."""
         lease = self.leases.pop(lease_id, None)
         if lease is None:
             return None
         self._release(lease)
+        if worker_exiting:
+            return self.workers.pop(lease.worker_id, None)
         w = self.workers.get(lease.worker_id)
         if w is not None:
             w.lease_id = None
@@ -275,11 +336,19 @@ class Scheduler:
     # -- decisions -------------------------------------------------------------------------
     def schedule(self) -> list:
         actions: list = []
-        need_workers = 0
         # Resources that requests waiting for a starting worker will take: without
         # this, every queued request would ask for a worker of its own.
         spoken_for: Resources = {}
+        need: Dict[str, int] = {}  # workers to start, per runtime_env
+        failures = self.env_failures
+        if failures:
+            self.env_failures = {}
         for key, req in list(self.pending.items()):
+            if failures and req.env in failures:
+                del self.pending[key]
+                actions.append(Reject(req.client, req.request_id, failures[req.env],
+                                      runtime_env=True))
+                continue
             target = self._placement(req, spoken_for)
             if isinstance(target, Reject):
                 del self.pending[key]
@@ -304,26 +373,37 @@ class Scheduler:
                     req.warned = True
                     actions.append(Warn(req.client, req.request_id, self._infeasible_message(req)))
                 continue
+            if req.env not in self.envs_ready:
+                req.waiting = WAIT_ENV
+                if req.env not in self.envs_setting_up:
+                    self.envs_setting_up.add(req.env)
+                    actions.append(SetupEnv(req.env))
+                continue
             if not fits(self.available, req.resources):
                 req.waiting = WAIT_RESOURCES
                 if not req.told_queued:
                     req.told_queued = True
                     actions.append(Queued(req.client, req.request_id))
                 continue
-            if not self.idle:
+            idle = self.idle
+            if idle and self.workers[idle[-1]].env == req.env:
+                slot: Optional[int] = len(idle) - 1  # the warmest worker: the common case
+            else:
+                slot = self._idle_slot(req.env)
+            if slot is None:
                 req.waiting = WAIT_WORKER
                 free = dict(self.available)
                 subtract(free, spoken_for)
                 if fits(free, req.resources):
                     add(spoken_for, req.resources)
-                    need_workers += 1
+                    need[req.env] = need.get(req.env, 0) + 1
                 continue
             held = req.resources if req.hold is None else req.hold
             gpu_ids = self.gpus.allocate(held.get("GPU", 0.0))
             if gpu_ids is None:
                 req.waiting = WAIT_GPU
                 continue
-            worker = self.workers[self.idle.pop()]
+            worker = self.workers[self.idle.pop(slot)]
             lease = Lease(next(self._lease_ids), req.client, req.request_id, worker.worker_id,
                           dict(held), gpu_ids)
             subtract(self.available, held)
@@ -331,11 +411,22 @@ class Scheduler:
             worker.lease_id = lease.lease_id
             del self.pending[key]
             actions.append(Grant(req.client, req.request_id, lease.lease_id, worker, gpu_ids))
-        to_start = min(need_workers - self.starting, self.max_starting - self.starting)
-        if to_start > 0:
-            self.starting += to_start
-            actions.append(StartWorkers(to_start))
+        room = self.max_starting - self.starting
+        for env, count in need.items():
+            to_start = min(count - self.starting_env.get(env, 0), room)
+            if to_start > 0:
+                room -= to_start
+                self.worker_starting(to_start, env)
+                actions.append(StartWorkers(to_start, env))
         return actions
+
+    def _idle_slot(self, env: str) -> Optional[int]:
+        """Index in `idle` of the warmest idle worker of runtime_env `env`."""
+        idle = self.idle
+        for i in range(len(idle) - 1, -1, -1):
+            if self.workers[idle[i]].env == env:
+                return i
+        return None
 
     # -- placement-group bundles (two-phase: prepare, then commit or cancel) ----------------------
     # The GCS sends Commit only once Prepare has answered, but a removal's Cancel can arrive
@@ -418,12 +509,12 @@ class Scheduler:
 
     def pending_demand(self) -> List[Tuple[Resources, bool]]:
         """(shape, infeasible) of every pending request, for the GCS and `status`."""
-        return [(r.resources, not self._feasible_here(r.resources)) for r in self.pending.values()]
+        return [(r.resources, not self._feasible_here(r)) for r in self.pending.values()]
 
     def pending_demand_detail(self) -> List[Demand]:
         """Every pending request with its function, job and why it waits (the GCS joins
         them to the tasks it lists: "why is it pending?")."""
-        return [Demand(r.resources, not self._feasible_here(r.resources), r.name, r.job_id,
+        return [Demand(r.resources, not self._feasible_here(r), r.name, r.job_id,
                        text) for r, text in self.pending_reasons()]
 
     def pending_reasons(self) -> List[Tuple[PendingRequest, str]]:
@@ -434,7 +525,7 @@ class Scheduler:
         """Why req waits, in words, from the code schedule() recorded."""
         code = req.waiting
         if code == WAIT_INFEASIBLE:
-            return self._infeasible_reason(req.resources)
+            return self._infeasible_reason(req)
         if code == WAIT_GROUP:
             group = next((g for g in map(_group_of, req.resources) if g), "")
             return f"waiting for placement group {group} to be created on this node"
@@ -448,25 +539,48 @@ class Scheduler:
                     f"{len(self.workers)} running on this node)")
         if code == WAIT_GPU:
             return "waiting for a free GPU instance"
+        if code == WAIT_ENV:
+            return "waiting for its runtime_env to be set up on this node"
         return "waiting to be scheduled"
 
-    def _infeasible_reason(self, res: Resources) -> str:
+    def _infeasible_reason(self, req: PendingRequest) -> str:
+        res = req.resources
         parts = []
         for k in sorted(missing(self.total, res)):
             largest = max([self.total.get(k, 0.0)] +
                           [n.total.get(k, 0.0) for n in self.remote_nodes.values()])
             parts.append(f"no alive node has {k}" if largest <= 0
                          else f"the largest node has {k}: {largest:g}")
+        if not parts and req.selector is not None:
+            parts.append(self._labels_reason(req))
         return f"needs {brief(res)}; {', '.join(parts) or 'no node can run it'}"
 
+    def _labels_reason(self, req: PendingRequest) -> str:
+        """Why no node takes a request whose resources some node has: its labels."""
+        sized = [n for n in self._nodes() if not missing(n.total, req.resources)]
+        return (f"no alive node{' with these resources' if sized else ''} has labels "
+                f"matching label_selector {req.selector}")
+
     # -- helpers -----------------------------------------------------------------------------
-    def _feasible_here(self, res: Resources) -> bool:
-        return not missing(self.total, res)
+    def _nodes(self) -> List[RemoteNode]:
+        """Every alive node as the scheduler sees it, this one first."""
+        here = RemoteNode(self.node_id, "", self.total, self.available, self.labels)
+        return [here] + [n for n in self.remote_nodes.values() if n.node_id != self.node_id]
+
+    @staticmethod
+    def _can_run(node: RemoteNode, req: PendingRequest) -> bool:
+        """Whether the node could ever run req: it has the resources and matching labels."""
+        return not missing(node.total, req.resources) and (
+            req.selector is None or req.selector.matches(node.labels))
+
+    def _feasible_here(self, req: PendingRequest) -> bool:
+        return not missing(self.total, req.resources) and (
+            req.selector is None or req.selector.matches(self.labels))
 
     def _placement(self, req: PendingRequest, spoken_for: Optional[Resources] = None):
         if self.draining:
             for node in self.remote_nodes.values():
-                if not missing(node.total, req.resources) and not req.grant_or_reject:
+                if self._can_run(node, req) and not req.grant_or_reject:
                     return Spillback(req.client, req.request_id, node.raylet_address)
             return Reject(req.client, req.request_id,
                           f"node {self.node_id.hex()[:8]} is draining (leaving the cluster) and "
@@ -481,26 +595,31 @@ class Scheduler:
                               f"is not alive in the cluster (soft=False)")
         if req.strategy == "SPREAD" and not req.grant_or_reject and not req.spread_placed:
             req.spread_placed = True
-            node = self._spread_choice(req.resources, spoken_for or {})
+            node = self._spread_choice(req, spoken_for or {})
             if node is not None and node.node_id != self.node_id:
                 subtract(node.available, req.resources)
                 return Spillback(req.client, req.request_id, node.raylet_address)
-        if self._feasible_here(req.resources):
+        if self._feasible_here(req):
             return "local"
         if not req.grant_or_reject:
             for node in self.remote_nodes.values():
-                if not missing(node.total, req.resources):
+                if self._can_run(node, req):
                     return Spillback(req.client, req.request_id, node.raylet_address)
         return "infeasible"
 
-    def _spread_choice(self, res: Resources, spoken_for: Resources) -> Optional[RemoteNode]:
-        """Ray's SpreadSchedulingPolicy: the next node in round-robin order with `res` free
-        now, else the next with `res` at all; None when no node could ever run it. This
-        node is a RemoteNode too, for uniformity (its node_id is ours)."""
+    def _spread_choice(self, req: PendingRequest, spoken_for: Resources
+                       ) -> Optional[RemoteNode]:
+        """Ray's SpreadSchedulingPolicy: the next node in round-robin order (of the nodes
+        whose labels match) with the resources free now, else the next with them at all;
+        None when no node could ever run it. This node is a RemoteNode too, for uniformity
+        (its node_id is ours)."""
+        res = req.resources
         here_free = dict(self.available)
         subtract(here_free, spoken_for)
-        nodes = [RemoteNode(self.node_id, "", self.total, here_free)]
+        nodes = [RemoteNode(self.node_id, "", self.total, here_free, self.labels)]
         nodes += [n for n in self.remote_nodes.values() if n.node_id != self.node_id]
+        if req.selector is not None:
+            nodes = [n for n in nodes if req.selector.matches(n.labels)]
         nodes.sort(key=lambda n: n.node_id)
         count = len(nodes)
         for free_now in (True, False):
@@ -517,6 +636,11 @@ class Scheduler:
         what = ", ".join(f"{k} (needs {v:g}, the largest node has "
                          f"{max([self.total.get(k, 0.0)] + [n.total.get(k, 0.0) for n in self.remote_nodes.values()]):g})"
                          for k, v in sorted(miss.items()))
+        if not what:  # the resources exist: the labels are what no node has
+            return (f"The request {describe(req.resources)}"
+                    f"{' of ' + req.name if req.name else ''} with label_selector "
+                    f"{req.selector} cannot be scheduled: {self._labels_reason(req)}. It stays "
+                    f"pending until such a node joins; other work is not blocked.")
         return (f"The resource request {describe(req.resources)}"
                 f"{' of ' + req.name if req.name else ''} cannot be scheduled on any node of the "
                 f"cluster: missing {what}. It stays pending until a node with these resources "

@@ -5,6 +5,13 @@ Every core worker on the node keeps one Connect stream open; requests and
 grants for leases, blocked/unblocked notices and registration all travel on
 it, so a lease costs one message each way and a closed stream is how the
 raylet learns that a driver or worker is gone.
+
+The GCS is a lease client too (for actors), but its leases outlive its stream: when
+the GCS dies, its actors' workers keep running, and the GCS that the node agent
+restarts takes their leases over when it connects (RegisterAck.gcs_leases). The
+raylet itself rides out a GCS restart: it keeps reporting, notices the new GCS
+(ResourceReportReply.gcs_instance) and registers again with the same node id. Only a
+GCS that says this node is dead makes it exit.
 """
 from __future__ import annotations
 
@@ -14,18 +21,21 @@ import itertools
 import json
 import logging
 import os
-import secrets
-import sys
 import time
 from typing import Dict, Optional
 
 import grpc
 
 from runtime import component, config, rpc
+from runtime.core_worker.gcs_client import GcsClient
+from runtime.labels import compile_selector
 from runtime.protocol import common_pb2, gcs_pb2, gcs_pb2_grpc, raylet_pb2, raylet_pb2_grpc
+from runtime.raylet import log_service
 from runtime.raylet.scheduler import (Grant, PendingRequest, Queued, Reject, RemoteNode,
-                                      Scheduler, Spillback, StartWorkers, Warn, Worker)
-from runtime.supervisor import ManagedProcess, ProcessSpec, Supervisor
+                                      Scheduler, SetupEnv, Spillback, StartWorkers, Warn,
+                                      Worker)
+from runtime.raylet.worker_pool import WorkerPool
+from runtime.supervisor import ManagedProcess, Supervisor
 
 log = logging.getLogger("runtime.raylet")
 #: How often the object store's usage is read for the resource report.
@@ -43,6 +53,8 @@ class Client:
         self.pid = 0
         self.port = 0
         self.job_id = b""
+        self.is_gcs = False
+        self.peer = ""  # "ipv4:1.2.3.4:5678", as gRPC names it
 
 
 class Raylet(raylet_pb2_grpc.RayletServicer):
@@ -53,24 +65,38 @@ class Raylet(raylet_pb2_grpc.RayletServicer):
         resources = json.loads(args.resources)
         gpu_ids = [int(x) for x in args.gpu_ids.split(",") if x.strip()] if args.gpu_ids else []
         self.sched = Scheduler(self.node_id, resources, gpu_ids,
-                               max_starting=max(1, min(4, int(resources.get("CPU", 1)) or 1)))
+                               max_starting=max(1, min(4, int(resources.get("CPU", 1)) or 1)),
+                               labels=json.loads(args.labels))
         self.clients: Dict[int, Client] = {}
         self._cids = itertools.count(1)
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.supervisor = Supervisor(on_exit=self._on_process_exit)
+        self.pool = WorkerPool(args, lambda: getattr(self, "gcs_client", None) or self.gcs)
         self.starting: Dict[str, ManagedProcess] = {}   # startup token -> process
         self.procs: Dict[bytes, ManagedProcess] = {}    # worker id -> process
         self._dirty = asyncio.Event()
         self._stopping = asyncio.Event()
         self.port = 0
         self._report_seq = 0
-        self.gcs = None
+        self.gcs_client: Optional[GcsClient] = None
+        self._gcs_instance = ""      # the GCS process this raylet last registered with
+        self._gcs_cids: set = set()  # Connect clients that registered as the GCS
+        self._start_time = time.time()
+        # Drivers whose stream closed without shutdown(): (job id, pid) -> until when to
+        # wait for the process to be gone; reported to the GCS once it is (exited_drivers).
+        self._driver_suspects: Dict[tuple, float] = {}
+        self._exited_drivers: list = []
         self._store_used = 0
         self._store_spilled = 0
+
+    @property
+    def gcs(self) -> gcs_pb2_grpc.GcsStub:
+        return self.gcs_client.stub
 
     # -- gRPC ---------------------------------------------------------------------------------
     async def Connect(self, request_iterator, context):
         client = Client(next(self._cids))
+        client.peer = context.peer() or ""
         self.clients[client.cid] = client
         reader = asyncio.ensure_future(self._read(client, request_iterator))
         try:
@@ -102,13 +128,15 @@ class Raylet(raylet_pb2_grpc.RayletServicer):
             self.sched.request_lease(PendingRequest(
                 client.cid, r.request_id, dict(r.resources), s.kind or "DEFAULT", s.node_id, s.soft,
                 r.grant_or_reject, r.function_name, dict(r.hold) if r.hold_differs else None,
-                job_id=r.job_id or client.job_id))
+                selector=compile_selector(s.label_selector),
+                job_id=r.job_id or client.job_id, env=self.pool.learn(s.runtime_env)))
         elif kind == "return_lease":
             lease = self.sched.leases.get(msg.return_lease.lease_id)
             if msg.return_lease.kill_worker and lease is not None:
                 self._kill_worker(lease.worker_id, "its lease holder asked (force cancel)")
             else:
-                self.sched.return_lease(msg.return_lease.lease_id)
+                self.sched.return_lease(msg.return_lease.lease_id,
+                                        worker_exiting=msg.return_lease.worker_exiting)
         elif kind == "cancel_request":
             self.sched.cancel_request(client.cid, msg.cancel_request.request_id)
         elif kind == "blocked":
@@ -123,10 +151,14 @@ class Raylet(raylet_pb2_grpc.RayletServicer):
         client.pid = reg.pid
         client.port = reg.port
         client.job_id = reg.job_id
-        client.outbox.put_nowait(raylet_pb2.RayletMessage(registered=raylet_pb2.RegisterAck(
+        ack = raylet_pb2.RegisterAck(
             node_id=self.node_id, store_address=self.args.store_address,
             gcs_address=self.args.gcs_address, session_dir=self.args.session_dir,
-            pid=os.getpid())))
+            pid=os.getpid())
+        if reg.is_gcs:
+            client.is_gcs = True
+            ack.gcs_leases.extend(self._adopt_gcs_leases(client))
+        client.outbox.put_nowait(raylet_pb2.RayletMessage(registered=ack))
         if not reg.is_driver:
             proc = self.starting.pop(reg.startup_token, None)
             if proc is None:
@@ -134,8 +166,27 @@ class Raylet(raylet_pb2_grpc.RayletServicer):
                 return
             client.worker_id = reg.worker_id
             self.procs[reg.worker_id] = proc
-            self.sched.worker_registered(Worker(reg.worker_id, reg.pid, reg.port, client.cid))
+            self.sched.worker_registered(Worker(reg.worker_id, reg.pid, reg.port, client.cid,
+                                                env=getattr(proc, "runtime_env", "")))
             log.info("worker %s pid %s registered on port %s", reg.worker_id.hex()[:8], reg.pid, reg.port)
+
+    def _adopt_gcs_leases(self, client: Client) -> list:
+        """A GCS connected: the leases of earlier GCS connections (a GCS that died and was
+        restarted, or this GCS's lost stream) are its now."""
+        out = []
+        for lease in self.sched.leases.values():
+            if lease.client in self._gcs_cids and lease.client != client.cid:
+                lease.client = client.cid
+                w = self.sched.workers.get(lease.worker_id)
+                out.append(raylet_pb2.GcsLease(lease_id=lease.lease_id, worker_id=lease.worker_id,
+                                               worker_pid=w.pid if w else 0,
+                                               worker_port=w.port if w else 0))
+        self._gcs_cids = {cid for cid in self._gcs_cids if cid in self.clients}
+        self._gcs_cids.add(client.cid)
+        if out:
+            log.info("the GCS (pid %s) connected and took over %d actor lease(s) of an earlier "
+                     "GCS connection", client.pid, len(out))
+        return out
 
     def _disconnected(self, client: Client) -> None:
         self.clients.pop(client.cid, None)
@@ -144,9 +195,36 @@ class Raylet(raylet_pb2_grpc.RayletServicer):
             proc = self.procs.pop(client.worker_id, None)
             if proc is not None and proc.poll() is None:
                 proc.kill()
-        for kill in self.sched.client_disconnected(client.cid):
-            self._kill_worker(kill.worker_id, kill.reason)
+        kills = self.sched.client_disconnected(client.cid)  # drops its pending requests
+        if client.is_gcs:
+            if kills:
+                log.warning("the GCS's connection (pid %s) closed; its %d actor worker(s) keep "
+                            "running until a GCS connects and takes their leases over",
+                            client.pid, len(kills))
+        else:
+            for kill in kills:
+                self._kill_worker(kill.worker_id, kill.reason)
+        if client.is_driver and client.job_id and client.pid and self._is_local(client.peer):
+            self._driver_suspects[(client.job_id, client.pid)] = time.monotonic() + 10.0
         self._run_scheduler()
+
+    def _is_local(self, peer: str) -> bool:
+        """Whether a peer runs on this host (so its pid means something here)."""
+        host = peer.split(":", 1)[1].rsplit(":", 1)[0] if peer.startswith("ipv") else ""
+        host = host.strip("[]")
+        return host == self.args.node_ip or host.startswith("127.") or host == "::1"
+
+    def _check_drivers(self) -> None:
+        """Drivers gone without shutdown(): their processes are gone (or zombies)."""
+        now = time.monotonic()
+        for key, until in list(self._driver_suspects.items()):
+            if not _pid_alive(key[1]):
+                del self._driver_suspects[key]
+                self._exited_drivers.append(gcs_pb2.DriverExit(job_id=key[0], pid=key[1]))
+                log.info("driver pid %s of job %s exited without shutdown()", key[1],
+                         key[0].hex())
+            elif now > until:
+                del self._driver_suspects[key]  # it lives on (its raylet connection broke)
 
     async def GetNodeStats(self, request, context):
         stats = raylet_pb2.NodeStats(node_id=self.node_id, resources_total=self.sched.total,
@@ -210,11 +288,14 @@ class Raylet(raylet_pb2_grpc.RayletServicer):
                         gpu_ids=action.gpu_ids, worker_pid=action.worker.pid)))
             elif isinstance(action, StartWorkers):
                 for _ in range(action.count):
-                    self._start_worker()
+                    self._start_worker(action.env)
+            elif isinstance(action, SetupEnv):
+                self.pool.setup(action.env, self._env_setup_done)
             elif isinstance(action, Reject):
                 self._send(action.client, raylet_pb2.LeaseGrant(
                     request_id=action.request_id,
-                    rejected=raylet_pb2.Refused(message=action.message)))
+                    rejected=raylet_pb2.Refused(message=action.message,
+                                                runtime_env_failed=action.runtime_env)))
             elif isinstance(action, Spillback):
                 self._send(action.client, raylet_pb2.LeaseGrant(
                     request_id=action.request_id,
@@ -235,27 +316,25 @@ class Raylet(raylet_pb2_grpc.RayletServicer):
             client.outbox.put_nowait(raylet_pb2.RayletMessage(grant=grant))
 
     # -- worker pool ----------------------------------------------------------------------------
-    def _start_worker(self) -> None:
-        token = secrets.token_hex(8)
-        worker_id = os.urandom(28)
-        a = self.args
-        argv = [sys.executable, "-m", "runtime.worker", "--raylet-address", f"{a.node_ip}:{self.port}",
-                "--node-id", a.node_id, "--node-ip", a.node_ip, "--store-address", a.store_address,
-                "--gcs-address", a.gcs_address, "--session-dir", a.session_dir,
-                "--startup-token", token, "--worker-id", worker_id.hex()]
-        env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        spec = ProcessSpec(name=f"worker-{worker_id.hex()[:8]}", argv=argv, env=env,
-                           log_path=os.path.join(a.session_dir, "logs",
-                                                 f"worker-{worker_id.hex()[:8]}.log"),
-                           stop_grace_s=2.0)
+    def _start_worker(self, env: str = "") -> None:
+        spec, token = self.pool.worker_spec(env, f"{self.args.node_ip}:{self.port}")
         try:
             proc = self.supervisor.spawn(spec)
-        except Exception:
+        except Exception as exc:
             log.exception("failed to start a worker process")
-            self.sched.worker_start_failed()
+            self.sched.worker_start_failed(env)
+            self.sched.env_failed(env, f"The runtime_env's worker could not be started: {exc}")
             return
         proc.raylet_token = token  # type: ignore[attr-defined]
+        proc.runtime_env = env  # type: ignore[attr-defined]
         self.starting[token] = proc
+
+    def _env_setup_done(self, env: str, error: Optional[str]) -> None:
+        if error is None:
+            self.sched.env_ready(env)
+        else:
+            self.sched.env_failed(env, error)
+        self._run_scheduler()
 
     def _on_process_exit(self, proc: ManagedProcess, returncode: int) -> None:
         """Supervisor thread: a worker process exited."""
@@ -266,9 +345,14 @@ class Raylet(raylet_pb2_grpc.RayletServicer):
         token = getattr(proc, "raylet_token", None)
         if token in self.starting:
             del self.starting[token]
-            self.sched.worker_start_failed()
+            env = getattr(proc, "runtime_env", "")
+            self.sched.worker_start_failed(env)
+            tail = "\n".join(proc.tail_log(20))
             log.error("worker pid %s exited with status %s before registering; last log lines:\n%s",
-                      proc.pid, returncode, "\n".join(proc.tail_log(20)))
+                      proc.pid, returncode, tail)
+            self.sched.env_failed(env, f"A worker started for the runtime_env exited with status "
+                                       f"{returncode} before registering (node "
+                                       f"{self.pool.node}); its last log lines:\n{tail}")
         for wid, p in list(self.procs.items()):
             if p is proc:
                 del self.procs[wid]
@@ -297,9 +381,43 @@ class Raylet(raylet_pb2_grpc.RayletServicer):
                     self.supervisor.remove(proc)
 
     # -- GCS -----------------------------------------------------------------------------------
-    async def _gcs_loop(self, gcs) -> None:
+    def _node_info(self) -> gcs_pb2.NodeInfo:
+        a = self.args
+        return gcs_pb2.NodeInfo(
+            node_id=self.node_id, node_ip=a.node_ip, raylet_port=self.port,
+            store_port=int(a.store_address.rsplit(":", 1)[1]), resources_total=self.sched.total,
+            resources_available=self.sched.available, alive=True, hostname=os.uname().nodename,
+            session_dir=a.session_dir, is_head=a.is_head, start_time=self._start_time,
+            raylet_pid=os.getpid(), object_store_memory=a.object_store_memory,
+            draining=self.sched.draining, labels=self.sched.labels)
+
+    async def _register_node(self) -> bool:
+        """Register (again) with the GCS; False when the GCS says this node is dead."""
+        reply = await self.gcs_client.call("RegisterNode", self._node_info(),
+                                           doing="registering this node")
+        if reply.node_dead:
+            log.error("the GCS at %s has marked this node dead (a dead node never comes back; "
+                      "a restarted raylet joins as a new node); exiting", self.args.gcs_address)
+            self._stopping.set()
+            return False
+        self._gcs_instance = reply.gcs_instance
+        return True
+
+    async def _send_report(self, timeout: float = 10) -> gcs_pb2.ResourceReportReply:
+        """One resource report; the drivers it names as exited are forgotten once it is
+        answered."""
+        self._check_drivers()
+        report = self._report()
+        sent = list(self._exited_drivers)
+        report.exited_drivers.extend(sent)
+        reply = await self.gcs.ReportResources(report, timeout=timeout)
+        del self._exited_drivers[:len(sent)]
+        return reply
+
+    async def _gcs_loop(self) -> None:
         last = 0.0
         self._membership_version = 0
+        down_since: Optional[float] = None
         while not self._stopping.is_set():
             try:
                 await asyncio.wait_for(self._dirty.wait(), config.RESOURCE_REPORT_INTERVAL_S)
@@ -307,34 +425,54 @@ class Raylet(raylet_pb2_grpc.RayletServicer):
                 pass
             self._dirty.clear()
             try:
-                reply = await gcs.ReportResources(self._report(), timeout=10)
+                reply = await self._send_report()
+                if down_since is not None:
+                    log.info("the GCS at %s answers again after %.1fs", self.args.gcs_address,
+                             time.monotonic() - down_since)
+                    down_since = None
                 if reply.node_dead:
                     log.error("the GCS has marked this node dead; exiting")
                     self._stopping.set()
                     return
+                if reply.unknown_node or (reply.gcs_instance and self._gcs_instance
+                                          and reply.gcs_instance != self._gcs_instance):
+                    log.warning("the GCS at %s restarted; registering this node with it again",
+                                self.args.gcs_address)
+                    if not await self._register_node():
+                        return
+                    self._dirty.set()  # report at once: the new GCS waits for resources
                 now = time.monotonic()
                 if now - last > 1.0 or reply.membership_version != self._membership_version:
                     last = now
                     self._membership_version = reply.membership_version
-                    await self._refresh_nodes(gcs)
+                    await self._refresh_nodes()
             except grpc.RpcError as exc:
-                log.warning("cannot report resources to the GCS at %s: %s", self.args.gcs_address,
-                            exc.details() if hasattr(exc, "details") else exc)
-                await asyncio.sleep(0.5)
+                if down_since is None:
+                    down_since = time.monotonic()
+                    log.warning("cannot report resources to the GCS at %s (%s); this node keeps "
+                                "running and reports again when the GCS is back",
+                                self.args.gcs_address,
+                                exc.details() if hasattr(exc, "details") else exc)
+                await asyncio.sleep(0.2)
+            except Exception:  # e.g. re-registration failed for good: keep trying
+                log.exception("reporting to the GCS at %s failed", self.args.gcs_address)
+                await asyncio.sleep(1.0)
             await asyncio.sleep(0.05)  # coalesce bursts of changes
 
-    async def _membership_loop(self, gcs) -> None:
+    async def _membership_loop(self) -> None:
         """Refresh the view of other nodes as soon as the membership changes (long poll), so
         a node that just joined takes SPREAD tasks and spillback at once; the periodic
         refresh in _gcs_loop remains the fallback."""
         seen = 0
         while not self._stopping.is_set():
             try:
-                reply = await gcs.WaitMembership(
+                reply = await self.gcs.WaitMembership(
                     gcs_pb2.MembershipRequest(newer_than=seen, timeout_s=30.0), timeout=40)
+                if reply.version < seen:
+                    seen = 0  # a restarted GCS counts again
                 if reply.version != seen:
                     seen = reply.version
-                    await self._refresh_nodes(gcs)
+                    await self._refresh_nodes()
             except grpc.RpcError:
                 await asyncio.sleep(0.5)  # the GCS is restarting: _gcs_loop reports it
 
@@ -384,17 +522,18 @@ class Raylet(raylet_pb2_grpc.RayletServicer):
     async def _report_now(self) -> None:
         """Tell the GCS at once (bundle changes must be visible when the RPC returns)."""
         try:
-            await self.gcs.ReportResources(self._report(), timeout=10)
+            await self._send_report()
         except grpc.RpcError as exc:
             log.warning("cannot report resources to the GCS: %s", exc.code().name)
 
-    async def _refresh_nodes(self, gcs) -> None:
-        nodes = await gcs.GetAllNodes(common_pb2.Empty(), timeout=10)
+    async def _refresh_nodes(self) -> None:
+        nodes = await self.gcs.GetAllNodes(common_pb2.Empty(), timeout=10)
         remote = {}
         for n in nodes.nodes:
             if n.alive and not n.draining and n.node_id != self.node_id:
                 remote[n.node_id] = RemoteNode(n.node_id, f"{n.node_ip}:{n.raylet_port}",
-                                               dict(n.resources_total), dict(n.resources_available))
+                                               dict(n.resources_total), dict(n.resources_available),
+                                               dict(n.labels))
         changed = set(remote) != set(self.sched.remote_nodes)
         self.sched.remote_nodes = remote
         if changed and self.sched.pending:
@@ -408,25 +547,20 @@ class Raylet(raylet_pb2_grpc.RayletServicer):
         a = self.args
         server = rpc.make_server(self.token)
         raylet_pb2_grpc.add_RayletServicer_to_server(self, server)
+        log_service.add_to_server(server, a.session_dir)  # get_log/list_logs, token-checked
         self.port = rpc.bind(server, a.node_ip, a.port)
         await server.start()
-        channel = rpc.aio_channel(a.gcs_address, self.token)
-        gcs = self.gcs = gcs_pb2_grpc.GcsStub(channel)
-        info = gcs_pb2.NodeInfo(
-            node_id=self.node_id, node_ip=a.node_ip, raylet_port=self.port,
-            store_port=int(a.store_address.rsplit(":", 1)[1]), resources_total=self.sched.total,
-            resources_available=self.sched.available, alive=True, hostname=os.uname().nodename,
-            session_dir=a.session_dir, is_head=a.is_head, start_time=time.time(),
-            raylet_pid=os.getpid(), object_store_memory=a.object_store_memory)
-        await gcs.RegisterNode(info, timeout=30)
+        self.gcs_client = GcsClient(a.gcs_address, self.token)
+        if not await self._register_node():
+            raise SystemExit(f"raylet: the GCS at {a.gcs_address} refused node {a.node_id}")
         for _ in range(max(0, a.prestart)):
             self.sched.worker_starting()
             self._start_worker()
         component.announce_ready(a.ready_file, port=self.port, node_id=a.node_id)
         log.info("raylet serving on %s:%s with resources %s", a.node_ip, self.port, self.sched.total)
         component.install_stop_handler(lambda: self.loop.call_soon_threadsafe(self._stopping.set))
-        tasks = [asyncio.ensure_future(self._gcs_loop(gcs)),
-                 asyncio.ensure_future(self._membership_loop(gcs)),
+        tasks = [asyncio.ensure_future(self._gcs_loop()),
+                 asyncio.ensure_future(self._membership_loop()),
                  asyncio.ensure_future(self._store_loop()),
                  asyncio.ensure_future(self._reap_idle_workers())]
         await self._stopping.wait()
@@ -435,14 +569,33 @@ class Raylet(raylet_pb2_grpc.RayletServicer):
             t.cancel()
         for c in list(self.clients.values()):
             c.outbox.put_nowait(None)
+        await self.pool.close()
         await asyncio.to_thread(self.supervisor.close)
         try:
-            await gcs.UnregisterNode(gcs_pb2.NodeId(node_id=self.node_id, reason="raylet stopped"),
-                                     timeout=2)
+            await self.gcs.UnregisterNode(gcs_pb2.NodeId(node_id=self.node_id,
+                                                         reason="raylet stopped"), timeout=2)
         except grpc.RpcError:
             pass
         await server.stop(0.5)
-        await channel.close()
+        await self.gcs_client.close()
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether the process runs (a zombie does not: it only waits for its parent)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -458,6 +611,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--object-store-memory", type=int, default=0)
     p.add_argument("--prestart", type=int, default=1)
     p.add_argument("--is-head", action="store_true")
+    p.add_argument("--labels", default="{}",
+                   help="JSON: the node's custom labels (Ray's defaults are added here)")
     p.add_argument("--ready-file", default="")
     return p.parse_args(argv)
 

@@ -19,9 +19,9 @@ __all__ = ["scheduling_strategies", "state", "placement_group", "remove_placemen
            "get_placement_group", "placement_group_table", "get_current_placement_group",
            "PlacementGroup", "ActorPool", "as_completed", "map_unordered",
            "inspect_serializability", "list_named_actors", "get_node_ip_address", "queue",
-           "multiprocessing"]
+           "multiprocessing", "metrics", "accelerators"]
 
-_LAZY_SUBMODULES = {"state", "queue", "multiprocessing"}
+_LAZY_SUBMODULES = {"state", "queue", "multiprocessing", "metrics", "accelerators"}
 
 
 def __getattr__(name: str) -> Any:

@@ -15,6 +15,7 @@ from runtime import component
 from runtime.core_worker.core_worker import WORKER, CoreWorker
 from runtime.core_worker.current import set_core_worker
 from runtime.core_worker.executor import Executor
+from runtime.runtime_env import context as runtime_env_context
 
 log = logging.getLogger("runtime.worker")
 
@@ -39,6 +40,7 @@ def main(argv=None) -> None:
         except (AttributeError, ValueError):
             pass
     token = component.token_from_env()
+    runtime_env_context.load_worker_env()  # the runtime_env the raylet started us for
     component.setup_logging("worker", args.node_id)
     component.die_with_parent()
     cw = CoreWorker(mode=WORKER, node_id=bytes.fromhex(args.node_id), node_ip=args.node_ip,
@@ -61,6 +63,12 @@ def main(argv=None) -> None:
     try:
         executor.run_forever()
     finally:
+        metrics = sys.modules.get("runtime.util.metrics")  # os._exit runs no atexit hook
+        if metrics is not None:
+            try:
+                metrics.flush(timeout=2.0)
+            except Exception:  # nothing may keep a worker from exiting
+                pass
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()

@@ -52,6 +52,24 @@ def start_head(farm: Farm, name: str = "head", jobs_config: str = "",
     return agent, address, token
 
 
+def join_worker(farm: Farm, head: Agent, token: str, node_ip: str = "127.0.0.2",
+                name: str = "worker", resources: Optional[Dict[str, float]] = None) -> Agent:
+    """A worker agent on node_ip joined to head's cluster (with custom resources),
+    once the head sees it alive and it serves its TCP API."""
+    agent = farm.agent(name, node_ip)
+    args = ["join", head.status().gcs_address, "--token", token, "--node-ip", node_ip]
+    if resources:
+        args += ["--resources", json.dumps(resources)]
+    out = agent.ctl(*args)
+    assert out.returncode == 0, (out.stdout, out.stderr)
+    wait_for(lambda: any(n.node_ip == node_ip and n.state == "ALIVE"
+                         for n in head.status().nodes), 45,
+             message=f"the worker on {node_ip} to be alive in the head's view")
+    wait_for(lambda: agent.status(local_only=True).api_address, 30,
+             message=f"the worker on {node_ip} to serve its TCP API")
+    return agent
+
+
 def http(address: str, method: str, path: str, token: Optional[str] = None,
          body: Any = None, headers: Optional[Dict[str, str]] = None,
          data: Optional[bytes] = None, timeout: float = 30) -> Tuple[int, Any]:
@@ -115,5 +133,5 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-__all__ = ["RAY_PY", "start_head", "http", "wait_status", "ray_client", "ray_cli",
+__all__ = ["RAY_PY", "start_head", "join_worker", "http", "wait_status", "ray_client", "ray_cli",
            "ray_client_missing", "rss_mb"]
