@@ -105,8 +105,12 @@ def clean_env(**extra: str) -> Dict[str, str]:
     return scrubbed_env(extra)
 
 
-def write_config(path: Path, ports: Dict[str, int], extra: str = "") -> Path:
-    """A small, fast agent.toml: 1 CPU, 64 MiB store, quick backoff, short grace."""
+def write_config(path: Path, ports: Dict[str, int], extra: str = "", cpus: int = 1,
+                 crash_loop_failures: int = 3, env: Optional[Dict[str, str]] = None) -> Path:
+    """A small, fast agent.toml: `cpus` CPUs (1), 64 MiB store, quick backoff, short grace;
+    `env`: RUNTIME_* tunables for every component ([component_env.all])."""
+    if env:
+        extra += "\n[component_env.all]\n" + "".join(f'{k} = "{v}"\n' for k, v in env.items())
     path.write_text(f"""
 [ports]
 gcs = {ports['gcs']}
@@ -116,7 +120,7 @@ object_store = {ports['object_store']}
 object_transfer = {ports.get('object_transfer', 0)}
 
 [resources]
-num_cpus = 1
+num_cpus = {cpus}
 object_store_memory = 67108864
 memory = 1000000000
 
@@ -124,7 +128,7 @@ memory = 1000000000
 backoff_initial_s = 0.2
 backoff_max_s = 2.0
 stable_after_s = 5.0
-crash_loop_failures = 3
+crash_loop_failures = {crash_loop_failures}
 crash_loop_window_s = 30.0
 stop_grace_s = 2.0
 drain_timeout_s = 5.0

@@ -29,7 +29,7 @@ import grpc
 import psutil
 import pytest
 
-from agent_helpers import NEUTRAL_CWD, PY, Agent, Farm, free_port, wait_for
+from agent_helpers import NEUTRAL_CWD, PY, Agent, Farm, free_port, wait_for, write_config
 from helpers.env import scrubbed_env
 from runtime import rpc
 from runtime.core_worker.gcs_client import GcsClient
@@ -363,33 +363,7 @@ ray.shutdown()
 
 def _config(agent: Agent, cpus: int, env: Dict[str, str]) -> None:
     """agent.toml with `cpus` CPUs and RUNTIME_* tunables for every component."""
-    p = agent.ports
-    lines = [f'{k} = "{v}"' for k, v in env.items()]
-    Path(agent.config).write_text(f"""
-[ports]
-gcs = {p['gcs']}
-agent = {p['agent']}
-raylet = {p['raylet']}
-object_store = {p['object_store']}
-object_transfer = {p.get('object_transfer', 0)}
-
-[resources]
-num_cpus = {cpus}
-object_store_memory = 67108864
-memory = 1000000000
-
-[supervision]
-backoff_initial_s = 0.2
-backoff_max_s = 2.0
-stable_after_s = 5.0
-crash_loop_failures = 5
-crash_loop_window_s = 30.0
-stop_grace_s = 2.0
-drain_timeout_s = 5.0
-
-[component_env.all]
-{chr(10).join(lines)}
-""")
+    write_config(Path(agent.config), agent.ports, cpus=cpus, crash_loop_failures=5, env=env)
 
 
 def _driver_env(token: str) -> Dict[str, str]:

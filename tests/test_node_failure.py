@@ -18,12 +18,13 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 from typing import Dict, List
 
 import psutil
 import pytest
 
-from agent_helpers import NEUTRAL_CWD, PY, Agent, Farm, kill_all, wait_for
+from agent_helpers import NEUTRAL_CWD, PY, Agent, Farm, kill_all, wait_for, write_config
 from helpers.env import scrubbed_env
 from runtime import rpc
 from runtime.gcs.pg_reservation import (Cancel, Commit, Created, GroupReservation, Outcome,
@@ -209,33 +210,7 @@ time.sleep(600)
 
 
 def _config(agent: Agent, env: Dict[str, str]) -> None:
-    p = agent.ports
-    lines = "\n".join(f'{k} = "{v}"' for k, v in env.items())
-    with open(agent.config, "w") as fh:
-        fh.write(f"""
-[ports]
-gcs = {p['gcs']}
-agent = {p['agent']}
-raylet = {p['raylet']}
-object_store = {p['object_store']}
-
-[resources]
-num_cpus = 2
-object_store_memory = 67108864
-memory = 1000000000
-
-[supervision]
-backoff_initial_s = 0.2
-backoff_max_s = 2.0
-stable_after_s = 5.0
-crash_loop_failures = 5
-crash_loop_window_s = 30.0
-stop_grace_s = 2.0
-drain_timeout_s = 5.0
-
-[component_env.all]
-{lines}
-""")
+    write_config(Path(agent.config), agent.ports, cpus=2, crash_loop_failures=5, env=env)
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from runtime.exceptions import (ActorDiedError, ActorUnavailableError, ObjectLos
                                 ObjectReconstructionFailedLineageEvictedError,
                                 ObjectReconstructionFailedMaxAttemptsExceededError,
                                 RayActorError, RayTaskError, TaskCancelledError,
-                                TaskUnschedulableError)
+                                TaskPlacementGroupRemoved, TaskUnschedulableError)
 from runtime.protocol import common_pb2
 from runtime.serialization import serialize_error
 from runtime.util.state import get_actor as state_get_actor
@@ -206,6 +206,16 @@ def test_rejected_lease_fails_queued_tasks_and_warning_is_given_once():
     (fail,) = of(m.lease_rejected(req.request_id, "no node has GPU"), Fail)
     assert fail.tasks == [t1, t2] and isinstance(fail.error, TaskUnschedulableError)
     assert t1.state == t2.state == FAILED
+
+
+def test_a_request_whose_placement_group_was_removed_fails_as_ray_names_it():
+    m = machine()
+    t = task()
+    (req,) = of(m.submit(t), RequestLease)
+    (fail,) = of(m.lease_rejected(req.request_id, "its placement group ab was removed",
+                                  group_removed=True), Fail)
+    assert fail.tasks == [t] and isinstance(fail.error, TaskPlacementGroupRemoved)
+    assert "was removed" in str(fail.error) and t.state == FAILED
 
 
 # -- retries --------------------------------------------------------------------------------------

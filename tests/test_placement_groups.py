@@ -19,7 +19,8 @@ import psutil
 import pytest
 
 import runtime as ray
-from runtime.exceptions import ActorDiedError, GetTimeoutError, RayError
+from runtime.exceptions import (ActorPlacementGroupRemoved, GetTimeoutError, RayError,
+                                TaskPlacementGroupRemoved)
 from runtime.gcs.pg_reservation import (Cancel, Commit, Created, GroupReservation, Outcome,
                                         Prepare, Retry, State)
 from runtime.util import (get_current_placement_group, get_placement_group, placement_group,
@@ -253,7 +254,7 @@ def test_remove_kills_actor_and_returns_resources(groups):
     wait_for(lambda: cpu_available() == 0.0, 15, message="the group to hold both CPUs")
     remove_placement_group(pg)
     wait_for(lambda: pid_gone(pid), 15, message="the group's actor process to exit")
-    with pytest.raises(ActorDiedError):
+    with pytest.raises(ActorPlacementGroupRemoved, match="was removed"):  # as Ray raises it
         ray.get(a.pid.remote(), timeout=30)
     wait_for(lambda: cpu_available() == 2.0, 15, message="the group's CPUs to come back")
     with pytest.raises(ValueError):
@@ -276,10 +277,8 @@ def test_task_pending_on_removed_group_fails(groups, tmp_path):
         with pytest.raises(RayError) as info:
             ray.get(running, timeout=15)
         assert not isinstance(info.value, GetTimeoutError), "the running task hangs"
-        with pytest.raises(RayError) as info:
+        with pytest.raises(TaskPlacementGroupRemoved, match="was removed"):
             ray.get(queued, timeout=15)
-        assert not isinstance(info.value, GetTimeoutError), \
-            "a task pending on a removed placement group hangs"
     finally:
         Path(gate).touch()
         for ref in (running, queued):

@@ -79,7 +79,7 @@ from runtime.exceptions import (ActorUnavailableError, ObjectFetchTimedOutError,
                                 ObjectReconstructionFailedError,
                                 ObjectReconstructionFailedLineageEvictedError,
                                 ObjectReconstructionFailedMaxAttemptsExceededError, RayActorError,
-                                RuntimeEnvSetupError, TaskCancelledError,
+                                RuntimeEnvSetupError, TaskCancelledError, TaskPlacementGroupRemoved,
                                 TaskUnschedulableError)
 from runtime.protocol import common_pb2
 
@@ -710,10 +710,10 @@ class OwnerState:
         ks.warned = True
         return [Warn(message)]
 
-    def lease_rejected(self, request_id: int, message: str,
-                       runtime_env_failed: bool = False) -> List[Action]:
-        """No node can ever grant it, or its runtime_env could not be set up: every task
-        queued under the key fails."""
+    def lease_rejected(self, request_id: int, message: str, runtime_env_failed: bool = False,
+                       group_removed: bool = False) -> List[Action]:
+        """No node can ever grant it, its runtime_env could not be set up, or its
+        placement group was removed: every task queued under the key fails."""
         out: List[Action] = []
         ks = self._answered(request_id)
         if ks is None:
@@ -722,6 +722,7 @@ class OwnerState:
         ks.queue.clear()
         if tasks:
             error = (RuntimeEnvSetupError(message) if runtime_env_failed
+                     else TaskPlacementGroupRemoved(message) if group_removed
                      else TaskUnschedulableError(message))
             self._fail(tasks, error, out)
         return out

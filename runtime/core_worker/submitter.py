@@ -43,7 +43,7 @@ from runtime.core_worker.owner_state import (LOCAL_RAYLET, StreamItem, ActorQueu
                                              ReturnLease, WatchActor, WorkerDied, WorkerLink, Warn)
 from runtime.core_worker.raylet_client import RayletClient
 from runtime.core_worker.worker_connection import Connection, WorkerConnection
-from runtime.exceptions import (ActorDiedError, NodeDiedError, ObjectLostError, RayError,
+from runtime.exceptions import (ActorDiedError, ActorPlacementGroupRemoved, NodeDiedError, ObjectLostError, RayError,
                                 RayTaskError, WorkerCrashedError)
 from runtime.object_ref import ObjectRef
 from runtime.protocol import common_pb2, core_worker_pb2, core_worker_pb2_grpc, gcs_pb2, raylet_pb2
@@ -120,9 +120,10 @@ def return_refs(owner, task: PendingTask):
     return refs or None
 
 
-def actor_died_error(actor_id: bytes, cause: str, error: bytes = b"") -> ActorDiedError:
+def actor_died_error(actor_id: bytes, cause: str, error: bytes = b"") -> RayError:
     """ActorDiedError for an actor the GCS reports dead: the cause, and the constructor's
-    error (with its remote traceback) when that is what killed it."""
+    error (with its remote traceback) when that is what killed it; the GCS's own error
+    when it names the death (ActorPlacementGroupRemoved, as Ray raises it)."""
     original = None
     detail = ""
     if error:
@@ -130,6 +131,8 @@ def actor_died_error(actor_id: bytes, cause: str, error: bytes = b"") -> ActorDi
             _k, raised = parse(error)
         except Exception:
             raised = None
+        if isinstance(raised, ActorPlacementGroupRemoved):
+            return raised
         if raised is not None:
             original = getattr(raised, "cause", None) or raised
             detail = str(raised) if isinstance(raised, RayTaskError) else (
@@ -232,7 +235,8 @@ class TaskSubmitter:
             actions = st.lease_warning(rid, grant.warning.message)
         elif outcome == "rejected":
             actions = st.lease_rejected(rid, grant.rejected.message,
-                                        grant.rejected.runtime_env_failed)
+                                        grant.rejected.runtime_env_failed,
+                                        grant.rejected.placement_group_removed)
         elif outcome == "spillback":
             actions = st.lease_spilled(rid, grant.spillback.raylet_address)
         else:

@@ -222,16 +222,17 @@ class ActorLifecycle:
             return []
         return self._die("internal error while creating it (see gcs.log)")
 
-    def kill_requested(self, no_restart: bool, reason: str) -> List[Action]:
+    def kill_requested(self, no_restart: bool, reason: str, error: bytes = b"") -> List[Action]:
         """kill(), its owner's exit, its placement group's removal. With no_restart it is
-        dead at once; either way its worker is killed (then worker_died decides)."""
+        dead at once; either way its worker is killed (then worker_died decides). `error`
+        (serialized) is what its callers get, when not ActorDiedError."""
         nxt = self._go("kill/no_restart" if no_restart else "kill/restart")
         if nxt is None:
             return []
         self.kill = (no_restart, reason)
         if no_restart:
             self.intentional = True
-            return self._die(reason)
+            return self._die(reason, error)
         if self.leased:
             return [ReturnLease()]
         return []

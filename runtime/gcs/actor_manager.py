@@ -37,9 +37,11 @@ from runtime.core_worker.worker_connection import WorkerConnection
 from runtime.gcs import actor_lifecycle as lc
 from runtime.gcs.actor_lifecycle import ActorLifecycle
 from runtime.gcs.storage import StorageError
+from runtime.exceptions import ActorPlacementGroupRemoved
 from runtime.gcs.versioned import ChangeSignal
 from runtime.protocol import (common_pb2, core_worker_pb2_grpc, gcs_pb2, raylet_pb2)
 from runtime.raylet.resources import add, missing, subtract
+from runtime.serialization import serialize_error
 from runtime.vocabulary import (ACTOR_DEAD, STRATEGY_DEFAULT, STRATEGY_NODE_AFFINITY,
                                 STRATEGY_SPREAD)
 
@@ -199,12 +201,12 @@ class ActorManager:
         await actor.changed.wait_newer(actor.info, req.newer_than, req.timeout_s or 30.0)
         return gcs_pb2.GetActorReply(found=True, actor=actor.info)
 
-    async def kill(self, req: gcs_pb2.KillActorRequest) -> None:
+    async def kill(self, req: gcs_pb2.KillActorRequest, error: bytes = b"") -> None:
         actor = self.actors.get(req.actor_id)
         if actor is None:
             return
-        self._apply(actor, actor.life.kill_requested(req.no_restart,
-                                                     req.reason or "it was killed by kill()"))
+        self._apply(actor, actor.life.kill_requested(
+            req.no_restart, req.reason or "it was killed by kill()", error))
 
     def list(self) -> gcs_pb2.ActorList:
         return gcs_pb2.ActorList(actors=[a.info for a in self.actors.values()])
@@ -675,11 +677,15 @@ class ActorManager:
         self._apply(actor, actor.life.worker_died(actor.info.pid, error))
 
     async def kill_in_placement_group(self, pg_id: bytes) -> None:
+        """Its callers get ActorPlacementGroupRemoved, as Ray raises it."""
+        reason = f"its placement group {pg_id.hex()} was removed"
         for actor in list(self.actors.values()):
             if actor.spec.strategy.placement_group_id == pg_id and actor.life.state != lc.DEAD:
+                error = serialize_error(ActorPlacementGroupRemoved(
+                    f"The actor {actor.spec.actor_id.hex()} ({actor.spec.class_name}) is dead: "
+                    f"{reason}")).to_bytes()
                 await self.kill(gcs_pb2.KillActorRequest(
-                    actor_id=actor.spec.actor_id, no_restart=True,
-                    reason=f"its placement group {pg_id.hex()} was removed"))
+                    actor_id=actor.spec.actor_id, no_restart=True, reason=reason), error)
 
     # -- owners -------------------------------------------------------------------------------------------
     def _watch_owner(self, owner: common_pb2.Address) -> None:

@@ -149,6 +149,7 @@ class Reject:
     request_id: int
     message: str
     runtime_env: bool = False  # its runtime_env could not be set up (RuntimeEnvSetupError)
+    group_removed: bool = False  # its placement group was removed (TaskPlacementGroupRemoved)
 
 
 @dataclass
@@ -365,7 +366,8 @@ class Scheduler:
                     if gone is not None:
                         del self.pending[key]
                         actions.append(Reject(req.client, req.request_id,
-                                              f"its placement group {gone} was removed"))
+                                              f"its placement group {gone} was removed",
+                                              group_removed=True))
                     req.waiting = WAIT_GROUP
                     continue  # otherwise it waits for its group to be created
                 req.waiting = WAIT_INFEASIBLE

@@ -295,7 +295,8 @@ class Raylet(raylet_pb2_grpc.RayletServicer):
                 self._send(action.client, raylet_pb2.LeaseGrant(
                     request_id=action.request_id,
                     rejected=raylet_pb2.Refused(message=action.message,
-                                                runtime_env_failed=action.runtime_env)))
+                                                runtime_env_failed=action.runtime_env,
+                                                placement_group_removed=action.group_removed)))
             elif isinstance(action, Spillback):
                 self._send(action.client, raylet_pb2.LeaseGrant(
                     request_id=action.request_id,
