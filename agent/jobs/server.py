@@ -21,7 +21,7 @@ import hmac
 import json
 import logging
 import traceback
-from typing import Awaitable, Callable, Optional
+from typing import Any, Awaitable, Callable, Optional
 
 from aiohttp import web
 
@@ -173,15 +173,24 @@ async def _delete(request: web.Request) -> web.Response:
     return await _job_action(request, "deleted")
 
 
-async def _logs(request: web.Request) -> web.Response:
+async def _submitted_job(request: web.Request) -> Any:
+    """The submitted job the path names, or the error response Ray gives (404 unknown;
+    400 for a driver started by hand, which has no job log)."""
     job_id = request.match_info["job_id"]
-    manager = request.app[_MANAGER]
     try:
-        job, _ = await manager.find(job_id)
+        job, _ = await request.app[_MANAGER].find(job_id)
     except JobNotFound:
         return _not_found(job_id)
     if job is None:
         return _text(400, "Can only get logs of submission type jobs")
+    return job
+
+
+async def _logs(request: web.Request) -> web.Response:
+    job = await _submitted_job(request)
+    if isinstance(job, web.StreamResponse):
+        return job
+    manager = request.app[_MANAGER]
     try:
         text = await manager.read_logs(job)
     except LogsUnavailable as exc:
@@ -190,14 +199,10 @@ async def _logs(request: web.Request) -> web.Response:
 
 
 async def _tail(request: web.Request) -> web.StreamResponse:
-    job_id = request.match_info["job_id"]
+    job = await _submitted_job(request)
+    if isinstance(job, web.StreamResponse):
+        return job
     manager = request.app[_MANAGER]
-    try:
-        job, _ = await manager.find(job_id)
-    except JobNotFound:
-        return _not_found(job_id)
-    if job is None:
-        return _text(400, "Can only get logs of submission type jobs")
     ws = web.WebSocketResponse(heartbeat=30)
     await ws.prepare(request)
     reader = asyncio.ensure_future(ws.receive())  # notices the client going away

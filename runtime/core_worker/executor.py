@@ -158,6 +158,8 @@ class Executor:
         # Generator tasks under back-pressure: items their owner has consumed, by task.
         self._acks: Dict[bytes, int] = {}
         self._ack_cond = threading.Condition()
+        # Async generators waiting for acks: task id -> (their loop, the event to set).
+        self._ack_events: Dict[bytes, Tuple[asyncio.AbstractEventLoop, asyncio.Event]] = {}
 
     # -- loop thread ------------------------------------------------------------------------------
     async def serve_stream(self, request_iterator):
@@ -205,6 +207,9 @@ class Executor:
             if consumed > self._acks.get(task_id, 0):
                 self._acks[task_id] = consumed
                 self._ack_cond.notify_all()
+                waiter = self._ack_events.get(task_id)
+                if waiter is not None:
+                    waiter[0].call_soon_threadsafe(waiter[1].set)
 
     def _post_result(self, stream: _Stream, result: common_pb2.TaskResult) -> None:
         if self.must_flush():
@@ -476,12 +481,21 @@ class Executor:
         limit = spec.generator_backpressure if self._streams(spec, stream) else 0
         unstreamed: list = []
         count = 0
+        acked = asyncio.Event()
+        if limit:
+            with self._ack_cond:
+                self._ack_events[spec.task_id] = (asyncio.get_running_loop(), acked)
         try:
             while True:
                 while limit and count - self._acks.get(spec.task_id, 0) >= limit:
                     if getattr(stream, "closed", False):
                         return count, unstreamed
-                    await asyncio.sleep(0.005)
+                    acked.clear()
+                    if count - self._acks.get(spec.task_id, 0) >= limit:  # none came meanwhile
+                        try:  # woken by _generator_ack; the bound rechecks `closed`
+                            await asyncio.wait_for(acked.wait(), 0.2)
+                        except asyncio.TimeoutError:
+                            pass
                 try:
                     item = await gen.__anext__()
                 except StopAsyncIteration:
@@ -498,6 +512,7 @@ class Executor:
             if limit:
                 with self._ack_cond:
                     self._acks.pop(spec.task_id, None)
+                    self._ack_events.pop(spec.task_id, None)
             await gen.aclose()
         return count, unstreamed
 

@@ -21,7 +21,7 @@ from typing import Callable, Dict, List
 import pytest
 
 from system import hosts as system_hosts
-from system.hosts import Host, missing_requirements
+from system.hosts import HOST_ENV, Host, missing_requirements
 from system.system_helpers import FIGURES, install, set_node_ip
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -81,7 +81,7 @@ def debs(workdir) -> Dict[str, str]:
     deb = system_hosts.build_deb(out)
     FIGURES["deb_build_s"] = round(time.monotonic() - t0, 1)
     FIGURES["deb_size_bytes"] = os.path.getsize(deb)
-    version = subprocess.run(["dpkg-deb", "-f", deb, "Version"], capture_output=True, text=True,
+    version = subprocess.run(["dpkg-deb", "-f", deb, "Version"], env=HOST_ENV, capture_output=True, text=True,
                              check=True).stdout.strip()
     upgrade = _repack(deb, f"{version}+upgrade1", workdir)
     return {"deb": deb, "upgrade": upgrade, "dir": out, "version": version}
@@ -90,7 +90,7 @@ def debs(workdir) -> Dict[str, str]:
 def _repack(deb: str, version: str, workdir: str) -> str:
     """deb with its version raised: what an admin installs as the next build."""
     tree = os.path.join(workdir, "repack")
-    subprocess.run(["dpkg-deb", "-R", deb, tree], check=True, capture_output=True)
+    subprocess.run(["dpkg-deb", "-R", deb, tree], env=HOST_ENV, check=True, capture_output=True)
     control = os.path.join(tree, "DEBIAN", "control")
     with open(control) as fh:
         lines = fh.read().splitlines()
@@ -98,7 +98,7 @@ def _repack(deb: str, version: str, workdir: str) -> str:
         fh.write("\n".join(f"Version: {version}" if ln.startswith("Version:") else ln
                            for ln in lines) + "\n")
     out = os.path.join(os.path.dirname(deb), f"node-agent_{version}_upgrade.deb")
-    subprocess.run(["dpkg-deb", "--root-owner-group", "-Zgzip", "-z1", "-b", tree, out],
+    subprocess.run(["dpkg-deb", "--root-owner-group", "-Zgzip", "-z1", "-b", tree, out], env=HOST_ENV,
                    check=True, capture_output=True)
     shutil.rmtree(tree)
     return out

@@ -31,6 +31,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 #: What a command run inside a host sees (never the test's own environment).
 HOST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: What the host's own tools (dpkg-deb, lintian, nspawn) get: a root shell's environment.
+HOST_ENV = scrubbed_env(PATH=HOST_PATH)
 BOOT_TIMEOUT_S = 60.0
 
 
@@ -118,7 +120,7 @@ class Host:
         self.boots += 1
         log = open(self.dir / f"nspawn-{self.boots}.log", "wb")
         self.nspawn = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log,
-                                       stderr=subprocess.STDOUT, env=scrubbed_env(PATH=HOST_PATH))
+                                       stderr=subprocess.STDOUT, env=HOST_ENV)
         log.close()
 
         def leader() -> int:
@@ -209,7 +211,7 @@ class Host:
         full += [f"{k}={v}" for k, v in (env or {}).items()] + argv
         try:
             r = subprocess.run(full, input=input, capture_output=True, text=True,
-                               timeout=timeout, env=scrubbed_env(PATH=HOST_PATH))
+                               timeout=timeout, env=HOST_ENV)
         except subprocess.TimeoutExpired as exc:
             raise AssertionError(f"{self.name}: {cmd!r} did not finish within {timeout:g}s; "
                                  f"output so far: {exc.stdout!r} {exc.stderr!r}") from None
@@ -239,7 +241,7 @@ class Host:
 def make_rootfs() -> str:
     """The cached root filesystem (built on first use: about 100 s)."""
     r = subprocess.run(["bash", str(HERE / "make_rootfs.sh")], capture_output=True, text=True,
-                       timeout=900, env=scrubbed_env(PATH=HOST_PATH))
+                       timeout=900, env=HOST_ENV)
     if r.returncode != 0:
         raise RuntimeError(f"making the root filesystem failed: {r.stderr[-3000:]}")
     return r.stdout.strip().splitlines()[-1]

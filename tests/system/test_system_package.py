@@ -9,6 +9,7 @@ import tomllib
 
 import pytest
 
+from system.hosts import HOST_ENV
 from system.system_helpers import FIGURES
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.timeout(600)
 
 
 def _contents(deb: str) -> dict:
-    out = subprocess.run(["dpkg-deb", "-c", deb], capture_output=True, text=True,
+    out = subprocess.run(["dpkg-deb", "-c", deb], env=HOST_ENV, capture_output=True, text=True,
                          check=True).stdout
     entries = {}
     for line in out.splitlines():
@@ -51,12 +52,12 @@ def test_package_layout_and_control(debs):
     assert all(owner == "root/root" for _, owner in files.values())
     execs = sorted(p for p, (mode, _) in files.items() if mode.startswith("-") and "x" in mode)
     assert execs == sorted(p for p in files if p.startswith("/usr/bin/")), execs
-    control = subprocess.run(["dpkg-deb", "-f", deb], capture_output=True, text=True,
+    control = subprocess.run(["dpkg-deb", "-f", deb], env=HOST_ENV, capture_output=True, text=True,
                              check=True).stdout
     depends = re.search(r"^Depends: (.*)$", control, re.M).group(1)
     assert "python3 (>= 3.11~)" in depends and "python3 (<< 3.12)" in depends, depends
     assert "adduser" in depends and "libc6" in depends, depends
-    conffiles = subprocess.run(["dpkg-deb", "-I", deb, "conffiles"], capture_output=True,
+    conffiles = subprocess.run(["dpkg-deb", "-I", deb, "conffiles"], env=HOST_ENV, capture_output=True,
                                text=True, check=True).stdout.split()
     assert conffiles == ["/etc/node-agent/agent.toml"]
     FIGURES["deb_installed_size_kib"] = int(re.search(r"^Installed-Size: (\d+)", control,
@@ -74,7 +75,7 @@ def _kept_warnings() -> set:
 def test_lintian_reports_no_errors_and_only_listed_warnings(debs):
     if shutil.which("lintian") is None:
         pytest.skip("lintian is not installed (apt-get install lintian; .ci/run does)")
-    r = subprocess.run(["lintian", "--no-cfg", debs["deb"]], capture_output=True, text=True,
+    r = subprocess.run(["lintian", "--no-cfg", debs["deb"]], env=HOST_ENV, capture_output=True, text=True,
                        timeout=240)
     tags = [line for line in r.stdout.splitlines() if re.match(r"^[EW]: ", line)]
     errors = [t for t in tags if t.startswith("E:")]
