@@ -29,6 +29,7 @@ import psutil
 
 from agent import host, tokens
 from agent.cluster import ClusterViews
+from agent.cluster_actions import ClusterActions
 from agent.config import AgentConfig, ResolvedPaths
 from agent.errors import AgentError
 from agent.state import AgentState, StateStore
@@ -91,6 +92,7 @@ class NodeAgent:
         self._closing = False
         self._exiting = False  # StopNode asked this agent to exit (no service manager)
         self.views = ClusterViews(self)
+        self.actions = ClusterActions(self, self.views)
 
     # ---- start-up -----------------------------------------------------------------------
 

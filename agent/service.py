@@ -247,7 +247,7 @@ class AgentService(agent_pb2_grpc.NodeAgentServicer):
         await self._refuse_readonly(context, f"act ({request.action})")
         who = "the local control socket" if self.local else f"TCP API caller {context.peer()}"
         try:
-            return await self.agent.views.act(request, who)
+            return await self.agent.actions.act(request, who)
         except AgentError as exc:
             await _abort(context, exc)
 
