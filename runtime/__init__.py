@@ -13,6 +13,7 @@ _os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 _os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 from runtime._version import __version__
 from runtime import actor, exceptions, util
+from runtime import _private  # noqa: F401  (ray._private.internal_api.free: Ray's __init__ imports _private too)
 from runtime.actor import ActorClass, ActorHandle
 from runtime.api import (available_resources, cancel, cluster_resources, get, get_actor,
                          get_gpu_ids, get_runtime_context, init, is_initialized, kill, nodes, put,

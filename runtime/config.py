@@ -1,9 +1,15 @@
 """Tunables in one place. Each can be overridden by an environment variable named
 ``RUNTIME_<NAME>`` (e.g. ``RUNTIME_INLINE_OBJECT_MAX_BYTES``) so tests and operators
-can change them without code changes; children inherit the environment."""
+can change them without code changes; children inherit the environment.
+
+A few also answer to Ray's own variable (``RAY_memory_usage_threshold``,
+``RAY_memory_monitor_refresh_ms``, ``RAY_task_oom_retries``): a Ray user sets those when
+starting Ray, and a script moved over keeps its settings. The ``RUNTIME_`` name wins
+when both are set."""
 from __future__ import annotations
 
 import os
+from typing import Any, Callable, Optional
 
 
 def _env(name: str, default, cast=None):
@@ -11,6 +17,28 @@ def _env(name: str, default, cast=None):
     if raw is None:
         return default
     return (cast or type(default))(raw)
+
+
+def ray_env(name: str, ray_name: str, default: Any, cast: Callable[[str], Any],
+            expected: str, valid: Optional[Callable[[Any], bool]] = None,
+            environ: Optional[dict] = None) -> Any:
+    """``RUNTIME_<name>``, else Ray's ``ray_name``, else `default`. A value that does not
+    parse or is out of range is refused naming the variable, its value and what it
+    should be, rather than surfacing later as a bare ValueError in some component."""
+    env = os.environ if environ is None else environ
+    for var in ("RUNTIME_" + name, ray_name):
+        raw = env.get(var)
+        if raw is None:
+            continue
+        try:
+            value = cast(raw.strip())
+        except ValueError:
+            value = None
+        if value is None or (valid is not None and not valid(value)):
+            raise ValueError(f"the environment variable {var}={raw!r} is not valid: expected "
+                             f"{expected}. Fix or unset it.")
+        return value
+    return default
 
 
 # Values up to this size travel inline in RPCs and live in the owner's memory;
@@ -83,3 +111,20 @@ GRPC_MAX_CONNECTION_IDLE_S: float = _env("GRPC_MAX_CONNECTION_IDLE_S", 60.0)
 # maps them. The packaged agent sets 0660 so that members of its group (whose drivers
 # already run code as the service user) can put and get large objects.
 STORE_FILE_MODE: int = _env("STORE_FILE_MODE", 0o600, lambda raw: int(raw, 8))
+# The memory monitor of each raylet (Ray's): every MEMORY_MONITOR_REFRESH_MS (0 turns it
+# off) it compares the node's memory use with MEMORY_USAGE_THRESHOLD (a fraction of the
+# node's memory, or of its cgroup's limit) and, above it, kills one leased worker.
+MEMORY_USAGE_THRESHOLD: float = ray_env(
+    "MEMORY_USAGE_THRESHOLD", "RAY_memory_usage_threshold", 0.95, float,
+    "a number from 0 to 1 (the fraction of the node's memory above which the memory "
+    "monitor kills a worker)", lambda v: 0.0 <= v <= 1.0)
+MEMORY_MONITOR_REFRESH_MS: int = ray_env(
+    "MEMORY_MONITOR_REFRESH_MS", "RAY_memory_monitor_refresh_ms", 250, int,
+    "a whole number of milliseconds >= 0 (how often the memory monitor checks; 0 turns "
+    "it off)", lambda v: v >= 0)
+# How often a task the memory monitor killed runs again (its max_retries is not used;
+# max_retries=0 means never). -1: without limit, as Ray 2.60.
+TASK_OOM_RETRIES: int = ray_env(
+    "TASK_OOM_RETRIES", "RAY_task_oom_retries", -1, int,
+    "a whole number >= -1 (how often a task killed for memory runs again; -1: no limit)",
+    lambda v: v >= -1)

@@ -195,10 +195,13 @@ class NodeDiedError(RayError):
 
 
 class OutOfMemoryError(RayError):
-    """The node ran low on memory and the task or actor was killed to free some.
+    """The node ran low on memory and the raylet's memory monitor killed the worker
+    running the task, which may not run again (max_retries=0, or no OOM retries left).
 
-    Defined for Ray's API (``except OutOfMemoryError``); this runtime has no memory
-    monitor yet, so nothing raises it."""
+    Its message is the monitor's (Ray's text): the node, its memory use, the threshold,
+    which worker and why, and how to change the threshold or turn the monitor off. An
+    actor killed this way is dead or restarts as after any death; its callers get
+    ActorDiedError with that text as the cause."""
 
     def __init__(self, message: str = "The node ran out of memory; the task or actor was "
                  "killed to free memory.") -> None:

@@ -206,3 +206,50 @@ def test_restored_actors_resume_where_the_old_gcs_left_them():
     life, out = ActorLifecycle.restored(DEAD, 0, 0, "killed", b"err")
     assert out == [] and life.death_cause == "killed" and life.death_error == b"err"
     assert life.reattached() == [] and life.node_died("x", "y") == []
+
+
+# -- the memory monitor ------------------------------------------------------------------------
+OOM_TEXT = ("Task was killed due to the node running low on memory.\nMemory on the node (IP: "
+            "127.0.0.1, ID: abc) where the actor (name=A, pid=7) was running was 9.70GB / "
+            "10.00GB (0.97), which exceeds the memory usage threshold of 0.95.")
+
+
+def test_memory_killed_actor_without_restarts_is_dead_with_the_monitors_text():
+    life = alive(max_restarts=0)
+    out = life.memory_killed(OOM_TEXT)
+    assert kinds(out) == [Event] and out[0].state == "oom_killed"
+    assert out[0].severity == "WARNING" and "running low on memory" in out[0].message
+    assert life.state == ALIVE  # until its worker's stream breaks
+    out = life.worker_died(pid=7, error="EOF")
+    assert life.state == DEAD and ReleaseName() in out
+    assert life.death_cause.startswith("its worker process (pid 7) was killed by the memory "
+                                       "monitor because the node ran low on memory; no "
+                                       "restarts left (max_restarts=0).\n")
+    assert life.death_cause.endswith(OOM_TEXT)
+
+
+def test_memory_killed_actor_restarts_within_its_budget_and_the_next_death_is_plain():
+    life = alive(max_restarts=1)
+    life.memory_killed(OOM_TEXT)
+    out = life.worker_died(pid=7, error="EOF")
+    assert kinds(out) == [Publish, Event, Place] and life.state == RESTARTING
+    assert "killed by the memory monitor" in out[1].message and "restart 1/1" in out[1].message
+    life.lease_requested()
+    life.lease_granted()
+    life.created()
+    life.worker_died(pid=8, error="EOF")  # no notice this time: an ordinary death
+    assert life.state == DEAD and "memory" not in life.death_cause
+    assert life.death_cause.startswith("its worker process (pid 8) died (EOF)")
+
+
+def test_memory_kill_notice_for_a_dead_actor_changes_nothing():
+    life = alive()
+    life.kill_requested(no_restart=True, reason="killed by kill()")
+    assert life.memory_killed(OOM_TEXT) == [] and life.memory_kill == ""
+
+
+def test_memory_kill_then_node_death_is_the_nodes_death():
+    life = alive(max_restarts=0)
+    life.memory_killed(OOM_TEXT)
+    life.node_died("n1", "its raylet stopped")
+    assert life.state == DEAD and "memory" not in life.death_cause

@@ -539,3 +539,14 @@ def test_a_worker_whose_lease_returns_exiting_is_never_granted_again():
     # the process then exits: not a leased worker dying, nothing to release twice
     assert s.worker_died(g.worker.worker_id) is None
     assert s.available["CPU"] == 2.0
+
+
+def test_a_lease_keeps_what_the_memory_monitor_weighs():
+    s = make(cpus=2, workers=2)
+    s.request_lease(PendingRequest(1, 1, {"CPU": 1.0}, name="f", retriable=True))
+    s.request_lease(PendingRequest(2, 2, {"CPU": 1.0}, name="actor A", is_actor=True))
+    first, second = grants(s.schedule())
+    a, b = s.leases[first.lease_id], s.leases[second.lease_id]
+    assert (a.retriable, a.name, a.is_actor) == (True, "f", False)
+    assert (b.retriable, b.name, b.is_actor) == (False, "actor A", True)
+    assert b.lease_id > a.lease_id  # the newest grant has the highest id

@@ -38,8 +38,8 @@ from runtime.core_worker.raylet_client import RayletClient
 from runtime.core_worker.reference_table import ReferenceTable, RefEntry
 from runtime.core_worker.submitter import PendingTask, TaskSubmitter
 from runtime.core_worker.task_events import TaskEventBuffer
-from runtime.exceptions import (GetTimeoutError, ObjectLostError, OwnerDiedError, RayletDiedError,
-                                RayTaskError)
+from runtime.exceptions import (GetTimeoutError, ObjectFreedError, ObjectLostError, OwnerDiedError,
+                                RayletDiedError, RayTaskError)
 from runtime.object_ref import ObjectRef
 from runtime.object_store.client import StoreClient, map_object, write_object
 from runtime.object_store.store import object_file_name
@@ -56,6 +56,13 @@ Owner = Tuple[str, int, bytes]
 # How many times one get() of a value recovers it (rebuilt, or found elsewhere) after
 # failing to read it, before it raises the read's error.
 RECOVERY_ATTEMPTS = 3
+# How long a read waits for the local store to seal an object it does not have sealed.
+# A location is handed out only once its object is sealed (write_to_store waits for the
+# seal; pulled copies are sealed before Pull answers), so a store without it has lost it
+# (freed, or restarted): waiting long would only delay the owner's answer.
+SEALED_GRACE_S = 1.0
+# How long free() waits for owners and object stores to drop the values.
+FREE_TIMEOUT_S = 30.0
 
 
 class _SlotRef:
@@ -74,6 +81,16 @@ class _SlotRef:
 
 async def _await(make):
     return await make()
+
+
+def _freed_value(oid: bytes) -> Value:
+    """The value a freed object has from now on: its ObjectFreedError, as Ray stores
+    OBJECT_FREED in its memory store."""
+    err = ObjectFreedError(oid.hex(), (
+        f"Object {oid.hex()} was freed with free() (ray._private.internal_api.free) and "
+        f"cannot be read or reconstructed. Call free() only once no task or get() needs "
+        f"the object any more."))
+    return Value(serialize_error(err).to_bytes(), is_error=True)
 
 
 def _describe_connect_error(exc: BaseException) -> str:
@@ -118,6 +135,9 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         self._stores: Dict[str, StoreClient] = {}
         self._fetching: set = set()
         self._store_deletes: Dict[str, List[bytes]] = {}
+        # Owned objects freed with local_only: their copies in other stores (address ->
+        # node id), deleted when the object goes out of scope.
+        self._freed_elsewhere: Dict[bytes, Dict[str, bytes]] = {}
         self.task_events = TaskEventBuffer(
             config.TASK_EVENTS_ENABLED, flights=lambda: self.submitter.flights(),
             ident=lambda: (self.job_id, self.node_id),
@@ -238,7 +258,7 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         self.refs = ReferenceTable(self.address, self._on_free, self._on_release, self._on_borrow)
         self.submitter.state.node_id = self.node_id
         self.raylet = RayletClient(self.channel(self.raylet_address), self.submitter.on_grant,
-                                   self._raylet_lost)
+                                   self._raylet_lost, on_notice=self.submitter.on_raylet_notice)
         ack = await self.raylet.connect(self.registration())
         if ack.pid:
             self.raylet_pid = ack.pid
@@ -309,7 +329,7 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         if channel is not None:
             await channel.close()
         client = RayletClient(self.channel(self.raylet_address), self.submitter.on_grant,
-                              self._raylet_lost)
+                              self._raylet_lost, on_notice=self.submitter.on_raylet_notice)
         try:
             ack = await client.connect(self.registration(), timeout)
         except BaseException:
@@ -528,6 +548,12 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
             return
         if entry is None:
             self.submitter.released(oid)
+        elsewhere = self._freed_elsewhere.pop(oid, None)
+        if elsewhere:
+            for addr in elsewhere:
+                self.delete_stored(oid, Value(None, True, b"", addr))
+        if entry is not None and self.memory.is_freed(oid):
+            return  # lineage keeps the entry: it stays freed, so no re-run rebuilds it
         v = self.memory.delete(oid)
         if v is not None and v.in_store:
             self.delete_stored(oid, v)
@@ -683,10 +709,22 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         return Value(None, True, self.node_id, self.store_address, size,
                      is_error=ser.kind == KIND_ERROR)
 
-    async def _pull(self, oid: bytes, v: Value) -> Tuple[str, int]:
+    def _owner_to_tell(self, oid: bytes) -> Optional[Owner]:
+        """User thread: who must learn of a copy of oid made here: its owner when this
+        process holds a ref; for an argument of the running task (a value here, not a
+        ref) the task's owner, which holds the ref while the task runs and passes the
+        news on to the object's owner (UpdateBorrowers)."""
+        owner = self._owner_of(oid)
+        if owner is None:
+            spec = task_context.current.get().spec
+            if spec is not None and spec.owner.port:
+                owner = (spec.owner.ip, spec.owner.port, spec.owner.worker_id)
+        return owner
+
+    async def _pull(self, oid: bytes, v: Value, owner: Optional[Owner]) -> Tuple[str, int]:
         """Have this node's store copy an object from a store that holds it (the stores
         move the bytes, once per node however many readers ask: object_pull.py) and
-        tell its owner, who frees the copy with the original."""
+        tell `owner` (see _owner_to_tell), so the copy is freed with the original."""
         if self._puller is None:
             self._puller = ObjectPuller(self.store_client(self.store_address))
         result = await self._puller.pull(oid, holders_of(v.store_address, v.copies))
@@ -697,7 +735,6 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
             # (no room here) goes to the caller.
             raise result.error(lambda holder: self._describe_store(holder, v))
         if result.new_copy:
-            owner = self._owner_of(oid)
             if owner is not None and owner[2] != self.worker_id:
                 self.borrowers.copied(owner, self.address, oid, self.store_address, self.node_id)
             else:
@@ -714,6 +751,13 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         return e.owner if e is not None else None
 
     def _record_copy(self, oid: bytes, store_address: str, node_id: bytes = b"") -> None:
+        if self.memory.is_freed(oid):  # copied before free(), and told after it
+            elsewhere = self._freed_elsewhere.get(oid)
+            if elsewhere is not None and store_address != self.store_address:
+                elsewhere[store_address] = node_id  # (local_only) it goes with the object
+            else:
+                self.delete_stored(oid, Value(None, True, node_id, store_address))
+            return
         v = self.memory.get(oid)
         if v is not None and v.in_store:
             if v.copies is None:
@@ -922,10 +966,10 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
             except (FileNotFoundError, ValueError):
                 pass
         if not local:
-            path, size = self.run(self._pull(oid, v))
+            path, size = self.run(self._pull(oid, v, self._owner_to_tell(oid)))
             return map_object(path, size)
         store = self.store_client(self.store_address)
-        (obj,) = self.run(store.get([oid], 30.0))
+        (obj,) = self.run(store.get([oid], SEALED_GRACE_S))
         if not obj.found:
             raise ObjectLostError(oid.hex(), (
                 f"Object {oid.hex()} is not in the object store at {self.store_address}; it was "
@@ -966,6 +1010,73 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
             out.set_result(self._materialize(oid, value))
         except BaseException as exc:
             out.set_exception(exc)
+
+    # -- API: free() (runtime/_private/internal_api.py) ----------------------------------------------------
+    # As in Ray, free() is the owner's to carry out: the caller frees the objects it owns
+    # and sends the others to their owners (FreeObjects, Ray's DeleteObjects), and marks
+    # them freed in its own memory store too. The owner makes ObjectFreedError the value
+    # for good (MemoryStore.mark_freed: no later result or re-run replaces it) and deletes
+    # the copies; borrowers learn the error when they ask it (GetObjectStatus), or when a
+    # copy they knew of is gone (location_lost asks it again).
+    def free_objects(self, refs: Sequence[ObjectRef], local_only: bool) -> None:
+        """User thread: free() of `refs`; returns once their owners and stores dropped
+        the values (or after FREE_TIMEOUT_S, logging what did not answer)."""
+        targets = [(r._id, r._owner) for r in refs]
+        self.run(self._free_objects(targets, local_only), FREE_TIMEOUT_S + 5)
+
+    async def _free_objects(self, targets: List[Tuple[bytes, Owner]], local_only: bool) -> None:
+        only_store = self.store_address if local_only else ""
+        mine: List[bytes] = []
+        by_owner: Dict[Owner, List[bytes]] = {}
+        for oid, owner in targets:
+            if owner[2] == self.worker_id:
+                mine.append(oid)
+            else:
+                by_owner.setdefault(owner, []).append(oid)
+                self.memory.mark_freed(oid, _freed_value(oid))
+        waits = [self._free_owned_now(mine, only_store)]
+        waits.extend(self._free_at_owner(owner, oids, only_store)
+                     for owner, oids in by_owner.items())
+        await asyncio.gather(*waits)
+
+    async def _free_owned_now(self, oids: List[bytes], only_store: str) -> None:
+        """Loop thread: free owned objects: ObjectFreedError becomes their value, and their
+        copies are deleted (with `only_store`, only the one there: the others go when the
+        object goes out of scope). An object already out of scope is skipped, as in Ray."""
+        deletes: Dict[str, List[bytes]] = {}
+        for oid in oids:
+            entry = self.refs.get(oid)
+            if entry is None or not entry.owned:
+                continue
+            old = self.memory.mark_freed(oid, _freed_value(oid))
+            elsewhere = self._freed_elsewhere.setdefault(oid, {}) if only_store else None
+            if old is None or not old.in_store:
+                continue  # inline, or its task has not returned (store_returns drops it)
+            places = dict(old.copies or {})
+            places[old.store_address or self.store_address] = old.node_id
+            for addr, node_id in places.items():
+                if elsewhere is not None and addr != only_store:
+                    elsewhere[addr] = node_id
+                else:
+                    deletes.setdefault(addr, []).append(oid)
+        await asyncio.gather(*(self._delete_now(addr, ids_) for addr, ids_ in deletes.items()))
+
+    async def _delete_now(self, addr: str, oids: List[bytes]) -> None:
+        try:
+            await asyncio.wait_for(self.store_client(addr).delete(oids), FREE_TIMEOUT_S)
+        except Exception as exc:  # the store (or its node) is gone: so are the copies
+            log.warning("free(): could not delete %d objects in the object store at %s: %s",
+                        len(oids), addr, exc)
+
+    async def _free_at_owner(self, owner: Owner, oids: List[bytes], only_store: str) -> None:
+        request = core_worker_pb2.FreeObjectsRequest(object_ids=oids,
+                                                     only_store_address=only_store)
+        try:
+            await self._owner_stub(owner).FreeObjects(request, timeout=FREE_TIMEOUT_S)
+        except grpc.RpcError as exc:  # the owner is gone: its objects are lost anyway
+            log.warning("free(): the owner of %d objects (the process at %s:%s, worker %s) "
+                        "did not take the request: %s: %s", len(oids), owner[0], owner[1],
+                        owner[2].hex()[:8], exc.code().name, exc.details())
 
     # -- API: tasks ------------------------------------------------------------------------------------------
     def submit(self, task: PendingTask) -> None:
@@ -1020,11 +1131,15 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         held on its arguments are released."""
         refs = self.refs
         memory = self.memory
+        freed = memory.freed
         again = task.attempt > 0  # a retry, or a run to rebuild lost objects
         for i, oid in enumerate(task.return_ids):
             v = values[i] if i < len(values) else values[-1]
             e = refs.get(oid)
-            if e is not None and (not e.lineage or e.total()):  # (only lineage: not wanted)
+            if freed and oid in freed:  # free() while the task ran: the value is dropped
+                if v.in_store:
+                    self.delete_stored(oid, v)
+            elif e is not None and (not e.lineage or e.total()):  # (only lineage: not wanted)
                 if again:
                     old = memory.get(oid)
                     if old is not None and old.in_store and old.store_address != v.store_address:
@@ -1127,7 +1242,14 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
         for oid in request.add:
             self.refs.add_borrower(oid, borrower)
         for oid in request.copies:
-            self._record_copy(oid, request.copy_store_address, request.copy_node_id)
+            entry = self.refs.get(oid)
+            if entry is not None and not entry.owned:
+                # A copy of an argument of a task this process submitted, made by its
+                # worker: the object's owner is the one to free it (see _owner_to_tell).
+                self.borrowers.copied(entry.owner, self.address, oid,
+                                      request.copy_store_address, request.copy_node_id)
+            else:
+                self._record_copy(oid, request.copy_store_address, request.copy_node_id)
         for oid in request.remove:
             self.refs.remove_borrower(oid, borrower)
         return common_pb2.Empty()
@@ -1166,6 +1288,10 @@ class CoreWorker(core_worker_pb2_grpc.CoreWorkerServicer):
                               contained_refs=counts["contained"],
                               task_status="FINISHED" if v is not None else "PENDING")
         return reply
+
+    async def FreeObjects(self, request, context):
+        await self._free_owned_now(list(request.object_ids), request.only_store_address)
+        return common_pb2.Empty()
 
     async def PrintLines(self, request, context):
         from runtime.core_worker.task_output import print_lines

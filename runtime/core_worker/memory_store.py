@@ -8,7 +8,7 @@ on any thread (a dict lookup is atomic under the GIL), which is what makes
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Set
 
 from runtime.protocol import common_pb2
 
@@ -49,6 +49,10 @@ class MemoryStore:
     def __init__(self) -> None:
         self._values: Dict[bytes, Value] = {}
         self._waiters: Dict[bytes, List[Callable[[bytes, Value], None]]] = {}
+        # Objects freed by free(): their value is the ObjectFreedError, and no later
+        # value replaces it (a late task result, a retry, a borrower's answer), as in
+        # Ray, whose memory store never overwrites a value. Cleared by delete().
+        self.freed: Set[bytes] = set()
 
     def get(self, oid: bytes) -> Optional[Value]:
         return self._values.get(oid)
@@ -60,7 +64,9 @@ class MemoryStore:
         return len(self._values)
 
     def put(self, oid: bytes, value: Value) -> None:
-        """Loop thread only: store and wake waiters."""
+        """Loop thread only: store and wake waiters (nothing, for a freed object)."""
+        if self.freed and oid in self.freed:
+            return
         self._values[oid] = value
         waiters = self._waiters.pop(oid, None)
         if waiters:
@@ -91,4 +97,18 @@ class MemoryStore:
         return oid in self._waiters
 
     def delete(self, oid: bytes) -> Optional[Value]:
+        if self.freed:
+            self.freed.discard(oid)
         return self._values.pop(oid, None)
+
+    def mark_freed(self, oid: bytes, error: Value) -> Optional[Value]:
+        """Loop thread only: oid was freed by free(). `error` (its ObjectFreedError)
+        becomes its value for good and wakes waiters; returns the value it replaces."""
+        old = self._values.get(oid)
+        self.freed.discard(oid)
+        self.put(oid, error)
+        self.freed.add(oid)
+        return old
+
+    def is_freed(self, oid: bytes) -> bool:
+        return bool(self.freed) and oid in self.freed

@@ -60,6 +60,19 @@ OutOfScope keeps objects that are not reconstructable for lineage references, to
 Borrowed arguments are not pinned: their owner frees them when this process is done,
 so rebuilding a task that needs one of them after that fails with its owner's error.
 
+A worker the raylet's memory monitor kills is announced first (``worker_killed``, the
+raylet's WorkerKilled notice, written before its SIGKILL): the link is marked, and when
+it breaks its tasks follow Ray's OOM retry policy instead of the crash one. A task
+created with max_retries=0 fails with OutOfMemoryError (the monitor's text); any other
+runs again after a backoff (1 s, doubling, at most 60 s: ``RetryLater``, then
+``retry_due``) without using its max_retries, up to TASK_OOM_RETRIES times (-1, the
+default: no limit), then fails with OutOfMemoryError. Each such retry is a warning in
+the owner's log. A notice that arrives after the link broke (the two travel on
+different streams, so the worker's death could be seen first) finds no link and
+changes nothing: the tasks were already handled as after any worker death (retried
+using max_retries, or failed with WorkerCrashedError). Nothing is lost or run twice
+that way; only the error does not say "memory".
+
 Tasks on a node that dies are retried elsewhere like those of any dead worker. A
 remote raylet that went away (its stream broke, or it could not be reached) is
 remembered: a spillback that names it is not followed but asked of the local raylet
@@ -76,7 +89,7 @@ from typing import (Any, Callable, Deque, Dict, Iterable, List, Optional, Protoc
 
 from runtime.core_worker.memory_store import Value
 from runtime.exceptions import (ActorUnavailableError, ObjectFetchTimedOutError, ObjectLostError,
-                                ObjectReconstructionFailedError,
+                                ObjectReconstructionFailedError, OutOfMemoryError,
                                 ObjectReconstructionFailedLineageEvictedError,
                                 ObjectReconstructionFailedMaxAttemptsExceededError, RayActorError,
                                 RuntimeEnvSetupError, TaskCancelledError, TaskPlacementGroupRemoved,
@@ -119,6 +132,9 @@ HELD_RETRY_S = 0.2
 # Objects whose lineage was evicted, remembered (oldest first out) to name the reason
 # when one of them is lost.
 EVICTED_KEPT = 100_000
+# Ray's backoff before a task the memory monitor killed runs again: the first figure,
+# doubling per kill of the same task, at most the second (task_oom_retry_delay_base_ms).
+OOM_RETRY_DELAY_S = (1.0, 60.0)
 # How often one task may find an argument lost and be resolved again without using a
 # retry (each time the argument is recovered first), before the loss fails it.
 ARGUMENT_LOSSES_MAX = 3
@@ -142,7 +158,7 @@ class PendingTask:
                  "actor_id", "method_name", "parent_task_id", "lease", "link", "seq",
                  "pushed_at", "placed_attempt", "running_attempt", "live_returns", "nslots",
                  "lineage_kept", "pins", "argument_losses", "max_calls", "concurrency_group",
-                 "generator", "stream")
+                 "generator", "stream", "oom_retries_left", "oom_kills")
 
     def __init__(self) -> None:
         self.task_id = b""
@@ -182,6 +198,10 @@ class PendingTask:
         self.concurrency_group = ""  # an actor call: the group named by .options()
         self.generator = 0  # generators.GENERATOR_STREAMING / _DYNAMIC, or 0
         self.stream: Any = None  # a generator's items, as the shell keeps them
+        # Runs left after the memory monitor kills it (set at submit: 0 for max_retries=0,
+        # else TASK_OOM_RETRIES; -1 without limit), and how often it was killed so far.
+        self.oom_retries_left = 0
+        self.oom_kills = 0
 
     @property
     def done(self) -> bool:
@@ -193,7 +213,7 @@ class WorkerLink:
     it) or an actor's worker. The shell keeps the real connection beside it."""
 
     __slots__ = ("worker_id", "address", "control_address", "node_id", "pid", "inflight",
-                 "dead", "actor", "call_port", "concurrency", "last_end")
+                 "dead", "actor", "call_port", "concurrency", "last_end", "oom")
 
     def __init__(self, worker_id: bytes, address: str, node_id: bytes = b"", pid: int = 0,
                  control_address: str = "", actor: Optional["ActorQueue"] = None,
@@ -209,6 +229,7 @@ class WorkerLink:
         self.call_port = call_port
         self.concurrency = concurrency    # in-flight tasks the worker runs at once
         self.last_end = 0.0               # when the worker finished the last task answered
+        self.oom = ""  # the memory monitor's notice: its raylet is killing this worker
 
 
 class Lease:
@@ -233,7 +254,7 @@ class KeyState:
     the leases that run them and the lease requests out for them."""
 
     __slots__ = ("queue", "leases", "requests", "resources", "strategy", "function_id", "name",
-                 "warned", "queued_requests", "held", "retry_armed")
+                 "warned", "queued_requests", "held", "retry_armed", "retriable")
 
     def __init__(self, resources: Dict[str, float], strategy: Any, function_id: bytes,
                  name: str) -> None:
@@ -252,6 +273,10 @@ class KeyState:
         # count as outstanding until the retry timer (ArmRetry, retry_held) asks again.
         self.held = 0
         self.retry_armed = False
+        # Whether its leases run only work that runs again if the memory monitor kills it
+        # (LeaseRequest.retriable): false for good once a task with max_retries=0 (or no
+        # OOM retries) was queued here, since any of the key's tasks may run on a lease.
+        self.retriable = True
 
 
 class ActorQueue:
@@ -259,7 +284,7 @@ class ActorQueue:
 
     __slots__ = ("actor_id", "state", "version", "link", "queue", "limbo", "death", "watching",
                  "watch_handshake_error", "endpoint", "handshake_failures", "redial", "pid",
-                 "is_async", "next_seq")
+                 "is_async", "next_seq", "recheck_alive")
 
     def __init__(self, actor_id: bytes) -> None:
         self.actor_id = actor_id
@@ -277,6 +302,9 @@ class ActorQueue:
         self.pid = 0
         self.is_async = False
         self.next_seq = 0
+        # The GCS reported alive the very worker whose link just broke: asked once more
+        # (briefly) before calls in limbo are resent to it (see actor_reported).
+        self.recheck_alive = False
 
 
 # -- actions: what the I/O shell carries out ---------------------------------------------------
@@ -444,6 +472,14 @@ class StreamItem:
         self.result = result
 
 
+class RetryLater:
+    """Call retry_due(task) after `delay` seconds (a task the memory monitor killed)."""
+    __slots__ = ("task", "delay")
+
+    def __init__(self, task: PendingTask, delay: float) -> None:
+        self.task, self.delay = task, delay
+
+
 class ArmRetry:
     """Call retry_held(key) after `delay` seconds."""
     __slots__ = ("key", "delay")
@@ -454,7 +490,8 @@ class ArmRetry:
 
 Action = Union[RequestLease, CancelLeaseRequest, ReturnLease, ArmIdleTimer, Connect, CloseLink,
                ResolveArgs, Push, Finish, Fail, WorkerDied, CancelRemote, WatchActor, Warn,
-               FreeLineage, PinLineage, Resubmit, FailObjects, ArgumentLost, ArmRetry, StreamItem]
+               FreeLineage, PinLineage, Resubmit, FailObjects, ArgumentLost, ArmRetry, StreamItem,
+               RetryLater]
 
 
 class Recorder(Protocol):
@@ -511,6 +548,7 @@ class Settings:
     LEASE_IDLE_RETURN_S = LEASE_IDLE_RETURN_S
     PIPELINE_DEPTH = 16
     PIPELINE_MAX_TASK_SECONDS = 0.002
+    TASK_OOM_RETRIES = -1
 
 
 class OwnerState:
@@ -557,6 +595,8 @@ class OwnerState:
         self.recorder.new_task(task, "NORMAL_TASK", PENDING_ARGS_AVAIL)
         if task.generator:
             self.streams[task.task_id] = task
+        if task.retries_left != 0:
+            task.oom_retries_left = self.settings.TASK_OOM_RETRIES
         if task.retries_left != 0 and task.return_ids:
             task.live_returns = len(task.return_ids)
             lineage = self.lineage
@@ -613,6 +653,8 @@ class OwnerState:
                                                 task.name)
         task.state = PENDING_NODE_ASSIGNMENT
         self.recorder.event(task.task_id, PENDING_NODE_ASSIGNMENT)
+        if not task.oom_retries_left:
+            ks.retriable = False
         ks.queue.append(task)
         self._pump(ks, out)
 
@@ -941,11 +983,13 @@ class OwnerState:
         cause = getattr(err, "cause", err)
         return isinstance(cause, tuple(task.retry_exceptions))
 
-    def _requeue(self, task: PendingTask, out: List[Action]) -> None:
-        """Back in front of its key's queue for another attempt."""
+    def _requeue(self, task: PendingTask, out: List[Action], record: bool = True) -> None:
+        """Back in front of its key's queue for another attempt (`record`: tell the task
+        events it is pending again, unless that was said when its wait began)."""
         task.link = None
         task.lease = None
-        self.recorder.requeued_task(task)
+        if record:
+            self.recorder.requeued_task(task)
         if self.raylet_error is not None:
             self._fail([task], self.raylet_error, out)
             return
@@ -991,6 +1035,8 @@ class OwnerState:
                 task.lease.inflight -= 1
             if task.cancelled:
                 self._fail([task], TaskCancelledError(task.task_id.hex()), out)
+            elif link.oom:
+                self._killed_for_memory(task, link, out)
             elif task.retries_left != 0:
                 if task.retries_left > 0:
                     task.retries_left -= 1
@@ -1004,6 +1050,58 @@ class OwnerState:
             out.append(WorkerDied(died, error))
         for ks in {id(k): k for k in touched}.values():
             self._pump(ks, out)
+        return out
+
+    # -- the memory monitor ------------------------------------------------------------------------
+    def worker_killed(self, worker_id: bytes, message: str) -> List[Action]:
+        """A raylet's memory monitor is killing this worker (`message`: why, with the
+        figures). Its link is marked: when it breaks, its tasks follow the OOM retry
+        policy. A notice for a link already lost changes nothing (module docstring)."""
+        link = self.links.get(worker_id)
+        if link is None or link.dead:
+            log.info("the memory monitor killed worker %s, whose loss was already handled as "
+                     "an ordinary worker death", worker_id.hex()[:8])
+            return []
+        link.oom = message or "Task was killed due to the node running low on memory."
+        return []
+
+    def _killed_for_memory(self, task: PendingTask, link: WorkerLink, out: List[Action]) -> None:
+        """Ray's OOM retry policy: max_retries=0 fails at once, others run again after a
+        backoff, not using max_retries, while TASK_OOM_RETRIES allows."""
+        message = link.oom
+        task.oom_kills += 1
+        if task.oom_retries_left == 0:
+            if task.oom_kills > 1 or task.retries_left != 0:
+                message += (f"\n\nThe task was killed for memory {task.oom_kills} times and "
+                            f"has no OOM retries left (RAY_task_oom_retries / "
+                            f"RUNTIME_TASK_OOM_RETRIES={self.settings.TASK_OOM_RETRIES}).")
+            self._fail([task], OutOfMemoryError(message), out)
+            return
+        if task.oom_retries_left > 0:
+            task.oom_retries_left -= 1
+        first, most = OOM_RETRY_DELAY_S
+        delay = min(most, first * 2 ** (task.oom_kills - 1))
+        task.attempt += 1
+        task.link = None
+        task.lease = None
+        task.state = PENDING_NODE_ASSIGNMENT
+        self.recorder.requeued_task(task)
+        left = ("infinite" if task.oom_retries_left < 0 else str(task.oom_retries_left))
+        figures = message.split("\n", 2)[1] if "\n" in message else message
+        out.append(Warn(
+            f"Task {task.name} failed due to oom: the memory monitor of node "
+            f"{link.node_id.hex()[:8]} killed its worker (pid {link.pid}). It runs again in "
+            f"{delay:g}s (attempt {task.attempt}), without using its max_retries; there are "
+            f"{left} oom retries remaining. {figures}"))
+        out.append(RetryLater(task, delay))
+
+    def retry_due(self, task: PendingTask) -> List[Action]:
+        """The backoff of a task the memory monitor killed is over: queue it again, unless
+        it was cancelled (and failed) meanwhile."""
+        out: List[Action] = []
+        if task.done or task.link is not None or task.cancelled:
+            return out
+        self._requeue(task, out, record=False)
         return out
 
     def fail_tasks(self, tasks: Iterable[PendingTask], error: Error) -> List[Action]:
@@ -1324,6 +1422,7 @@ class OwnerState:
     def _watch(self, a: ActorQueue, handshake_error: str, out: List[Action]) -> None:
         if not a.watching and a.death is None:
             a.watching = True
+            a.recheck_alive = False
             a.watch_handshake_error = handshake_error
             out.append(WatchActor(a))
 
@@ -1378,7 +1477,8 @@ class OwnerState:
                        pid: int = 0, is_async: bool = False,
                        death: Optional[Error] = None) -> List[Action]:
         """The GCS reported the actor (a watch's answer). ALIVE: connect and send what
-        waits, limbo first; DEAD: fail everything with `death`; otherwise keep watching.
+        waits, limbo first (ALIVE at the address whose link broke is asked again once,
+        ``recheck_alive``); DEAD: fail everything with `death`; otherwise keep watching.
         A watch after call-port failures that brings no news (the same version: alive
         where it was) fails what is queued with ActorUnavailableError."""
         out: List[Action] = []
@@ -1397,6 +1497,16 @@ class OwnerState:
             self._dead(a, death if death is not None else RayActorError(
                 f"The actor {actor_id.hex()} is dead.", actor_id=actor_id.hex()), out)
         elif state == ACTOR_ALIVE:
+            if (a.limbo and not a.recheck_alive and a.endpoint is not None
+                    and address is not None and address.worker_id == a.endpoint.worker_id):
+                # The link to this very worker broke, yet the GCS still has it alive: its
+                # own stream to the worker (which breaks at about the same moment when the
+                # worker dies) has not told it yet. Ask once more, briefly, rather than
+                # resend the calls to a dead worker and fail those without retries as if
+                # it had restarted; no news then means the worker lives.
+                a.recheck_alive = True
+                return out
+            a.recheck_alive = False
             a.watching = False
             a.pid = pid
             a.is_async = is_async

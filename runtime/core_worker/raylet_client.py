@@ -19,14 +19,17 @@ log = logging.getLogger("runtime.core_worker")
 
 
 class RayletClient:
-    """Sends ClientMessages in order; hands LeaseGrants to `on_grant`."""
+    """Sends ClientMessages in order; hands LeaseGrants to `on_grant` and the memory
+    monitor's WorkerKilled notices to `on_notice` (without one, a notice is only logged)."""
 
     def __init__(self, channel: grpc.aio.Channel, on_grant: Callable[[raylet_pb2.LeaseGrant], None],
-                 on_lost: Callable[[str], None]) -> None:
+                 on_lost: Callable[[str], None],
+                 on_notice: Optional[Callable[[raylet_pb2.WorkerKilled], None]] = None) -> None:
         self._stub = raylet_pb2_grpc.RayletStub(channel)
         self._outbox: asyncio.Queue = asyncio.Queue()
         self._on_grant = on_grant
         self._on_lost = on_lost
+        self._on_notice = on_notice
         self._call = None
         self._reader: Optional[asyncio.Task] = None
         self._writer: Optional[asyncio.Task] = None
@@ -99,8 +102,11 @@ class RayletClient:
                 msg = await self._call.read()
                 if msg is grpc.aio.EOF:
                     break
-                if msg.WhichOneof("msg") == "grant":
+                kind = msg.WhichOneof("msg")
+                if kind == "grant":
                     self._on_grant(msg.grant)
+                elif kind == "worker_killed":
+                    self._notice(msg.worker_killed)
         except asyncio.CancelledError:
             return
         except grpc.RpcError as exc:
@@ -112,6 +118,13 @@ class RayletClient:
         if not self.closed:
             self.closed = True
             self._on_lost(reason)
+
+    def _notice(self, notice: raylet_pb2.WorkerKilled) -> None:
+        if self._on_notice is not None:
+            self._on_notice(notice)
+        else:
+            log.warning("the raylet killed the worker of lease %s: %s", notice.lease_id,
+                        notice.reason)
 
     def send(self, msg: raylet_pb2.ClientMessage) -> None:
         self._outbox.put_nowait(msg)

@@ -40,7 +40,8 @@ from runtime.core_worker.owner_state import (LOCAL_RAYLET, StreamItem, ActorQueu
                                              Connect, Fail, FailObjects, Finish, FreeLineage,
                                              KeyState, Lease, OwnerState, PendingTask, PinLineage,
                                              Push, Recorder, RequestLease, ResolveArgs, Resubmit,
-                                             ReturnLease, WatchActor, WorkerDied, WorkerLink, Warn)
+                                             RetryLater, ReturnLease, WatchActor, WorkerDied,
+                                             WorkerLink, Warn)
 from runtime.core_worker.raylet_client import RayletClient
 from runtime.core_worker.worker_connection import Connection, WorkerConnection
 from runtime.exceptions import (ActorDiedError, ActorPlacementGroupRemoved, NodeDiedError, ObjectLostError, RayError,
@@ -159,6 +160,7 @@ class TaskSubmitter:
         self.remote_raylets: Dict[str, RayletClient] = {}   # other nodes' raylets (spillback)
         self._timers: Dict[Lease, asyncio.TimerHandle] = {}
         self._retry_timers: Dict[KeyState, asyncio.TimerHandle] = {}
+        self._oom_timers: Dict[PendingTask, asyncio.TimerHandle] = {}  # OOM retry backoffs
         self._queue: Deque[Any] = deque()
         self._applying = False
         self._background: Set[asyncio.Future] = set()  # asyncio tasks of ours, cancelled at close
@@ -172,6 +174,7 @@ class TaskSubmitter:
             PinLineage: self._pin_lineage, Resubmit: self._resubmit,
             FailObjects: self._fail_objects, ArgumentLost: self._argument_lost,
             ArmRetry: self._arm_retry, StreamItem: self._stream_item,
+            RetryLater: self._retry_later,
         }
 
     @property
@@ -243,6 +246,10 @@ class TaskSubmitter:
             return
         self.feed(actions)
 
+    def on_raylet_notice(self, notice: raylet_pb2.WorkerKilled, raylet: str = LOCAL_RAYLET) -> None:
+        """A raylet's memory monitor is killing a worker this process leased from it."""
+        self.feed(self.state.worker_killed(notice.worker_id, notice.reason))
+
     # connection handler (WorkerConnection and CallConnection call these)
     def on_result(self, conn: Connection, result: common_pb2.TaskResult) -> None:
         self.feed(self.state.task_result(conn.link, result))
@@ -281,7 +288,8 @@ class TaskSubmitter:
         if (client is None or client.closed) and open_:
             client = RayletClient(self.host.channel(raylet),
                                   functools.partial(self.on_grant, raylet=raylet),
-                                  functools.partial(self._remote_raylet_lost, raylet))
+                                  functools.partial(self._remote_raylet_lost, raylet),
+                                  functools.partial(self.on_raylet_notice, raylet=raylet))
             self.remote_raylets[raylet] = client
             client.start(self.host.registration())
         return client
@@ -290,7 +298,8 @@ class TaskSubmitter:
         ks = a.key
         self._raylet(a.raylet, open_=True).request_lease(raylet_pb2.LeaseRequest(
             request_id=a.request_id, resources=ks.resources, strategy=ks.strategy,
-            function_name=ks.name, grant_or_reject=a.raylet != LOCAL_RAYLET))
+            function_name=ks.name, grant_or_reject=a.raylet != LOCAL_RAYLET,
+            retriable=ks.retriable))
 
     def _cancel_request(self, a: CancelLeaseRequest) -> None:
         client = self._raylet(a.raylet)
@@ -316,6 +325,15 @@ class TaskSubmitter:
         ks = a.key
         self._retry_timers[ks] = asyncio.get_running_loop().call_later(a.delay, self._retry_timer,
                                                                        ks)
+
+    def _retry_later(self, a: RetryLater) -> None:
+        task = a.task
+        self._oom_timers[task] = asyncio.get_running_loop().call_later(a.delay, self._retry_due,
+                                                                       task)
+
+    def _retry_due(self, task: PendingTask) -> None:
+        self._oom_timers.pop(task, None)
+        self.feed(self.state.retry_due(task))
 
     def _retry_timer(self, ks: KeyState) -> None:
         self._retry_timers.pop(ks, None)
@@ -569,7 +587,8 @@ class TaskSubmitter:
         actor_id = a.actor_id
         try:
             while a.watching:
-                wait_s = HANDSHAKE_RECHECK_S if a.watch_handshake_error else 30.0
+                wait_s = (HANDSHAKE_RECHECK_S if a.watch_handshake_error or a.recheck_alive
+                          else 30.0)
                 try:  # a restarting GCS is waited for (bounded) by the GCS client
                     reply = await self.host.gcs_client.call(
                         "GetActor", gcs_pb2.GetActorRequest(
@@ -621,9 +640,10 @@ class TaskSubmitter:
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
-        for timer in self._retry_timers.values():
-            timer.cancel()
-        self._retry_timers.clear()
+        for timers in (self._retry_timers, self._oom_timers):
+            for timer in timers.values():
+                timer.cancel()
+            timers.clear()
         for conn in list(self.conns.values()):
             conn.close()
         self.conns.clear()

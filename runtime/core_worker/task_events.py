@@ -254,6 +254,8 @@ def _describe_exception(err: BaseException) -> Tuple[str, str]:
     name = type(err).__name__
     if name.startswith("RayTaskError") and getattr(err, "cause", None) is not None:
         name = "TASK_EXECUTION_EXCEPTION"
+    elif name == "OutOfMemoryError":
+        name = "OUT_OF_MEMORY"  # Ray's error_type for a task the memory monitor killed
     return name, str(err).strip()
 
 

@@ -17,6 +17,11 @@ its raylet says otherwise (``reattached`` or ``worker_lost_while_down``), one th
 being placed is placed again. ``node_died``: the node the actor's worker ran on is dead,
 so the worker is gone with its lease; creating the actor there is simply retried
 elsewhere, an actor that was alive restarts within its budget.
+
+``memory_killed``: the raylet's memory monitor is killing the actor's worker and said so
+(its WorkerKilled notice comes before the SIGKILL). The state does not change yet; the
+``worker_died`` that follows restarts the actor within max_restarts, as any death, but
+its cause (and the ActorDiedError its callers get when it is dead) is the monitor's text.
 """
 from __future__ import annotations
 
@@ -42,6 +47,7 @@ TRANSITIONS: Dict[Tuple[int, str], int] = {
     (PENDING_CREATION, "kill/restart"): PENDING_CREATION,
     (PENDING_CREATION, "internal_error"): DEAD,
     (PENDING_CREATION, "node_died"): PENDING_CREATION,   # placed again; no restart counted
+    (PENDING_CREATION, "memory_killed"): PENDING_CREATION,  # until worker_died
     (ALIVE, "exited"): DEAD,
     (ALIVE, "worker_died/restart"): RESTARTING,
     (ALIVE, "worker_died/no_restart"): DEAD,
@@ -50,6 +56,7 @@ TRANSITIONS: Dict[Tuple[int, str], int] = {
     (ALIVE, "node_died/restart"): RESTARTING,
     (ALIVE, "node_died/no_restart"): DEAD,
     (ALIVE, "reattached"): ALIVE,          # a restarted GCS found its worker and lease
+    (ALIVE, "memory_killed"): ALIVE,       # until its worker's stream breaks: worker_died
     (RESTARTING, "lease_granted"): RESTARTING,
     (RESTARTING, "created"): ALIVE,
     (RESTARTING, "unschedulable"): DEAD,
@@ -61,6 +68,7 @@ TRANSITIONS: Dict[Tuple[int, str], int] = {
     (RESTARTING, "internal_error"): DEAD,
     (RESTARTING, "node_died/restart"): RESTARTING,
     (RESTARTING, "node_died/no_restart"): DEAD,
+    (RESTARTING, "memory_killed"): RESTARTING,
 }
 
 
@@ -123,6 +131,7 @@ class ActorLifecycle:
         self.leased = False                   # a worker is leased for it
         self.requesting = False               # a lease request is in flight
         self.intentional = False              # it died because it was asked to (kill, exit)
+        self.memory_kill = ""                 # the memory monitor's notice about its worker
 
     @classmethod
     def restored(cls, state: int, max_restarts: int, num_restarts: int, death_cause: str = "",
@@ -237,15 +246,29 @@ class ActorLifecycle:
             return [ReturnLease()]
         return []
 
+    def memory_killed(self, message: str) -> List[Action]:
+        """The memory monitor is killing the actor's current worker (`message`: Ray's
+        text, with the node's figures); the worker_died that follows says so."""
+        if self._go("memory_killed") is None:
+            return []
+        self.memory_kill = message
+        return [Event("oom_killed", f"the memory monitor is killing its worker: "
+                                    f"{message.splitlines()[0] if message else ''}", "WARNING")]
+
     def worker_died(self, pid: int, error: str) -> List[Action]:
         """The actor's worker stream broke: restart it if the budget allows."""
         self.leased = False
+        oom, self.memory_kill = self.memory_kill, ""
         if self.state == DEAD:
             return []
         kill, self.kill = self.kill, None
         if kill is not None and kill[0]:
             self.intentional = True
             return self._die(kill[1])
+        if kill is None and oom:
+            return self._restart_or_die(
+                "worker_died", f"its worker process (pid {pid}) was killed by the memory "
+                               f"monitor because the node ran low on memory", detail=oom)
         cause = (f"its worker process (pid {pid}) died ({error})" if kill is None
                  else f"it was killed ({kill[1]})")
         return self._restart_or_die("worker_died", cause)
@@ -267,6 +290,7 @@ class ActorLifecycle:
         its lease went with it."""
         self.leased = False
         self.requesting = False
+        self.memory_kill = ""
         if self.state == DEAD:
             return []
         kill, self.kill = self.kill, None
@@ -281,7 +305,9 @@ class ActorLifecycle:
                     Place()]
         return self._restart_or_die("node_died", cause)
 
-    def _restart_or_die(self, stimulus: str, cause: str) -> List[Action]:
+    def _restart_or_die(self, stimulus: str, cause: str, detail: str = "") -> List[Action]:
+        """`detail` (the memory monitor's text) follows the cause of death on lines of its
+        own; the restart's event names the cause only."""
         budget = "inf" if self.max_restarts == -1 else str(self.max_restarts)
         if self.max_restarts == -1 or self.num_restarts < self.max_restarts:
             nxt = self._go(f"{stimulus}/restart")
@@ -292,4 +318,5 @@ class ActorLifecycle:
             return [Publish(), Event("restarting",
                                      f"{cause}; restart {self.num_restarts}/{budget}", "WARNING"),
                     Place()]
-        return self._die(f"{cause}; no restarts left (max_restarts={self.max_restarts})")
+        return self._die(f"{cause}; no restarts left (max_restarts={self.max_restarts})"
+                         + (f".\n{detail}" if detail else ""))

@@ -19,6 +19,11 @@ the leases of the dead GCS over to the new one when it connects (RegisterAck.gcs
 and the actor's worker is watched again, same process, same state; an actor whose lease
 is gone died meanwhile and restarts within its budget; one that was being placed is
 placed again. When a node dies its actors restart elsewhere (``node_died``).
+
+The GCS holds the actors' leases, so a raylet's memory monitor tells it (WorkerKilled,
+before the SIGKILL) when it kills an actor's worker; the lifecycle keeps the text as the
+cause of the death that follows (``memory_killed``). Lease requests say whether an actor
+may restart (``retriable``: max_restarts != 0), which the monitor kills first.
 """
 from __future__ import annotations
 
@@ -72,7 +77,8 @@ class _RayletLink:
         self.address = f"{node.node_ip}:{node.raylet_port}"
         self.pending: Dict[int, asyncio.Future] = {}
         self.warnings: Dict[int, str] = {}
-        self.client = RayletClient(manager.channel(self.address), self._on_grant, self._on_lost)
+        self.client = RayletClient(manager.channel(self.address), self._on_grant, self._on_lost,
+                                   self._on_notice)
         self.ready: Optional[asyncio.Task] = None
         self.manager = manager
 
@@ -96,6 +102,9 @@ class _RayletLink:
             fut.set_result(grant)
         elif outcome == "granted":
             self.client.return_lease(grant.granted.lease_id)
+
+    def _on_notice(self, notice: raylet_pb2.WorkerKilled) -> None:
+        self.manager.on_worker_killed(self, notice)
 
     def _on_lost(self, reason: str) -> None:
         for fut in self.pending.values():
@@ -302,6 +311,22 @@ class ActorManager:
         self.gcs.events.record("actor", info.actor_id.hex(), state, f"{label}: {message}",
                                severity=severity, node_id=info.node_id,
                                node_ip=node.node_ip if node else "", pid=info.pid)
+
+    def on_worker_killed(self, link: _RayletLink, notice: raylet_pb2.WorkerKilled) -> None:
+        """The memory monitor of `link`'s node is killing the worker of one of this GCS's
+        leases. Only the actor whose current worker it is takes the notice: one that
+        arrives after its worker's stream broke (the death already handled) is ignored."""
+        for actor in self.actors.values():
+            lease = actor.lease
+            if (lease is not None and lease[0] is link and lease[1] == notice.lease_id
+                    and actor.conn is not None):
+                log.warning("actor %s (%s): the memory monitor of node %s is killing its worker "
+                            "(pid %s)", actor.spec.actor_id.hex()[:8], actor.spec.class_name,
+                            link.node_id.hex()[:8], actor.info.pid)
+                self._apply(actor, actor.life.memory_killed(notice.reason))
+                return
+        log.info("the memory monitor of node %s killed the worker of lease %s, which no live "
+                 "actor holds any more", link.node_id.hex()[:8], notice.lease_id)
 
     def on_pending_reason(self, request_id: int, message: str) -> None:
         actor = self.by_request.get(request_id)
@@ -590,7 +615,8 @@ class ActorManager:
                 link.client.request_lease(raylet_pb2.LeaseRequest(
                     request_id=rid, resources=spec.placement_resources, strategy=strategy,
                     function_name=f"actor {spec.class_name}", is_actor=True, hold_differs=True,
-                    hold=spec.hold_resources, job_id=spec.job_id))
+                    hold=spec.hold_resources, job_id=spec.job_id,
+                    retriable=spec.max_restarts != 0))
                 try:
                     grant = await fut
                 except asyncio.CancelledError:

@@ -41,7 +41,9 @@ from runtime.object_store.client import StoreClient
 from runtime.object_store.store import (FILE_PREFIX, Entry, FileOps, ObjState, StoreState,
                                         format_bytes, object_file_name)
 from runtime.object_store.transfer import (CONNECT_TIMEOUT_S, REFUSED, UNREACHABLE, HolderError,
-                                           PullManager, TransferCounters, TransferServer)
+                                           TransferCounters)
+from runtime.object_store.transfer_pull import PullManager
+from runtime.object_store.transfer_server import TransferServer
 from runtime.protocol import common_pb2, object_store_pb2, object_store_pb2_grpc
 
 log = logging.getLogger("object_store")

@@ -36,7 +36,9 @@ Policy:
   it waits, as a request for missing resources does, until a matching node joins;
 * a worker whose lease comes back with ``worker_exiting`` (it reached its function's
   max_calls and exits) leaves the pool at once: it is never granted again, and its exit
-  is no crash.
+  is no crash;
+* a lease keeps what its request said the memory monitor weighs (``retriable``, the
+  function's name, actor or not); the monitor (memory_monitor.py) reads ``leases``.
 """
 from __future__ import annotations
 
@@ -98,6 +100,8 @@ class PendingRequest:
     waiting: int = WAIT_NEW      # why it is not granted yet (WAIT_*)
     env: str = ""                # the runtime_env hash of the worker it needs ("" = none)
     selector: Optional[Selector] = None  # the node labels it needs (None: any node)
+    retriable: bool = False      # its work runs again if the worker is killed (memory monitor)
+    is_actor: bool = False
 
 
 @dataclass
@@ -131,6 +135,11 @@ class Lease:
     resources: Resources
     gpu_ids: List[int]
     lent: Resources = field(default_factory=dict)
+    # What the memory monitor weighs and names (from the request): lease ids grow with
+    # each grant, so the highest is the newest.
+    retriable: bool = False
+    name: str = ""
+    is_actor: bool = False
 
 
 # -- actions --------------------------------------------------------------------------
@@ -407,7 +416,8 @@ class Scheduler:
                 continue
             worker = self.workers[self.idle.pop(slot)]
             lease = Lease(next(self._lease_ids), req.client, req.request_id, worker.worker_id,
-                          dict(held), gpu_ids)
+                          dict(held), gpu_ids, retriable=req.retriable, name=req.name,
+                          is_actor=req.is_actor)
             subtract(self.available, held)
             self.leases[lease.lease_id] = lease
             worker.lease_id = lease.lease_id

@@ -12,6 +12,11 @@ restarts takes their leases over when it connects (RegisterAck.gcs_leases). The
 raylet itself rides out a GCS restart: it keeps reporting, notices the new GCS
 (ResourceReportReply.gcs_instance) and registers again with the same node id. Only a
 GCS that says this node is dead makes it exit.
+
+The memory monitor (memory_monitor.py) runs here too: above the threshold it picks one
+leased worker, writes a ``worker_killed`` notice to the stream holding its lease (a
+driver, a worker, or the GCS for an actor), waits until that is written, then SIGKILLs
+the worker, and picks no other until that process is gone.
 """
 from __future__ import annotations
 
@@ -31,6 +36,8 @@ from runtime.core_worker.gcs_client import GcsClient
 from runtime.labels import compile_selector
 from runtime.protocol import common_pb2, gcs_pb2, gcs_pb2_grpc, raylet_pb2, raylet_pb2_grpc
 from runtime.raylet import log_service
+from runtime.raylet.memory_monitor import (Candidate, Kill, MemoryMonitor, NodeMemoryReader,
+                                           NothingToKill, describe, rss_of)
 from runtime.raylet.scheduler import (Grant, PendingRequest, Queued, Reject, RemoteNode,
                                       Scheduler, SetupEnv, Spillback, StartWorkers, Warn,
                                       Worker)
@@ -40,6 +47,10 @@ from runtime.supervisor import ManagedProcess, Supervisor
 log = logging.getLogger("runtime.raylet")
 #: How often the object store's usage is read for the resource report.
 STORE_STATS_INTERVAL_S = 1.0
+#: How long the memory monitor waits for its notice to be written to the lease holder's
+#: stream before it kills the worker anyway (a holder that reads nothing must not keep
+#: the node short of memory).
+KILL_NOTICE_TIMEOUT_S = 1.0
 
 
 class Client:
@@ -88,6 +99,7 @@ class Raylet(raylet_pb2_grpc.RayletServicer):
         self._exited_drivers: list = []
         self._store_used = 0
         self._store_spilled = 0
+        self.memory_monitor: Optional[MemoryMonitor] = None  # None: disabled
 
     @property
     def gcs(self) -> gcs_pb2_grpc.GcsStub:
@@ -104,6 +116,10 @@ class Raylet(raylet_pb2_grpc.RayletServicer):
                 msg = await client.outbox.get()
                 if msg is None:
                     break
+                if isinstance(msg, asyncio.Future):  # a flush barrier: what came before is written
+                    if not msg.done():
+                        msg.set_result(None)
+                    continue
                 yield msg
         finally:
             reader.cancel()
@@ -129,7 +145,8 @@ class Raylet(raylet_pb2_grpc.RayletServicer):
                 client.cid, r.request_id, dict(r.resources), s.kind or "DEFAULT", s.node_id, s.soft,
                 r.grant_or_reject, r.function_name, dict(r.hold) if r.hold_differs else None,
                 selector=compile_selector(s.label_selector),
-                job_id=r.job_id or client.job_id, env=self.pool.learn(s.runtime_env)))
+                job_id=r.job_id or client.job_id, env=self.pool.learn(s.runtime_env),
+                retriable=r.retriable, is_actor=r.is_actor))
         elif kind == "return_lease":
             lease = self.sched.leases.get(msg.return_lease.lease_id)
             if msg.return_lease.kill_worker and lease is not None:
@@ -343,6 +360,9 @@ class Raylet(raylet_pb2_grpc.RayletServicer):
             self.loop.call_soon_threadsafe(self._worker_exited, proc, returncode)
 
     def _worker_exited(self, proc: ManagedProcess, returncode: int) -> None:
+        if self.memory_monitor is not None and self.memory_monitor.worker_gone(proc.pid):
+            log.info("memory monitor: worker pid %s is gone (status %s); the monitor may "
+                     "choose another if memory stays high", proc.pid, returncode)
         token = getattr(proc, "raylet_token", None)
         if token in self.starting:
             del self.starting[token]
@@ -370,6 +390,71 @@ class Raylet(raylet_pb2_grpc.RayletServicer):
         if proc is not None:
             proc.kill()
 
+    # -- memory monitor ------------------------------------------------------------------------
+    def _memory_candidates(self) -> list:
+        """Every leased worker, as the monitor weighs it."""
+        out = []
+        workers = self.sched.workers
+        for lease in self.sched.leases.values():
+            w = workers.get(lease.worker_id)
+            if w is not None and w.pid:
+                out.append(Candidate(lease.worker_id, w.pid, lease.lease_id, lease.retriable,
+                                     lease.name, lease.is_actor))
+        return out
+
+    async def _memory_loop(self, reader: NodeMemoryReader, refresh_s: float) -> None:
+        """One reading per refresh; a kill when the monitor decides one."""
+        monitor = self.memory_monitor
+        assert monitor is not None
+        while not self._stopping.is_set():
+            await asyncio.sleep(refresh_s)
+            victim = monitor.killing
+            if victim is not None and not _pid_alive(victim.pid):
+                monitor.worker_gone(victim.pid)  # its exit was not reported (not ours)
+            try:
+                decision = monitor.check(reader.read(), self._memory_candidates)
+            except Exception:
+                log.exception("memory monitor: reading the node's memory failed")
+                continue
+            if isinstance(decision, Kill):
+                await self._memory_kill(decision)
+            elif isinstance(decision, NothingToKill):
+                log.warning("%s", decision.message)
+
+    async def _memory_kill(self, kill: Kill) -> None:
+        """Tell the lease's holder why its worker dies, wait until that is written, then
+        SIGKILL the worker (its memory is freed by the kernel; the monitor waits for the
+        process to be gone before choosing again)."""
+        v = kill.victim
+        snap = kill.snapshot
+        lease = self.sched.leases.get(v.lease_id)
+        client = self.clients.get(lease.client) if lease is not None else None
+        # Out of the pool at once: a lease returned while the notice travels must not
+        # hand the worker to a holder nobody told.
+        self.sched.worker_died(v.worker_id)
+        log.warning("memory monitor: node uses %.2f GiB of %.2f GiB (%s; %.3f > threshold %g); "
+                    "killing worker %s pid %s (%s, lease %s, %s, kill %d since start)",
+                    snap.used / 2**30, snap.total / 2**30, snap.source, snap.fraction,
+                    self.memory_monitor.threshold, v.worker_id.hex()[:8], v.pid,
+                    v.name or "?", v.lease_id, "retriable" if v.retriable else "not retriable",
+                    self.memory_monitor.kills)
+        if client is not None:
+            written = asyncio.get_running_loop().create_future()
+            client.outbox.put_nowait(raylet_pb2.RayletMessage(worker_killed=raylet_pb2.WorkerKilled(
+                lease_id=v.lease_id, worker_id=v.worker_id, reason=kill.message)))
+            client.outbox.put_nowait(written)
+            try:
+                await asyncio.wait_for(written, KILL_NOTICE_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                log.warning("memory monitor: the holder of lease %s (pid %s) did not take the "
+                            "notice within %gs; killing its worker anyway", v.lease_id,
+                            client.pid, KILL_NOTICE_TIMEOUT_S)
+        if v.worker_id in self.procs or v.worker_id in self.sched.workers:
+            self._kill_worker(v.worker_id, "the node is low on memory (memory monitor)")
+            self._run_scheduler()
+        elif not _pid_alive(v.pid):
+            self.memory_monitor.worker_gone(v.pid)  # it exited meanwhile
+
     async def _reap_idle_workers(self) -> None:
         while not self._stopping.is_set():
             await asyncio.sleep(1.0)
@@ -380,6 +465,19 @@ class Raylet(raylet_pb2_grpc.RayletServicer):
                     log.info("stopping idle worker %s pid %s", wid.hex()[:8], proc.pid)
                     await asyncio.to_thread(proc.stop, 2.0)
                     self.supervisor.remove(proc)
+
+    def _start_memory_monitor(self) -> Optional[asyncio.Task]:
+        """Log what the monitor uses; start its loop unless it is disabled."""
+        refresh_ms = config.MEMORY_MONITOR_REFRESH_MS
+        threshold = config.MEMORY_USAGE_THRESHOLD
+        if refresh_ms <= 0:
+            log.info("%s", describe(threshold, refresh_ms, None))
+            return None
+        reader = NodeMemoryReader()
+        log.info("%s", describe(threshold, refresh_ms, reader.read()))
+        self.memory_monitor = MemoryMonitor(threshold, self.args.node_ip, self.args.node_id,
+                                            rss_of=rss_of)
+        return asyncio.ensure_future(self._memory_loop(reader, refresh_ms / 1000.0))
 
     # -- GCS -----------------------------------------------------------------------------------
     def _node_info(self) -> gcs_pb2.NodeInfo:
@@ -564,6 +662,9 @@ class Raylet(raylet_pb2_grpc.RayletServicer):
                  asyncio.ensure_future(self._membership_loop()),
                  asyncio.ensure_future(self._store_loop()),
                  asyncio.ensure_future(self._reap_idle_workers())]
+        memory = self._start_memory_monitor()
+        if memory is not None:
+            tasks.append(memory)
         await self._stopping.wait()
         log.info("raylet stopping")
         for t in tasks:
