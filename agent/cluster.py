@@ -61,7 +61,8 @@ STORE_FIELDS = frozenset({"where", "spilled", "locations"})
 #: The most objects one refresh asks the stores about (the most one List may name): a
 #: filter on a store field needs an answer for every candidate.
 STORE_LOOKUP_MAX = LIST_MAX
-_WORKER_LOG = re.compile(r"(worker-[0-9a-f]{8})\.log")
+#: A worker's stdout (named for the worker, as raytop and agentctl call it) and stderr.
+_WORKER_LOG = re.compile(r"(worker-[0-9a-f]{8})\.(out|err)")
 _FOLLOWED_PROCESS_STATES = {"exited": "WARNING", "failed": "ERROR", "running": "INFO",
                             "stopped": "INFO"}
 
@@ -404,7 +405,8 @@ class ClusterViews:
         for name in names:  # workers that exited keep their log: often the one wanted
             m = _WORKER_LOG.fullmatch(name)
             if m:
-                known[m.group(1)] = (os.path.join(logs_dir, name), logs_dir)
+                key = m.group(1) if m.group(2) == "out" else name
+                known[key] = (os.path.join(logs_dir, name), logs_dir)
         for w in await agent.workers():
             known[w.component] = (w.log_path, logs_dir)
         for snap in agent.process_snapshots():

@@ -686,7 +686,7 @@ class NodeAgent:
                 component=f"worker-{w.worker_id.hex()[:8]}", pid=w.pid, state=state,
                 uptime_s=max(0.0, now - started), start_time=started, supervised_by="raylet",
                 log_path=os.path.join(node.session_dir, "logs",
-                                      f"worker-{w.worker_id.hex()[:8]}.log")))
+                                      f"worker-{w.worker_id.hex()[:8]}.out")))
         return out
 
     async def refresh_cluster(self) -> None:

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import grpc
@@ -26,7 +27,8 @@ from runtime.node import Node, NodeConfig, check_resource_amount
 from runtime.object_ref import ObjectRef
 from runtime.shapes import check_timeout
 from runtime.vocabulary import ACTOR_DEAD
-from runtime.protocol import common_pb2, gcs_pb2, gcs_pb2_grpc
+from runtime.protocol import common_pb2, gcs_pb2, gcs_pb2_grpc, runtime_env_pb2, \
+    runtime_env_pb2_grpc
 from runtime.rpc_errors import gcs_error
 from runtime.runtime_context import get_runtime_context  # noqa: F401  (re-exported)
 from runtime.runtime_env import context as runtime_env_context
@@ -328,14 +330,58 @@ def _connect(gcs_address: str, token: str, kwargs: Dict[str, Any], session_dir: 
     _driver.cw = cw
     # The job's runtime_env: what its tasks and actors run in (not this driver, as in Ray).
     # A failure here (a package over the size limit) tears the connection down in init().
-    runtime_env_context.set_current(resolve_runtime_env(
-        kwargs.get("runtime_env"), runtime_env_context.EMPTY, store_for(cw)))
+    job_env = resolve_runtime_env(kwargs.get("runtime_env"), runtime_env_context.EMPTY,
+                                  store_for(cw))
+    runtime_env_context.set_current(job_env)
+    _eager_install(job_env, alive, token)
     info = {"node_ip_address": node.node_ip, "gcs_address": gcs_address, "address": gcs_address,
             "raylet_address": f"{node.node_ip}:{node.raylet_port}",
             "object_store_address": f"{node.node_ip}:{node.store_port}",
             "session_dir": node.session_dir or session_dir, "node_id": node.node_id.hex(),
             "webui_url": None, "job_id": job_id.hex()}
     _driver.context = RuntimeContextInfo(info)
+
+
+#: The runtime_env fields whose setup takes a node time (unpacking, pip): what Ray's
+#: eager_install sets up at init().
+_EAGER_FIELDS = ("pip", "working_dir", "py_modules")
+#: How long init() waits for each node to say it started an eager setup.
+_EAGER_TIMEOUT_S = 5.0
+
+
+def _eager_install(env: runtime_env_context.ResolvedEnv, nodes: Sequence[Any],
+                   token: str) -> None:
+    """Ray's ``eager_install`` (default True): ask every live node to set the job's
+    runtime_env up now, so the first task does not wait for pip. Each node answers as
+    soon as the setup has started; tasks that come before it ends wait for that same
+    setup. A node that cannot be asked sets the env up when a task needs it, as with
+    ``eager_install=False``."""
+    config = env.env.get("config") or {}
+    if not env.hash or not config.get("eager_install", True) or \
+            not any(env.env.get(f) for f in _EAGER_FIELDS):
+        return
+    request = runtime_env_pb2.PrepareRuntimeEnvRequest(runtime_env=env.info)
+
+    def ask(n: Any) -> None:
+        address = f"{n.node_ip}:{n.raylet_port}"
+        channel = rpc.sync_channel(address, token)
+        try:
+            runtime_env_pb2_grpc.RuntimeEnvServiceStub(channel).Prepare(
+                request, timeout=_EAGER_TIMEOUT_S)
+        except grpc.RpcError as exc:
+            log.warning("could not ask node %s (raylet %s) to set the job's runtime_env up "
+                        "ahead of its tasks (eager_install): %s: %s; it is set up there when "
+                        "a task needs it", n.node_id.hex()[:8], address, exc.code().name,
+                        exc.details())
+        finally:
+            channel.close()
+
+    if len(nodes) == 1:
+        ask(nodes[0])
+        return
+    with ThreadPoolExecutor(max_workers=min(16, len(nodes)),
+                            thread_name_prefix="eager-install") as pool:
+        list(pool.map(ask, nodes))
 
 
 def _watch_private_raylet(cw: CoreWorker, node: Node) -> None:

@@ -1,7 +1,7 @@
 """Session directories: one per cluster started on this machine.
 
     <root>/session_2026-11-26_04-20-00_123456_4242/       (0700)
-        logs/          one log file per process (gcs.log, raylet.log, worker-1a2b3c4d.log ...)
+        logs/          one log file per process (gcs.log, raylet.log, worker-1a2b3c4d.out/.err ...)
         spill/         objects spilled from the object store
         cluster.json   how to reach this cluster (GCS address, node id, pids); 0600
         token          the cluster token; 0600

@@ -4,8 +4,9 @@ Used by ``runtime.init()`` (a private node's GCS, raylet and object store), by t
 raylet (worker processes) and by the ``node-agent`` daemon (restarts with backoff,
 crash-loop detection). Modelled on Dask's Nanny and trio's subprocess handling:
 
-* a child's stdout and stderr are appended to its own log file, so a crash always
-  leaves its traceback somewhere a user can be pointed to;
+* a child's stdout and stderr are appended to its own log file (or to two, stdout and
+  stderr apart: workers, as Ray's ``worker-*.out``/``.err``), so a crash always leaves
+  its traceback somewhere a user can be pointed to, and every crash report quotes both;
 * stopping is SIGTERM, a grace period, SIGKILL, then reaping: nothing we started may
   be left running or as a zombie;
 * a child dies with us (``PR_SET_PDEATHSIG=SIGKILL`` plus ``RUNTIME_PARENT_PID`` for
@@ -126,7 +127,8 @@ class ProcessSpec:
     """Unique within a Supervisor, e.g. "gcs", "raylet", "object_store", "worker-1a2b3c4d"."""
     argv: list[str]
     log_path: str
-    """stdout and stderr are appended here (parent directories are created)."""
+    """stdout and stderr are appended here (parent directories are created), stdout
+    only when err_path is set."""
     env: dict[str, str] | None = None
     """Merged over os.environ."""
     cwd: str | None = None
@@ -146,6 +148,15 @@ class ProcessSpec:
     (0 disables rotation)."""
     log_backups: int = 3
     """Rotated logs kept; 0 means an oversized log is simply deleted."""
+    err_path: str | None = None
+    """When set, stderr is appended here instead of to log_path (rotated alike, with the
+    same header): Ray keeps a worker's streams apart, and get_log(suffix="err") reads
+    this file."""
+
+    def log_paths(self) -> list[str]:
+        """The files the process writes: stderr's first when apart (a crash's traceback
+        is there)."""
+        return [self.err_path, self.log_path] if self.err_path else [self.log_path]
 
 
 def describe_exit(returncode: int | None) -> str:
@@ -185,8 +196,9 @@ class ComponentStartError(RuntimeError):
         self.log_tail = list(log_tail)
         who = f"{name} (pid {pid})" if pid is not None else name
         status = "" if returncode is None else f" ({describe_exit(returncode)})"
+        many = sum(not line.startswith("--- ") for line in self.log_tail)
         super().__init__(
-            f"{who} {reason}{status}; last {len(self.log_tail)} lines of {log_path}:\n"
+            f"{who} {reason}{status}; last {many} lines of {log_path}:\n"
             f"{_format_tail(self.log_tail)}")
 
 
@@ -349,6 +361,22 @@ def _read_tail(path: str, n: int) -> list[str]:
     return lines[-n:]
 
 
+def _read_tails(spec: ProcessSpec, n: int) -> list[str]:
+    """The last n lines of the process's log; with stderr apart, those of each file, each
+    under a line naming it (stderr first)."""
+    if not spec.err_path:
+        return _read_tail(spec.log_path, n)
+    out: list[str] = []
+    for path in spec.log_paths():
+        out.append(f"--- {path} ---")
+        out.extend(_read_tail(path, n) or ["(empty)"])
+    return out
+
+
+def _paths_text(spec: ProcessSpec) -> str:
+    return " and ".join(spec.log_paths())
+
+
 # --------------------------------------------------------------------------------------
 
 
@@ -410,7 +438,8 @@ class ManagedProcess:
         spec = self.spec
         log_dir = os.path.dirname(os.path.abspath(spec.log_path))
         os.makedirs(log_dir, exist_ok=True)
-        _rotate_log(spec.log_path, spec.log_max_bytes, spec.log_backups)
+        for path in spec.log_paths():
+            _rotate_log(path, spec.log_max_bytes, spec.log_backups)
         if spec.ready_file:
             os.makedirs(os.path.dirname(os.path.abspath(spec.ready_file)), exist_ok=True)
             try:  # a file left by an earlier run would make us think it is ready
@@ -427,35 +456,44 @@ class ManagedProcess:
         argv = list(spec.argv)
         if spec.die_with_parent:
             argv = _pdeathsig_prefix() + argv
-        fd = os.open(spec.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        fds: list[int] = []
         try:
+            for path in (spec.log_path, spec.err_path):
+                if path:
+                    fds.append(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND
+                                       | os.O_CLOEXEC, 0o644))
             if not spec.argv:
                 raise ValueError("empty argv")
             _check_executable(spec.argv[0], env, spec.cwd)
 
             def spawn() -> subprocess.Popen:
                 # No preexec_fn, ever: with one CPython forks for real (module doc).
-                popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd,
-                                         cwd=spec.cwd, env=env, close_fds=True,
-                                         start_new_session=False)
-                try:  # at once: the child is still loading its interpreter
-                    os.write(fd, _log_header(spec.name, popen.pid, started_iso))
-                except OSError as exc:
-                    logger.warning("could not write the log header of %s: %s", spec.name, exc)
+                popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fds[0],
+                                         stderr=fds[-1], cwd=spec.cwd, env=env,
+                                         close_fds=True, start_new_session=False)
+                header = _log_header(spec.name, popen.pid, started_iso)
+                for fd in fds:
+                    try:  # at once: the child is still loading its interpreter
+                        os.write(fd, header)
+                    except OSError as exc:
+                        logger.warning("could not write the log header of %s: %s", spec.name,
+                                       exc)
                 return popen
 
             popen = _spawner.call(spawn)
         except (OSError, subprocess.SubprocessError, ValueError) as exc:
             msg = f"could not be started: {exc} (argv {spec.argv!r}, cwd {spec.cwd!r})"
-            try:
-                os.write(fd, f"=== {spec.name} {msg} ===\n".encode())
-            except OSError:
-                pass
+            for fd in fds:
+                try:
+                    os.write(fd, f"=== {spec.name} {msg} ===\n".encode())
+                except OSError:
+                    pass
             logger.error("%s %s", spec.name, msg)
-            raise ComponentStartError(spec.name, None, None, msg, spec.log_path,
-                                      _read_tail(spec.log_path, TAIL_LINES)) from exc
+            raise ComponentStartError(spec.name, None, None, msg, _paths_text(spec),
+                                      _read_tails(spec, TAIL_LINES)) from exc
         finally:
-            os.close(fd)  # the child has its own copy; ours would leak per spawn
+            for fd in fds:
+                os.close(fd)  # the child has its own copy; ours would leak per spawn
         self._popen = popen
         self._exit_recorded = False
         self.pid = self.last_pid = popen.pid
@@ -464,7 +502,7 @@ class ManagedProcess:
         self.info = {}
         self.state = ProcessState.STARTING if spec.ready_file else ProcessState.RUNNING
         logger.info("spawned %s pid %d: %s (log %s)", spec.name, popen.pid,
-                    " ".join(spec.argv), spec.log_path)
+                    " ".join(spec.argv), _paths_text(spec))
 
     def wait_ready(self, timeout: float) -> dict:
         """Wait until the ready file appears and return its contents.
@@ -507,8 +545,8 @@ class ManagedProcess:
 
     def _start_error(self, popen: subprocess.Popen, rc: int | None,
                      reason: str) -> ComponentStartError:
-        return ComponentStartError(self.spec.name, popen.pid, rc, reason, self.spec.log_path,
-                                   self.tail_log(TAIL_LINES))
+        return ComponentStartError(self.spec.name, popen.pid, rc, reason,
+                                   _paths_text(self.spec), self.tail_log(TAIL_LINES))
 
     # ---- observing
 
@@ -520,8 +558,9 @@ class ManagedProcess:
             return None if self._popen is None else self._popen.returncode
 
     def tail_log(self, n: int = TAIL_LINES) -> list[str]:
-        """The last n lines of the log (current file only, not rotated backups)."""
-        return _read_tail(self.spec.log_path, n)
+        """The last n lines of the log (current file only, not rotated backups); with
+        stderr apart, the last n of each file, each under a ``--- path ---`` line."""
+        return _read_tails(self.spec, n)
 
     def snapshot(self) -> dict:
         """JSON-friendly status (state as its string value) for status commands / RPCs."""
@@ -541,6 +580,7 @@ class ManagedProcess:
                 "last_exit_time": self.last_exit_time,
                 "failure_reason": self.failure_reason,
                 "log_path": self.spec.log_path,
+                "err_path": self.spec.err_path,
             }
 
     # ---- stopping
@@ -644,7 +684,7 @@ class ManagedProcess:
                 f"{last}; last log lines:\n{_format_tail(self.tail_log(TAIL_LINES))}")
             logger.error("%s is crash-looping (%d exits in %gs), not restarting it again; "
                          "%s; log %s", self.spec.name, len(self._failures),
-                         policy.crash_loop_window_s, last, self.spec.log_path)
+                         policy.crash_loop_window_s, last, _paths_text(self.spec))
             return
         delay = self._backoff
         self._backoff = min(self._backoff * 2, policy.backoff_max_s)

@@ -103,9 +103,13 @@ NOTES: Dict[str, Tuple[str, str]] = {
     # -- ray.exceptions ----------------------------------------------------------------------
     "ray.exceptions:LocalRayletDiedError": (DIFFERS, "the runtime raises its subclass "
                                                      "RayletDiedError"),
-    "ray.exceptions:OutOfMemoryError": (DIFFERS, "defined, never raised: there is no memory "
-                                                 "monitor"),
-    "ray.exceptions:ObjectFreedError": (DIFFERS, "defined, never raised: there is no free()"),
+    "ray.exceptions:ObjectFreedError": (
+        DIFFERS, "raised by get() after ray._private.internal_api.free(); a task given a "
+                 "freed ref as an argument fails with it bare, not wrapped in RayTaskError"),
+    "ray.exceptions:ObjectRefStreamEndOfStreamError": (
+        DIFFERS, "exported, never raised: iteration ends with StopIteration / "
+                 "StopAsyncIteration, as Ray's public ObjectRefGenerator does (Ray raises it "
+                 "only from internal helpers)"),
     "ray.exceptions:ObjectReconstructionFailedError": (
         DIFFERS, "raised with Ray 2.60's `reason` as its ErrorType name (a string)"),
     "ray.exceptions:CrossLanguageError": (DIFFERS, "defined, never raised"),
@@ -118,12 +122,16 @@ NOTES: Dict[str, Tuple[str, str]] = {
                  "also accepted per task/actor; remote URIs, conda, container, image_uri, uv, "
                  "py_executable, hooks, nsight and plugins are refused with a clear error"),
     "ray.runtime_env:RuntimeEnvConfig": (
-        DIFFERS, "eager_install has no effect (an env is set up when a node first needs it); "
+        DIFFERS, "eager_install sets up the job's pip, working_dir and py_modules on every "
+                 "node alive at init() (nodes that join later set it up on first use); "
                  "log_files are shown in the setup error"),
     # -- ray.util.state ----------------------------------------------------------------------
     "ray.util.state:get_log": (
-        DIFFERS, "suffix 'err' reads the same file as 'out' (a worker's streams share one "
-                 "log); a task's log is its worker's whole log, latest attempt only"),
+        DIFFERS, "a task's lines are known for its latest attempt only; a component's "
+                 "(raylet, GCS ...) stdout and stderr share one .log, so suffix does not "
+                 "apply to it"),
+    "ray.util.state:list_runtime_envs": (
+        DIFFERS, "ref_cnt is None; an env is listed once its setup on the node ended"),
     "ray.util.state:get_task": (DIFFERS, "returns one record (the latest attempt), never "
                                          "Ray's list of attempts"),
     "ray.util.state:get_job": (DIFFERS, "also accepts a driver's job id"),

@@ -170,7 +170,7 @@ def test_cancel_of_actor_calls(cluster, actors, tmp_path):
     actors.append(a)
     ray.get(a.pid.remote(), timeout=30)
     log = Path(cluster.address_info["session_dir"], "logs",
-               f"worker-{actor_address(a).worker_id.hex()[:8]}.log")
+               f"worker-{actor_address(a).worker_id.hex()[:8]}.err")
     started, gate = str(tmp_path / "started"), str(tmp_path / "gate")
     running = a.gate.remote(started, gate)
     queued = a.pid.remote()

@@ -252,7 +252,7 @@ def test_tail_logs_reads_only_this_nodes_logs(cluster):
     logs_dir = os.path.join(st.session_dir, "logs")
     secret = head.dir / "secret.log"
     secret.write_text("TOP SECRET\n")
-    planted = os.path.join(logs_dir, "worker-deadbeef.log")
+    planted = os.path.join(logs_dir, "worker-deadbeef.out")
     os.symlink(secret, planted)
     tcp = rpc.sync_channel(st.api_address, cluster["token"])
     local = grpc.insecure_channel(f"unix:{head.socket}")

@@ -196,8 +196,8 @@ def test_init_starts_processes_with_logs_and_shutdown_stops_them(fresh_runtime, 
     logs = os.path.join(sd, "logs")
     for name in ("gcs.log", "raylet.log", "object_store.log"):
         assert os.path.isfile(os.path.join(logs, name)), os.listdir(logs)
-    wait_for(lambda: any(f.startswith("worker-") and f.endswith(".log") for f in os.listdir(logs)),
-             10, message="a worker-*.log")
+    wait_for(lambda: any(f.startswith("worker-") and f.endswith(".out") for f in os.listdir(logs)),
+             10, message="a worker-*.out")
     assert ray.get(getpid.remote(), timeout=60) in procs["runtime.worker"] + [
         p for ps in session_processes(sd).values() for p in ps]
 

@@ -416,7 +416,7 @@ def test_list_logs_shows_raylet_gcs_and_worker_logs(cluster):
     by_ip = list_logs(node_ip=node["node_ip"])
     assert (by_ip["raylet"], by_ip["gcs_server"]) == (logs["raylet"], logs["gcs_server"])
     assert set(logs["worker_out"]) <= set(by_ip["worker_out"])  # workers may start meanwhile
-    assert set(list_logs(node_id=node["node_id"], glob_filter="worker-*")) == {"worker_out"}
+    assert set(list_logs(node_id=node["node_id"], glob_filter="worker-*")) == {"worker_out", "worker_err"}
     with pytest.raises(ValueError, match="node_id or node_ip"):
         list_logs()
     with pytest.raises(ValueError, match="no node"):
@@ -565,7 +565,7 @@ def test_get_functions_return_the_record_or_none(cluster, actors):
         filters=[("class_name", "=", "Summed"), ("state", "=", "ALIVE")]))
     assert a._actor_id.hex() in {r["actor_id"] for r in alive}
     with pytest.raises(ValueError, match="unsupported resource"):
-        client.list("runtime_envs")
+        client.list("no_such_resource")
     with pytest.raises(ValueError, match="hex string"):
         get_actor("not hex")
     with pytest.raises(ValueError, match="cannot query"):

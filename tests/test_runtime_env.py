@@ -22,6 +22,7 @@ from runtime.runtime_env.context import JOB_ENV_VAR, OVERRIDE_JOB_ENV_VAR
 from runtime.runtime_env.excludes import PatternList
 from runtime.session import new_session_dir
 from runtime.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from runtime.util.state import list_runtime_envs
 
 from conftest import assert_all_gone, cluster_pids, wait_for
 from helpers.env import scrubbed_env
@@ -372,6 +373,41 @@ def test_a_failing_pip_install_fails_the_task_with_pips_output(env_cluster, whee
         ray.get(actor.look.remote("X"), timeout=120)
 
 
+def envs_with(*packages):
+    """list_runtime_envs() records of the pip environment of exactly these packages."""
+    return [e for e in list_runtime_envs()
+            if (e["runtime_env"].get("pip") or {}).get("packages") == list(packages)]
+
+
+def test_list_runtime_envs_shows_what_each_node_set_up_or_failed_to(env_cluster, wheelhouse):
+    wheel_dir, _wheel = wheelhouse
+    node_id = env_cluster.address_info["node_id"]
+    good = pip_env(wheel_dir, "rtenv-demo==1.0")
+    assert ray.get(probe.options(runtime_env=good).remote(), timeout=180)["python"] != \
+        sys.executable
+    (rec,) = envs_with("rtenv-demo==1.0")
+    assert rec["success"] is True and rec["error"] is None
+    assert rec["node_id"] == node_id
+    assert rec["runtime_env"]["pip"]["pip_install_options"] == \
+        good["pip"]["pip_install_options"]
+    assert rec["runtime_env"]["env_vars"] == JOB_VARS  # the job's, merged in
+    assert abs(rec["creation_time_ms"] / 1000 - time.time()) < 600
+    assert set(rec) >= {"runtime_env", "success", "creation_time_ms", "node_id", "error",
+                        "ref_cnt"}
+
+    bad = pip_env(wheel_dir, "rtenv-nowhere==3.1")
+    with pytest.raises(RuntimeEnvSetupError):
+        ray.get(probe.options(runtime_env=bad).remote(), timeout=120)
+    (rec,) = envs_with("rtenv-nowhere==3.1")
+    assert rec["success"] is False and rec["node_id"] == node_id
+    assert "rtenv-nowhere==3.1" in rec["error"] and "No matching distribution" in rec["error"]
+    assert list_runtime_envs(filters=[("success", "=", "False")], limit=100)
+    assert all(not e["success"] for e in
+               list_runtime_envs(filters=[("success", "=", "False")], limit=100))
+    listed = ray.util.state.StateApiClient().list("runtime_envs")
+    assert any(e["runtime_env"] == rec["runtime_env"] for e in listed)
+
+
 def test_setup_timeout_seconds_bounds_the_setup_and_kills_it(env_cluster, tmp_path):
     slow = tmp_path / "slowpkg"
     slow.mkdir()
@@ -455,3 +491,62 @@ def test_each_node_unpacks_the_package_from_the_gcs(own_cluster, tmp_path):
         assert cwd.startswith(os.path.join(second.session_dir, "runtime_resources"))
     finally:
         second.stop()
+
+
+# -- eager_install (Ray's default for the job's runtime_env) -----------------------------------------
+def setup_runs(session_dir: str, kind: str) -> int:
+    """How many times a setup command of `kind` ("venv", "pip") ran on the node."""
+    logs = os.path.join(session_dir, "logs")
+    return sum(open(os.path.join(logs, name)).read().count(" started pid ")
+               for name in os.listdir(logs) if name.startswith(f"runtime_env_setup-{kind}-"))
+
+
+@ray.remote
+def demo_value():
+    import rtenv_demo
+    return rtenv_demo.VALUE, sys.executable
+
+
+def test_eager_install_sets_the_jobs_env_up_before_any_task(own_cluster, wheelhouse):
+    wheel_dir, _wheel = wheelhouse
+    ctx = ray.init(num_cpus=1, _temp_dir=own_cluster,
+                   runtime_env=pip_env(wheel_dir, "rtenv-demo==1.0"))
+    session = ctx.address_info["session_dir"]
+    (rec,) = wait_for(lambda: [e for e in envs_with("rtenv-demo==1.0") if e["success"]], 180,
+                      interval=0.5, message="the job's env to be set up with no task asking")
+    assert rec["node_id"] == ctx.address_info["node_id"]
+    value, python = ray.get(demo_value.remote(), timeout=120)
+    assert value == 42 and python.startswith(os.path.join(session, "runtime_resources"))
+    assert setup_runs(session, "venv") == 1  # the task found it made, and made nothing
+
+
+def test_a_task_during_the_eager_install_waits_for_it(own_cluster, wheelhouse):
+    wheel_dir, _wheel = wheelhouse
+    ctx = ray.init(num_cpus=1, _temp_dir=own_cluster,
+                   runtime_env=pip_env(wheel_dir, "rtenv-demo==1.0"))
+    session = ctx.address_info["session_dir"]
+    wait_for(lambda: setup_runs(session, "venv"), 60, interval=0.02,
+             message="init() to start setting the job's env up")
+    assert ray.get(demo_value.remote(), timeout=180)[0] == 42
+    assert setup_runs(session, "venv") == 1 and setup_runs(session, "pip") == 1
+    (rec,) = envs_with("rtenv-demo==1.0")
+    assert rec["success"] is True
+
+
+def test_without_eager_install_the_env_is_set_up_on_first_use(own_cluster, wheelhouse):
+    wheel_dir, _wheel = wheelhouse
+    with pytest.raises(TypeError, match="eager_install must be a boolean"):
+        ray.init(num_cpus=1, _temp_dir=own_cluster,
+                 runtime_env={"config": {"eager_install": "yes"}})
+    assert not ray.is_initialized() and not cluster_pids()
+    ctx = ray.init(num_cpus=1, _temp_dir=own_cluster,
+                   runtime_env=pip_env(wheel_dir, "rtenv-demo==1.0",
+                                       config={"eager_install": False}))
+    session = ctx.address_info["session_dir"]
+    deadline = time.monotonic() + 3  # what an eager install would have started by now
+    while time.monotonic() < deadline:
+        assert list_runtime_envs() == [] and setup_runs(session, "venv") == 0
+        time.sleep(0.2)
+    assert ray.get(demo_value.remote(), timeout=180)[0] == 42
+    (rec,) = envs_with("rtenv-demo==1.0")
+    assert rec["success"] is True and setup_runs(session, "venv") == 1

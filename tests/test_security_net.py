@@ -181,7 +181,7 @@ def _live_actor(actors) -> Tuple[object, int, common_pb2.Address]:
 
 
 def _worker_log(cluster, addr: common_pb2.Address) -> Path:
-    return Path(cluster.address_info["session_dir"], "logs", f"worker-{addr.worker_id.hex()[:8]}.log")
+    return Path(cluster.address_info["session_dir"], "logs", f"worker-{addr.worker_id.hex()[:8]}.err")
 
 
 def _closed_within(sock: socket.socket, seconds: float) -> bool:

@@ -543,3 +543,52 @@ def test_describe_exit() -> None:
     assert describe_exit(0) == "exit status 0"
     assert describe_exit(-9) == "killed by signal SIGKILL"
     assert describe_exit(None) == "still running"
+
+
+def test_stderr_to_its_own_file_and_in_every_crash_report(tmp_path: Path,
+                                                          sup: Supervisor) -> None:
+    """With err_path (workers: Ray's worker-<id>.out and .err) stdout and stderr go to
+    two files, each opened by the supervisor's header; what is quoted when the process
+    fails, or fails to start, includes stderr, where a traceback goes."""
+    code = ("import sys; print('to stdout', flush=True); "
+            "print('to stderr', file=sys.stderr, flush=True); "
+            "raise RuntimeError('boom in the child')")
+    out, err = tmp_path / "logs" / "w.out", tmp_path / "logs" / "w.err"
+    spec = ProcessSpec(name="w", argv=[sys.executable, "-c", code], log_path=str(out),
+                       err_path=str(err))
+    proc = sup.spawn(spec)
+    wait_until(lambda: proc.state is ProcessState.FAILED, what="the child to fail")
+    header = rf"=== w started pid {proc.last_pid} at \S+ ==="
+    out_lines, err_lines = out.read_text().splitlines(), err.read_text().splitlines()
+    assert re.fullmatch(header, out_lines[0]) and re.fullmatch(header, err_lines[0])
+    assert "to stdout" in out_lines and "to stderr" not in out_lines
+    assert "to stderr" in err_lines and "to stdout" not in err_lines
+    assert any("RuntimeError: boom in the child" in line for line in err_lines)
+    assert not any("boom" in line for line in out_lines)
+    for text in (proc.failure_reason, "\n".join(proc.tail_log())):
+        assert "RuntimeError: boom in the child" in text and "to stdout" in text, text
+        assert str(err) in text and str(out) in text, text
+    assert proc.snapshot()["err_path"] == str(err)
+
+    # Failing before it is ready: the error quotes stderr too.
+    spec = ProcessSpec(name="v", argv=[sys.executable, "-c", code],
+                       log_path=str(tmp_path / "logs" / "v.out"),
+                       err_path=str(tmp_path / "logs" / "v.err"),
+                       ready_file=str(tmp_path / "v.ready"))
+    with pytest.raises(ComponentStartError) as info:
+        sup.spawn(spec, wait_ready=10)
+    assert "RuntimeError: boom in the child" in str(info.value)
+    assert "v.err" in str(info.value)
+
+
+def test_stderr_file_is_rotated_like_the_log(tmp_path: Path) -> None:
+    out, err = tmp_path / "logs" / "r.out", tmp_path / "logs" / "r.err"
+    out.parent.mkdir()
+    err.write_text("old-err\n" * 200)
+    spec = ProcessSpec(name="r", argv=[sys.executable, "-c", "print('x')"], log_path=str(out),
+                       err_path=str(err), log_max_bytes=1000, log_backups=1)
+    proc = ManagedProcess(spec)
+    proc.start()
+    wait_until(lambda: proc.poll() is not None, what="short child to exit")
+    assert "old-err" in Path(f"{err}.1").read_text()
+    assert err.read_text().startswith("=== r started pid ")

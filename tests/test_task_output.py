@@ -52,5 +52,5 @@ def test_prints_reach_the_driver_with_a_prefix(tmp_path):
 def test_log_to_driver_false_keeps_output_in_the_worker_logs(tmp_path):
     proc = run_driver(tmp_path, False)
     assert "hello from task" not in proc.stdout
-    logs = list((tmp_path / "sessions").glob("session_*/logs/worker-*.log"))
+    logs = list((tmp_path / "sessions").glob("session_*/logs/worker-*.out"))
     assert any("hello from task 0" in p.read_text() for p in logs)

@@ -16,6 +16,11 @@ here, since the token is all it takes:
 Reads never load a file whole: a tail is found by scanning back from the end in
 blocks, and data goes out in chunks of at most ``CHUNK_BYTES``, so a multi-GB
 log costs the raylet's loop one short read at a time.
+
+A worker writes ``worker-<id>.out`` (stdout) and ``.err`` (stderr), and notes in
+``worker-<id>.tasks`` the byte range of each task attempt in both
+(runtime/core_worker/task_logs.py): a read for a task serves only its range, looked up
+in that index, which is opened by the same fenced-in rules.
 """
 from __future__ import annotations
 
@@ -29,6 +34,8 @@ from typing import AsyncIterator, List, Optional, Tuple
 
 import grpc
 
+from runtime.core_worker.task_logs import FLUSH_INTERVAL_S, INDEX_SUFFIX, TaskRange, \
+    find_range
 from runtime.protocol import log_service_pb2, log_service_pb2_grpc
 
 #: Bytes per LogChunk, and per read.
@@ -129,17 +136,60 @@ def list_files(logs_dir: str, glob: str = "") -> List[log_service_pb2.LogFileInf
     return out
 
 
-def find_by_pid(logs_dir: str, pid: int) -> str:
-    """The file whose header names pid (the newest, should a pid have been reused)."""
-    best: Optional[Tuple[float, str]] = None
+#: What a process with its streams apart (a worker) names its two files.
+STREAM_SUFFIXES = (".out", ".err")
+
+
+def find_by_pid(logs_dir: str, pid: int, suffix: str = "") -> str:
+    """The file whose header names pid (the newest, should a pid have been reused). A
+    worker has two, stdout's and stderr's: `suffix` ("out", "err"; default "out") picks
+    one; a process with one log is served that one."""
+    want = f".{suffix or 'out'}"
+    best: Optional[Tuple[int, float, str]] = None
     for info in list_files(logs_dir):
-        if info.pid == pid and (best is None or info.mtime > best[0]):
-            best = (info.mtime, info.name)
+        if info.pid != pid:
+            continue
+        if info.name.endswith(STREAM_SUFFIXES) and not info.name.endswith(want):
+            continue  # the worker's other stream
+        rank = (1 if info.name.endswith(want) else 0, info.mtime, info.name)
+        if best is None or rank > best:
+            best = rank
     if best is None:
         raise LogAccessError(grpc.StatusCode.NOT_FOUND,
                              f"no log in {logs_dir} was written by pid {pid} (every process "
                              f"this node started has a log whose first line names its pid)")
-    return best[1]
+    return best[2]
+
+
+def task_range(logs_dir: str, name: str, task_id_hex: str, attempt: int) -> TaskRange:
+    """The byte ranges that a task attempt wrote to the worker log `name` (its .out or
+    .err) and its other stream, from the worker's index."""
+    stem, dot, ext = name.rpartition(".")
+    if not dot or f".{ext}" not in STREAM_SUFFIXES:
+        raise LogAccessError(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"{name!r} is not a worker's .out or .err log, so it has no "
+                             f"per-task ranges")
+    index = stem + INDEX_SUFFIX
+    try:
+        fd = open_log(logs_dir, index)
+    except LogAccessError as exc:
+        if exc.code != grpc.StatusCode.NOT_FOUND:
+            raise
+        raise LogAccessError(grpc.StatusCode.NOT_FOUND,
+                             f"the worker of {name!r} recorded no per-task output ranges (no "
+                             f"{index} in {logs_dir}); read its whole log by file name, "
+                             f"actor or pid") from None
+    try:
+        found = find_range(fd, task_id_hex, attempt)
+    finally:
+        os.close(fd)
+    if found is None:
+        raise LogAccessError(grpc.StatusCode.NOT_FOUND,
+                             f"the worker of {name!r} recorded no output range for task "
+                             f"{task_id_hex} attempt {attempt} in {index} (a worker "
+                             f"killed within {FLUSH_INTERVAL_S:g}s of the task's start or "
+                             f"end may not have); read its whole log by file name or pid")
+    return found
 
 
 def tail_offset(fd: int, start: int, end: int, lines: int) -> int:
@@ -195,21 +245,36 @@ class LogService(log_service_pb2_grpc.LogServiceServicer):
 
     async def ReadLog(self, request: log_service_pb2.ReadLogRequest,
                       context: grpc.aio.ServicerContext) -> AsyncIterator[log_service_pb2.LogChunk]:
+        task: Optional[TaskRange] = None
         try:
             name = request.filename
             if not name:
                 if request.pid <= 0:
                     raise LogAccessError(grpc.StatusCode.INVALID_ARGUMENT,
                                          "name a log file, or a pid whose log to read")
-                name = await asyncio.to_thread(find_by_pid, self.logs_dir, request.pid)
+                name = await asyncio.to_thread(find_by_pid, self.logs_dir, request.pid,
+                                               request.suffix)
             fd = open_log(self.logs_dir, name)
+            if request.task_id:
+                try:
+                    task = await asyncio.to_thread(task_range, self.logs_dir, name,
+                                                   request.task_id.hex(), request.task_attempt)
+                except BaseException:
+                    os.close(fd)
+                    raise
         except LogAccessError as exc:
             await context.abort(exc.code, exc.message)
             return
+        stream = "err" if name.endswith(".err") else "out"
         try:
             size = os.fstat(fd).st_size
-            start = min(max(0, request.start_offset), size)
-            end = min(request.end_offset, size) if request.end_offset > 0 else size
+            if task is not None:
+                start, task_end = task.of(stream)
+                start = min(start, size)
+                end = size if task_end is None else min(task_end, size)
+            else:
+                start = min(max(0, request.start_offset), size)
+                end = min(request.end_offset, size) if request.end_offset > 0 else size
             if request.from_end:
                 start = end
             elif request.tail_lines > 0:
@@ -220,18 +285,27 @@ class LogService(log_service_pb2_grpc.LogServiceServicer):
                 first = False
             if first:
                 yield log_service_pb2.LogChunk(filename=name)
-            if not request.follow or request.end_offset > 0:
+            if not request.follow or request.end_offset > 0 or (task and task.finished):
                 return
             interval = request.interval_s if request.interval_s > 0 else FOLLOW_INTERVAL_S
             pos = end
             while True:
                 await asyncio.sleep(interval)
                 size = os.fstat(fd).st_size
+                if task is not None:  # a running task: read on until the worker notes its end
+                    task = await asyncio.to_thread(task_range, self.logs_dir, name,
+                                                   request.task_id.hex(), request.task_attempt)
+                    if task.finished:
+                        size = min(size, task.of(stream)[1])
                 if size < pos:  # truncated: what is there now is new
                     pos = 0
                 for data in read_range(fd, pos, size):
                     pos += len(data)
                     yield log_service_pb2.LogChunk(data=data)
+                if task is not None and task.finished:
+                    return
+        except LogAccessError as exc:
+            await context.abort(exc.code, exc.message)
         finally:
             os.close(fd)
 

@@ -35,7 +35,7 @@ from runtime import component, config, rpc
 from runtime.core_worker.gcs_client import GcsClient
 from runtime.labels import compile_selector
 from runtime.protocol import common_pb2, gcs_pb2, gcs_pb2_grpc, raylet_pb2, raylet_pb2_grpc
-from runtime.raylet import log_service
+from runtime.raylet import log_service, runtime_env_service
 from runtime.raylet.memory_monitor import (Candidate, Kill, MemoryMonitor, NodeMemoryReader,
                                            NothingToKill, describe, rss_of)
 from runtime.raylet.scheduler import (Grant, PendingRequest, Queued, Reject, RemoteNode,
@@ -647,6 +647,7 @@ class Raylet(raylet_pb2_grpc.RayletServicer):
         server = rpc.make_server(self.token)
         raylet_pb2_grpc.add_RayletServicer_to_server(self, server)
         log_service.add_to_server(server, a.session_dir)  # get_log/list_logs, token-checked
+        runtime_env_service.add_to_server(server, self.pool)  # list_runtime_envs, eager_install
         self.port = rpc.bind(server, a.node_ip, a.port)
         await server.start()
         self.gcs_client = GcsClient(a.gcs_address, self.token)

@@ -5,7 +5,14 @@ of it start; this module carries that out. It keeps what each environment hash m
 (learnt from the lease requests that carry it), sets an environment up once on this node
 (runtime/runtime_env/installer.py, bounded by its ``setup_timeout_seconds``), and builds
 the process spec of a worker: the environment's interpreter (a pip venv's python), its
-variables, its working directory.
+variables, its working directory, and its two log files (stdout ``worker-<id>.out``,
+stderr ``worker-<id>.err``, Ray's names).
+
+A setup may also be asked for before any task needs it: ``init()`` of a job whose
+runtime_env has ``eager_install`` (Ray's default) asks every node (``prepare``, through
+runtime_env_service.py). Whoever asks while a setup of the same environment runs waits
+for that one: an environment is never set up twice at once. The outcome of each is
+kept for ``list_runtime_envs()`` (``states``).
 """
 from __future__ import annotations
 
@@ -15,10 +22,13 @@ import logging
 import os
 import secrets
 import sys
-from typing import Any, Callable, Dict, Optional, Tuple
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import grpc
 
+from runtime.core_worker.task_logs import worker_log_stem
 from runtime.protocol import common_pb2, gcs_pb2
 from runtime.rpc_errors import gcs_error
 from runtime.runtime_env.context import make_resolved
@@ -26,12 +36,23 @@ from runtime.runtime_env.installer import EnvSetupError, Installer, WorkerLaunch
 from runtime.runtime_env.packaging import PACKAGE_NS
 from runtime.supervisor import ProcessSpec
 
-__all__ = ["WorkerPool"]
+__all__ = ["WorkerPool", "EnvState"]
 
 log = logging.getLogger("runtime.raylet")
 
 #: done(env hash, None on success or why it failed), called on the raylet's loop.
 SetupDone = Callable[[str, Optional[str]], None]
+
+
+@dataclass
+class EnvState:
+    """The last finished setup of one environment on this node (Ray's RuntimeEnvState)."""
+
+    serialized: str
+    success: bool
+    error: Optional[str]
+    creation_time_ms: float
+    """When it was first set up successfully (or when the last attempt failed)."""
 
 
 class WorkerPool:
@@ -43,6 +64,8 @@ class WorkerPool:
         self.envs: Dict[str, str] = {}          # runtime_env hash -> its JSON
         self.launches: Dict[str, WorkerLaunch] = {}
         self._setups: Dict[str, asyncio.Task] = {}
+        self._waiters: Dict[str, List[SetupDone]] = {}  # env -> who waits for its setup
+        self.states: Dict[str, EnvState] = {}          # env -> its last finished setup
         self.node = f"{args.node_id[:8]} ({args.node_ip}, raylet pid {os.getpid()})"
         self.installer = Installer(os.path.join(args.session_dir, "runtime_resources"),
                                    os.path.join(args.session_dir, "logs"), self.node,
@@ -57,12 +80,21 @@ class WorkerPool:
 
     # -- setting an environment up -------------------------------------------------------------------
     def setup(self, env: str, done: SetupDone) -> None:
-        """Set `env` up in the background, then call done(env, error)."""
-        if env in self._setups:
-            return
-        self._setups[env] = asyncio.ensure_future(self._setup(env, done))
+        """Set `env` up in the background, then call done(env, error). A setup of `env`
+        already running is joined, not repeated."""
+        self._waiters.setdefault(env, []).append(done)
+        if env not in self._setups:
+            self._setups[env] = asyncio.ensure_future(self._setup(env))
 
-    async def _setup(self, env: str, done: SetupDone) -> None:
+    def prepare(self, info: common_pb2.RuntimeEnvInfo) -> bool:
+        """Set an environment up ahead of its tasks (eager_install); False when a setup
+        of it was already running (this one joins it)."""
+        env = self.learn(info)
+        running = env in self._setups
+        self.setup(env, _nobody)
+        return not running
+
+    async def _setup(self, env: str) -> None:
         """Run on each SetupEnv, even for an environment set up before: what is cached on
         disk is found again at once, and what a failed worker start broke is remade."""
         error: Optional[str] = None
@@ -88,7 +120,18 @@ class WorkerPool:
             error = f"The runtime_env could not be set up: {error}"
             for path in (resolved.env.get("config") or {}).get("log_files") or []:
                 error += f"\n--- {path} (config log_files) ---\n{_log_tail(path)}"
-        done(env, error)
+        self._record(env, serialized, error)
+        for done in self._waiters.pop(env, []):
+            try:
+                done(env, error)
+            except Exception:  # one waiter's bug must not leave the others waiting
+                log.exception("a waiter of runtime_env %s failed", env)
+
+    def _record(self, env: str, serialized: str, error: Optional[str]) -> None:
+        before = self.states.get(env)
+        if error is None and before is not None and before.success:
+            return  # found again in the cache: it was made when first recorded
+        self.states[env] = EnvState(serialized, error is None, error, time.time() * 1000)
 
     async def _fetch(self, key: bytes) -> Optional[bytes]:
         gcs = self._gcs()
@@ -121,10 +164,12 @@ class WorkerPool:
         environ = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         if launch is not None:
             environ.update(launch.env)
-        name = f"worker-{worker_id.hex()[:8]}"
+        name = worker_log_stem(worker_id.hex())
+        logs = os.path.join(a.session_dir, "logs")
         spec = ProcessSpec(name=name, argv=argv, env=environ,
                            cwd=launch.cwd if launch else None,
-                           log_path=os.path.join(a.session_dir, "logs", f"{name}.log"),
+                           log_path=os.path.join(logs, f"{name}.out"),
+                           err_path=os.path.join(logs, f"{name}.err"),
                            stop_grace_s=2.0)
         return spec, token
 
@@ -135,6 +180,10 @@ class WorkerPool:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.to_thread(self.installer.close)
+
+
+def _nobody(env: str, error: Optional[str]) -> None:
+    """The waiter of an eager setup: its outcome is kept in WorkerPool.states."""
 
 
 def _log_tail(path: str, lines: int = 20) -> str:

@@ -1,8 +1,9 @@
 """The state API (``ray.util.state``): what the cluster is doing, as lists of records.
 
 Data comes from the GCS (nodes, jobs, actors, placement groups, task events, cluster
-events, metrics), the raylets (workers, and each node's log files through its
-LogService) and the core workers themselves (objects). Each record is a dict that
+events, metrics), the raylets (workers, each node's log files through its LogService and
+its runtime environments through its RuntimeEnvService) and the core workers themselves
+(objects). Each record is a dict that
 also allows attribute access (``a["state"]`` and ``a.state``), so code written for
 either style of Ray's state API works. Records carry the fields of Ray 2.60's
 ``*State`` dataclasses (None where this runtime does not know the value) and a few
@@ -24,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import enum
+import json
 import logging
 import re
 import time
@@ -34,6 +36,8 @@ from typing import Any, Callable, Dict, Generator, Iterable, List, Optional, \
 import grpc
 
 from runtime.core_worker.task_events import TASK_STATES
+from runtime.core_worker.task_logs import INDEX_SUFFIX, RECORD_ACTOR_CALLS_ENV, \
+    worker_log_stem
 from runtime.exceptions import RaySystemError
 from runtime.protocol.common_pb2 import FAILED, FINISHED, RUNNING, SUBMITTED_TO_WORKER
 from runtime.rpc_errors import component_error
@@ -256,8 +260,8 @@ def summarize_actors(address: Optional[str] = None, timeout: float = DEFAULT_RPC
 
 
 # -- tasks --------------------------------------------------------------------------------------------
-#: TaskState fields this runtime does not record. task_log_info is None: a worker's log
-#: is not cut per task (get_log(task_id=...) returns the whole log of its worker).
+#: TaskState fields this runtime does not record. task_log_info is None: the ranges are in
+#: the worker's index on its node, read by get_log(task_id=...) only.
 _TASK_DEFAULTS = {"runtime_env_info": None, "profiling_data": None, "task_log_info": None,
                   "is_debugger_paused": None, "call_site": None, "label_selector": None}
 
@@ -696,10 +700,13 @@ def _list_log_files(node: dict, glob: str, timeout: float) -> List[Any]:
         ch.close()
 
 
-def _log_category(name: str) -> str:
-    """Ray's log groups (its log manager's), for this runtime's file names."""
+def _log_category(name: str) -> Optional[str]:
+    """Ray's log groups (its log manager's), for this runtime's file names; None for a
+    file that is not a log (a worker's index of task ranges)."""
     if name.startswith("worker-"):
-        return "worker_out"  # a worker's stdout and stderr share its one file
+        if name.endswith(INDEX_SUFFIX):
+            return None
+        return "worker_err" if name.endswith(".err") else "worker_out"
     if name.startswith("job-driver-"):
         return "driver"
     for prefix, group in (("raylet", "raylet"), ("gcs", "gcs_server"), ("agent", "agent"),
@@ -713,14 +720,16 @@ def list_logs(address: Optional[str] = None, node_id: Optional[str] = None,
               node_ip: Optional[str] = None, glob_filter: Optional[str] = None,
               timeout: float = DEFAULT_RPC_TIMEOUT) -> Dict[str, List[str]]:
     """The node's log files by group (Ray's "raylet", "gcs_server", "worker_out",
-    "driver", "agent", "internal"), filtered by glob_filter."""
+    "worker_err", "driver", "agent", "internal"), filtered by glob_filter."""
     if not node_id and not node_ip:
         raise ValueError("list_logs needs node_id or node_ip (list_nodes() shows them)")
     _connect(address)
     node = _log_node(node_id, node_ip, timeout)
     out: Dict[str, List[str]] = defaultdict(list)
     for f in _list_log_files(node, glob_filter or "*", timeout):
-        out[_log_category(f.name)].append(f.name)
+        group = _log_category(f.name)
+        if group is not None:
+            out[group].append(f.name)
     return dict(out)
 
 
@@ -729,10 +738,12 @@ _ANSI = re.compile(rb"\x1b[^m]*m")
 
 def _resolve_log(node_id: Optional[str], node_ip: Optional[str], filename: Optional[str],
                  actor_id: Optional[str], task_id: Optional[str], pid: Optional[int],
-                 submission_id: Optional[str], attempt_number: int, timeout: float
-                 ) -> Tuple[dict, str, int]:
-    """(node, file name, pid) of the log to read: Ray's order, actor, then task, then
-    submission, then pid, then file name. A worker's log is worker-<id[:8]>.log."""
+                 submission_id: Optional[str], attempt_number: int, timeout: float,
+                 suffix: str = "out") -> Tuple[dict, str, int, Optional[Tuple[bytes, int, bool]]]:
+    """(node, file name, pid, (task id, attempt, is an actor call) or None) of the log to
+    read: Ray's order,
+    actor, then task, then submission, then pid, then file name. A worker's stdout is
+    worker-<id[:8]>.out and its stderr .err; a task's lines are its range in them."""
     if actor_id:
         info = _actor_info(_check_id("actor", actor_id), timeout)
         if info is None:
@@ -742,8 +753,8 @@ def _resolve_log(node_id: Optional[str], node_ip: Optional[str], filename: Optio
                                     f"{': ' + info.pending_reason if info.pending_reason else ''})")
         node = _log_node(info.node_id.hex(), None, timeout)
         if info.address.worker_id:
-            return node, f"worker-{info.address.worker_id.hex()[:8]}.log", 0
-        return node, "", info.pid
+            return node, f"{worker_log_stem(info.address.worker_id.hex())}.{suffix}", 0, None
+        return node, "", info.pid, None
     if task_id:
         found = _task_records(_check_id("task", task_id), timeout)
         if not found:
@@ -759,9 +770,11 @@ def _resolve_log(node_id: Optional[str], node_ip: Optional[str], filename: Optio
             raise FileNotFoundError(f"task {task_id} has not run on a worker (state "
                                     f"{rec['state']}), so it has no log")
         node = _log_node(rec["node_id"], None, timeout)
+        task = (bytes.fromhex(rec["task_id"]), rec["attempt_number"],
+                rec["type"] == "ACTOR_TASK")
         if rec["worker_id"]:
-            return node, f"worker-{rec['worker_id'][:8]}.log", 0
-        return node, "", rec["worker_pid"]
+            return node, f"{worker_log_stem(rec['worker_id'])}.{suffix}", 0, task
+        return node, "", rec["worker_pid"], task
     if submission_id:
         from runtime.protocol import gcs_pb2
 
@@ -777,11 +790,11 @@ def _resolve_log(node_id: Optional[str], node_ip: Optional[str], filename: Optio
                 raise FileNotFoundError(f"job {submission_id} names no node, and the cluster "
                                         f"has no head node")
             node = _log_node(heads[0]["node_id"], None, timeout)
-        return node, f"job-driver-{submission_id}.log", 0
+        return node, f"job-driver-{submission_id}.log", 0, None
     node = _log_node(node_id, node_ip, timeout)
     if pid and not filename:
-        return node, "", int(pid)
-    return node, filename or "", 0
+        return node, "", int(pid), None
+    return node, filename or "", 0, None
 
 
 def get_log(address: Optional[str] = None, node_id: Optional[str] = None,
@@ -800,9 +813,17 @@ def get_log(address: Optional[str] = None, node_id: Optional[str] = None,
     ``tail`` > 0 gives the last lines only (-1: all); ``follow`` keeps yielding what is
     appended until the generator is closed. ``encoding=None`` yields bytes.
 
-    Differences from Ray: a worker's stdout and stderr share one file, so ``suffix``
-    "err" reads the same file as "out"; a task's log is its worker's whole log (the log
-    is not cut per task), and only the task's latest attempt is known."""
+    A worker's stdout and stderr are two files (``suffix`` "out", "err"), as in Ray. A
+    task's log is what it wrote to them while it ran (a task still running: up to now;
+    ``follow``: until it ends), an actor's the whole of its worker's. As in Ray, an
+    actor call's own lines are known only when the actor's worker runs with
+    RUNTIME_ENABLE_RECORD_ACTOR_TASK_LOGGING=1 (or Ray's variable), and the concurrent
+    calls of a threaded or async actor share the files, so each one's range holds what
+    the others wrote meanwhile.
+
+    Differences from Ray: only the task's latest attempt is known; a component's (raylet,
+    GCS ...) stdout and stderr share its one ``.log``, so ``suffix`` does not apply to
+    them."""
     if suffix not in ("out", "err"):
         raise ValueError(f"Invalid suffix: {suffix}. Must be one of 'out' or 'err'.")
     if node_id and node_ip:
@@ -817,12 +838,14 @@ def get_log(address: Optional[str] = None, node_id: Optional[str] = None,
     from runtime.protocol import log_service_pb2
 
     _connect(address)
-    node, name, by_pid = _resolve_log(node_id, node_ip, filename, actor_id, task_id, pid,
-                                      submission_id, attempt_number, timeout)
-    request = log_service_pb2.ReadLogRequest(filename=name, pid=by_pid,
+    node, name, by_pid, task = _resolve_log(node_id, node_ip, filename, actor_id, task_id,
+                                            pid, submission_id, attempt_number, timeout, suffix)
+    request = log_service_pb2.ReadLogRequest(filename=name, pid=by_pid, suffix=suffix,
                                              tail_lines=tail if tail > 0 else 0,
                                              from_end=tail == 0, follow=follow,
                                              interval_s=_interval or 0.0)
+    if task is not None:
+        request.task_id, request.task_attempt = task[0], task[1]
     address, ch, stub = _log_stub(node)
 
     def emit(raw: bytes) -> Union[str, bytes]:
@@ -844,11 +867,75 @@ def get_log(address: Optional[str] = None, node_id: Optional[str] = None,
     except grpc.RpcError as exc:
         if exc.code() == grpc.StatusCode.CANCELLED and follow:
             return
-        raise _log_error(node, address, exc, f"reading log {name or f'of pid {by_pid}'}") \
-            from None
+        err = _log_error(node, address, exc, f"reading log {name or f'of pid {by_pid}'}")
+        if task is not None and task[2] and isinstance(err, FileNotFoundError):
+            err = FileNotFoundError(
+                f"{err}. The output of actor calls is not cut per call unless the actor's "
+                f"worker has {RECORD_ACTOR_CALLS_ENV}=1 in its environment (Ray's "
+                f"RAY_ENABLE_RECORD_ACTOR_TASK_LOGGING, off by default there too); "
+                f"get_log(actor_id=...) reads the actor's whole log")
+        raise err from None
     finally:
         stream.cancel()
         ch.close()
+
+
+# -- runtime environments (each node's RuntimeEnvService, on its raylet's port) ------------------
+#: RuntimeEnvState fields this runtime does not record.
+_RUNTIME_ENV_DEFAULTS = {"ref_cnt": None}
+
+
+def _runtime_env_records(timeout: float, raise_on_missing_output: bool) -> List[dict]:
+    from runtime import rpc
+    from runtime.protocol import runtime_env_pb2, runtime_env_pb2_grpc
+
+    recs = []
+    for node in _node_records(timeout):
+        if node["state"] != "ALIVE":
+            continue
+        address = f"{node['node_ip']}:{node['raylet_port']}"
+        ch = rpc.sync_channel(address, _token())
+        try:
+            reply = runtime_env_pb2_grpc.RuntimeEnvServiceStub(ch).ListRuntimeEnvs(
+                runtime_env_pb2.ListRuntimeEnvsRequest(), timeout=timeout)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                err: Exception = RaySystemError(
+                    f"the raylet of node {node['node_id'][:8]} ({address}) does not list its "
+                    f"runtime environments (no RuntimeEnvService: it runs an older runtime)")
+            else:
+                err = component_error(f"raylet of node {node['node_id'][:8]}", address, exc,
+                                      "listing runtime environments")
+            if raise_on_missing_output:
+                raise err from None
+            log.warning("leaving node %s out (raise_on_missing_output=False): %s",
+                        node["node_id"][:8], err)
+            continue
+        finally:
+            ch.close()
+        for e in reply.envs:
+            try:
+                env = json.loads(e.serialized) if e.serialized else {}
+            except ValueError:
+                env = {"serialized": e.serialized}
+            env.pop("config", None)  # setup options, not part of the environment's identity
+            recs.append(_with_defaults(
+                {"runtime_env": env, "success": e.success,
+                 "creation_time_ms": e.creation_time_ms or None,
+                 "node_id": node["node_id"], "error": e.error or None}, _RUNTIME_ENV_DEFAULTS))
+    return recs
+
+
+def list_runtime_envs(address: Optional[str] = None, filters: Optional[Sequence[Filter]] = None,
+                      limit: int = DEFAULT_LIMIT, timeout: float = DEFAULT_RPC_TIMEOUT,
+                      detail: bool = False, raise_on_missing_output: bool = True,
+                      _explain: bool = False) -> List[StateRecord]:
+    """The runtime environments each live node has set up, or failed to (Ray's fields:
+    runtime_env, success, creation_time_ms, node_id, error; ref_cnt is None). An
+    environment is listed once its setup on the node ended: after its first task or
+    actor there, or after init()'s eager install (``config.eager_install``, the default)."""
+    _connect(address)
+    return _apply(_runtime_env_records(timeout, raise_on_missing_output), filters, limit)
 
 
 # -- metrics (runtime.util.metrics; not in Ray's state API) ---------------------------------------
@@ -931,7 +1018,8 @@ class SummaryApiOptions:
 _LISTS: Dict[str, Callable[..., List[StateRecord]]] = {
     "actors": list_actors, "jobs": list_jobs, "placement_groups": list_placement_groups,
     "nodes": list_nodes, "workers": list_workers, "tasks": list_tasks,
-    "objects": list_objects, "cluster_events": list_cluster_events}
+    "objects": list_objects, "cluster_events": list_cluster_events,
+    "runtime_envs": list_runtime_envs}
 _GETS: Dict[str, Callable[..., Any]] = {
     "actors": get_actor, "jobs": get_job, "placement_groups": get_placement_group,
     "nodes": get_node, "workers": get_worker, "tasks": get_task, "objects": get_objects}
@@ -990,5 +1078,5 @@ __all__ = ["list_nodes", "list_jobs", "list_actors", "get_actor", "list_tasks", 
            "summarize_tasks", "summarize_actors", "summarize_objects", "list_workers",
            "get_worker", "list_objects", "get_objects", "list_placement_groups",
            "get_placement_group", "get_node", "get_job", "list_cluster_events", "list_logs",
-           "get_log", "list_metrics", "StateApiClient", "StateResource", "SummaryResource",
+           "get_log", "list_runtime_envs", "list_metrics", "StateApiClient", "StateResource", "SummaryResource",
            "ListApiOptions", "GetApiOptions", "SummaryApiOptions", "StateRecord"]

@@ -12,6 +12,7 @@ import os
 import sys
 
 from runtime import component
+from runtime.core_worker import task_logs
 from runtime.core_worker.core_worker import WORKER, CoreWorker
 from runtime.core_worker.current import set_core_worker
 from runtime.core_worker.executor import Executor
@@ -39,6 +40,9 @@ def main(argv=None) -> None:
             stream.reconfigure(line_buffering=True)
         except (AttributeError, ValueError):
             pass
+    # Each task's byte range in the worker's .out and .err logs, for get_log(task_id=...).
+    task_logs.configure(os.path.join(args.session_dir, "logs"),
+                        task_logs.worker_log_stem(args.worker_id))
     token = component.token_from_env()
     runtime_env_context.load_worker_env()  # the runtime_env the raylet started us for
     component.setup_logging("worker", args.node_id)
@@ -74,6 +78,10 @@ def main(argv=None) -> None:
                 stream.flush()
             except Exception:  # a closed or broken log must not keep us from exiting
                 pass
+        try:
+            task_logs.close()  # the last ranges (os._exit runs no atexit hook either)
+        except Exception:
+            pass
         os._exit(0)
 
 
