@@ -15,7 +15,7 @@ callbacks, which must only enqueue work (they run under no lock but may run on a
 user thread).
 
 An owned object may also be pinned by *lineage* (``lineage``: finished tasks kept to
-rebuild lost objects that took it as an argument; see owner_state.py). That count
+rebuild lost objects that took it as an argument; see owner_lineage.py). That count
 keeps the entry, not the value: when the four counts reach zero the value is freed
 (``on_free`` is called, the entry stays, ``wanted`` is False) and the entry goes once
 the lineage count is zero too (``on_free`` again, with no entry left).

@@ -35,13 +35,15 @@ from runtime.core_worker.memory_store import Value
 from runtime.core_worker.gcs_client import GcsClient
 from runtime.core_worker.generators import (GENERATOR_DYNAMIC, DynamicObjectRefGenerator,
                                              item_id)
-from runtime.core_worker.owner_state import (LOCAL_RAYLET, StreamItem, ActorQueue, ArgumentLost, ArmIdleTimer,
-                                             ArmRetry, CancelLeaseRequest, CancelRemote, CloseLink,
-                                             Connect, Fail, FailObjects, Finish, FreeLineage,
-                                             KeyState, Lease, OwnerState, PendingTask, PinLineage,
-                                             Push, Recorder, RequestLease, ResolveArgs, Resubmit,
-                                             RetryLater, ReturnLease, WatchActor, WorkerDied,
-                                             WorkerLink, Warn)
+from runtime.core_worker.owner_actions import (ArgumentLost, ArmIdleTimer, ArmRetry,
+                                               CancelLeaseRequest, CancelRemote, CloseLink,
+                                               Connect, Fail, FailObjects, Finish, FreeLineage,
+                                               PinLineage, Push, RequestLease, ResolveArgs,
+                                               Resubmit, RetryLater, ReturnLease, StreamItem,
+                                               Warn, WatchActor, WorkerDied)
+from runtime.core_worker.owner_records import ActorQueue, KeyState, Lease, PendingTask, WorkerLink
+from runtime.core_worker.owner_state import OwnerState, Recorder
+from runtime.core_worker.owner_tasks import LOCAL_RAYLET
 from runtime.core_worker.raylet_client import RayletClient
 from runtime.core_worker.worker_connection import Connection, WorkerConnection
 from runtime.exceptions import (ActorDiedError, ActorPlacementGroupRemoved, NodeDiedError, ObjectLostError, RayError,
@@ -85,7 +87,7 @@ class OwnerHost(Protocol):
     def add_contained(self, locations: Any) -> None: ...
     def raylet_death(self) -> Optional[BaseException]: ...
     async def wait_raylet_exit(self, timeout: float) -> None: ...
-    # lineage (see owner_state.py): pins, re-runs, objects that are lost
+    # lineage (see owner_lineage.py): pins, re-runs, objects that are lost
     def pin_lineage(self, task: PendingTask) -> None: ...
     def unpin_lineage(self, task: PendingTask) -> None: ...
     def hold_args(self, task: PendingTask) -> None: ...
