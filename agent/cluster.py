@@ -481,7 +481,7 @@ class ClusterViews:
         self._table("nodes", records, req, reply.table, node_numbers)
 
     async def _view_actors(self, req, reply, cs) -> None:
-        from runtime.util.state import actor_record
+        from runtime.util.state.records import actor_record
 
         r = await self._gcs().QueryActors(gcs_pb2.QueryRequest(
             filter=req.filter, sort=sort_field("actors", req.sort), descending=req.descending,
@@ -497,7 +497,7 @@ class ClusterViews:
                                    for p in r.placement))
 
     async def _view_tasks(self, req, reply, cs) -> None:
-        from runtime.util.state import task_record
+        from runtime.util.state.records import task_record
 
         r = await self._gcs().ListTasks(gcs_pb2.ListTasksRequest(
             filter=req.filter, sort=sort_field("tasks", req.sort), descending=req.descending,
@@ -745,7 +745,7 @@ class ClusterViews:
         return agent_pb2.DescribeReply(title=title, fields=describe_fields(rec))
 
     async def _record(self, view: str, key: str) -> Optional[Dict[str, Any]]:
-        from runtime.util.state import actor_record, task_record
+        from runtime.util.state.records import actor_record, task_record
 
         gcs = self._gcs()
         if view == "actors":  # QueryActors: with the raylet's fresh pending reason

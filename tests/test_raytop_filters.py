@@ -12,7 +12,7 @@ from runtime.gcs.placement_groups import plan
 from runtime.gcs.task_events import TaskEventStore
 from runtime.protocol import agent_pb2, common_pb2, gcs_pb2
 from runtime.util import query
-from runtime.util.state import actor_record, task_dict
+from runtime.util.state.records import actor_record, task_dict
 
 NODE_A, NODE_B = bytes.fromhex("aa" * 28), bytes.fromhex("bb" * 28)
 IPS = {NODE_A: "127.0.0.1", NODE_B: "127.0.0.2"}

@@ -379,7 +379,7 @@ def test_records_carry_rays_fields(cluster):
 
 # -- the bounded task-event window (must stay last: it stops the module's cluster) ---------------
 def test_task_events_window_is_bounded(fresh_runtime, monkeypatch):
-    from runtime.util.state import _tasks
+    from runtime.util.state.records import _tasks
 
     # read by the GCS process at import time: set before init() so the GCS inherits it
     monkeypatch.setenv("RUNTIME_TASK_EVENTS_MAX_TASKS", "50")

@@ -21,7 +21,7 @@ from runtime.gcs.actor_manager import ACTOR_ALIASES
 from runtime.gcs.task_events import TASK_ALIASES
 from runtime.protocol import agent_pb2, common_pb2, gcs_pb2
 from runtime.util import query
-from runtime.util.state import actor_record, task_dict
+from runtime.util.state.records import actor_record, task_dict
 
 from tui.source import Query, SourceError
 

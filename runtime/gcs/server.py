@@ -452,7 +452,7 @@ class Gcs(gcs_pb2_grpc.GcsServicer):
 
     async def QueryActors(self, request, context):
         from runtime.util import query
-        from runtime.util.state import actor_record
+        from runtime.util.state.records import actor_record
 
         infos = self._actor_infos()
         reply = gcs_pb2.ActorQueryReply(total=len(infos))

@@ -113,7 +113,7 @@ class _Lazy:
 
     def full(self) -> dict:
         if self._full is None:
-            from runtime.util.state import task_dict
+            from runtime.util.state.records import task_dict
 
             rec, ctx = self.rec, self.ctx
             self._full = task_dict(self.tid, rec.job_id, rec.static, rec.outcome, rec.states,

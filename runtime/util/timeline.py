@@ -65,7 +65,7 @@ def task_trace_events(rec: Dict[str, Any], states: Sequence[int], times: Sequenc
 def timeline(filename: Optional[str] = None) -> Optional[List[Dict[str, Any]]]:
     """Every task execution in the GCS's window as Chrome trace events: the list, or,
     given a filename, the list written there as JSON (and None returned), as Ray does."""
-    from runtime.util import state
+    from runtime.util.state import records as state
 
     reply = state._tasks(0, state.DEFAULT_RPC_TIMEOUT)
     node_ips = state._node_ips(state.DEFAULT_RPC_TIMEOUT)
