@@ -141,8 +141,7 @@ NOTES: Dict[str, Tuple[str, str]] = {
                                                   "disabled)"),
     "ray:ObjectRefGenerator": (
         DIFFERS, "made by the runtime, not by users (no `generator_ref`, `worker` parameters); "
-                 "a sync actor's call port answers once, so there all items arrive with the "
-                 "final result; `wait()` on a generator is not supported"),
+                 "`wait()` on a generator is not supported"),
     "ray:timeline": (DIFFERS, "one event per task attempt, no profiling sub-events"),
 }
 

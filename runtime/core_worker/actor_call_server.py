@@ -14,6 +14,12 @@ port goes to the GCS in the creation result; the GCS publishes it in the actor's
 address (`Address.task_port`) and callers connect to it. Cancels, borrower
 updates and everything else still use the worker's gRPC port.
 
+A generator call streams on the same connection: each item goes out as a ResultBatch
+frame as soon as it is yielded, before the call's final result. Under back-pressure the
+thread reads the socket while the generator waits: acknowledgements (TaskSpecs with
+`generator_ack`) are applied, calls are kept in order and run after the generator, and
+a closed connection ends the generator (see `_CallStream`).
+
 A peer gets a thread only once its hello carried the cluster token. Until then
 one thread (`actor-calls`) holds every connection in a selector: it accepts, reads
 exactly the hello's bytes (never what is pipelined behind them), and closes a
@@ -32,11 +38,13 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import select
 import selectors
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Dict, Optional
+from collections import deque
+from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional
 
 from google.protobuf.message import DecodeError
 
@@ -59,12 +67,80 @@ _HEADER_SIZE = 4
 
 
 class _CallStream:
-    """What Executor.execute needs to know of the connection a call came on."""
+    """One caller's connection, as Executor.execute sees it: the job its calls belong to,
+    and what a generator call needs while it runs on the connection's thread. Its items
+    go out at once (`send_item`), and while back-pressure pauses it the thread goes on
+    reading the socket (`read`): acknowledgements are applied, calls are kept in
+    `backlog`, in order, for `_calls` to run after it. That thread is the socket's only
+    reader and writer (a sync actor with a call port runs calls one at a time, each on
+    the thread of the connection it came on), so nothing here is locked."""
 
-    __slots__ = ("job",)
+    __slots__ = ("job", "sock", "executor", "results", "backlog", "closed", "_poll")
 
-    def __init__(self) -> None:
+    def __init__(self, sock: socket.socket, executor: "Executor") -> None:
         self.job: Optional[common_pb2.JobConfig] = None
+        self.sock = sock
+        self.executor = executor
+        self.results: List[common_pb2.TaskResult] = []  # finished calls not sent yet
+        self.backlog: Deque[common_pb2.TaskSpec] = deque()  # calls read, not run yet
+        self.closed = False  # the caller went away: nothing sent now reaches it
+        self._poll: Optional[select.poll] = None
+
+    def take(self, payload: bytes) -> None:
+        """A TaskBatch frame from the caller: acknowledgements are applied now, calls
+        queue behind those read before them."""
+        batch = core_worker_pb2.TaskBatch.FromString(payload)
+        if batch.HasField("job_config"):
+            self.job = batch.job_config
+        backlog = self.backlog
+        for spec in batch.tasks:
+            if spec.generator_ack:
+                self.executor.generator_ack(spec.task_id, spec.generator_ack)
+            else:
+                backlog.append(spec)
+
+    def send_results(self) -> None:
+        """What has finished goes out, after the borrower registrations (and printed
+        lines) it depends on."""
+        ex = self.executor
+        if ex.must_flush():
+            ex.cw.run(ex.flush())
+        payload = core_worker_pb2.ResultBatch(results=self.results).SerializeToString()
+        self.results.clear()
+        self.sock.sendall(frames.frame(payload))
+
+    def send_item(self, item: common_pb2.TaskResult) -> None:
+        """A generator call yielded: the item goes out now, behind the results of the
+        calls that ran before it. A caller gone only marks the stream closed (the
+        generator stops at its next item)."""
+        if self.closed:
+            return
+        self.results.append(item)
+        try:
+            self.send_results()
+        except OSError as exc:
+            self.closed = True
+            log.debug("actor call connection closed under a generator call: %s", exc)
+
+    def read(self, timeout: float) -> None:
+        """Wait up to `timeout` seconds for a frame from the caller and take it; a
+        closed or broken connection marks the stream closed."""
+        if self.closed:
+            return
+        if self._poll is None:
+            self._poll = select.poll()
+            self._poll.register(self.sock, select.POLLIN)
+        try:
+            if not self._poll.poll(timeout * 1000):
+                return
+            payload = frames.recv_frame(self.sock)
+            if payload is None:
+                self.closed = True
+                return
+            self.take(payload)
+        except (OSError, frames.FrameError, DecodeError) as exc:
+            self.closed = True
+            log.debug("actor call connection failed under a generator call: %s", exc)
 
 
 class RateLimitedLog:
@@ -324,24 +400,26 @@ class ActorCallServer:
             sock.close()
 
     def _calls(self, sock: socket.socket) -> None:
+        """Run the caller's calls in the order they came, sending results at the end of
+        each batch and at least every PARTIAL_RESULTS_S within a long one. Calls read
+        while a generator call waited for acknowledgements are in the backlog already."""
         ex = self.executor
-        stream = _CallStream()
+        stream = _CallStream(sock, ex)
+        backlog = stream.backlog
+        results = stream.results
         while True:
-            payload = frames.recv_frame(sock)
-            if payload is None:
-                return
-            batch = core_worker_pb2.TaskBatch.FromString(payload)
-            if batch.HasField("job_config"):
-                stream.job = batch.job_config
-            results = []
+            if not backlog:
+                payload = frames.recv_frame(sock)
+                if payload is None:
+                    return
+                stream.take(payload)
+                continue  # (a frame of acknowledgements only runs nothing)
             started = time.perf_counter()
-            last = len(batch.tasks) - 1
-            for i, spec in enumerate(batch.tasks):
-                results.append(ex.execute_call(spec, stream))
-                if i == last or time.perf_counter() - started >= PARTIAL_RESULTS_S:
-                    if ex.must_flush():
-                        ex.cw.run(ex.flush())
-                    sock.sendall(frames.frame(
-                        core_worker_pb2.ResultBatch(results=results).SerializeToString()))
-                    results = []
+            while backlog:
+                result = ex.execute_call(backlog.popleft(), stream)
+                results.append(result)
+                if stream.closed:
+                    return  # the caller went away during a generator call
+                if not backlog or time.perf_counter() - started >= PARTIAL_RESULTS_S:
+                    stream.send_results()
                     started = time.perf_counter()

@@ -8,7 +8,7 @@ message. When the connection breaks the caller asks the GCS what became of the a
 (max_task_retries) or fails them with the reason. A connection to a sync actor's call
 port that fails before the port accepted its hello ran none of its calls: they go
 back to the front of the queue, retries untouched, and the caller dials again; after
-owner_state.HANDSHAKE_ATTEMPTS such failures in a row it asks the GCS whether the
+owner_actors.HANDSHAKE_ATTEMPTS such failures in a row it asks the GCS whether the
 actor moved or died (see submitter.py), and fails what is queued with
 ActorUnavailableError if it is still alive there.
 

@@ -47,7 +47,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
 from runtime import config
-from runtime.core_worker import task_context
+from runtime.core_worker import task_context, task_logs
 from runtime.core_worker.generators import GENERATOR_STREAMING, item_id
 from runtime.core_worker.memory_store import Value
 from runtime.core_worker.task_args import ArgSlot
@@ -59,6 +59,13 @@ from runtime.serialization import (KIND_ERROR, NONE_BYTES, format_remote_traceba
 
 log = logging.getLogger("runtime.worker")
 _SITE_DIRS = ("site-packages", "dist-packages")
+# How often a generator paused by back-pressure on a call port looks for a cancel.
+_ACK_POLL_S = 0.1
+
+
+class _GeneratorCancelled(KeyboardInterrupt):
+    """A generator call was cancelled between two items: it ends as a cancelled task
+    (execute() turns a KeyboardInterrupt into the cancelled result)."""
 
 
 class ExecutorHost(Protocol):
@@ -191,7 +198,7 @@ class Executor:
                     stream.job = batch.job_config
                 for spec in batch.tasks:
                     if spec.generator_ack:
-                        self._generator_ack(spec.task_id, spec.generator_ack)
+                        self.generator_ack(spec.task_id, spec.generator_ack)
                         continue
                     self.tasks.put((spec, stream))
         except asyncio.CancelledError:
@@ -202,9 +209,13 @@ class Executor:
             stream.closed = True
             stream.wake.set()
 
-    def _generator_ack(self, task_id: bytes, consumed: int) -> None:
+    def generator_ack(self, task_id: bytes, consumed: int) -> None:
+        """The owner has consumed `consumed` items of generator task `task_id` (from a
+        task stream's reader, or a call port's thread). Only a generator running under
+        back-pressure here keeps the count: an ack that comes after it ended (its last
+        items are consumed later) is dropped, not kept forever."""
         with self._ack_cond:
-            if consumed > self._acks.get(task_id, 0):
+            if consumed > self._acks.get(task_id, consumed):
                 self._acks[task_id] = consumed
                 self._ack_cond.notify_all()
                 waiter = self._ack_events.get(task_id)
@@ -356,6 +367,7 @@ class Executor:
         token = task_context.enter(task_id, spec.name,
                                    self.actor_gpu_ids if call else spec.gpu_ids,
                                    bool(spec.actor_id), spec)
+        task_logs.begin(task_id, spec.attempt, call)
         start = time.perf_counter()
         wall_start = time.time()
         try:
@@ -392,6 +404,7 @@ class Executor:
             else:
                 self.running = None
             self.cancelled_running.discard(task_id)
+            task_logs.end(task_id, spec.attempt, call)
             task_context.leave(token)
         result = common_pb2.TaskResult(task_id=task_id, returns=returns, app_error=app_error,
                                        exec_seconds=time.perf_counter() - start,
@@ -411,37 +424,53 @@ class Executor:
             result.returns.extend(unstreamed)
 
     def _streams(self, spec: common_pb2.TaskSpec, stream: Any) -> bool:
-        """Whether items go back as they are yielded: a streaming generator on a task
-        stream (a sync actor's call port answers a call once, with all its items)."""
-        return spec.generator == GENERATOR_STREAMING and isinstance(stream, _Stream)
+        """Whether items go back as they are yielded: a streaming generator, on a task
+        stream or a sync actor's call port alike (num_returns="dynamic" sends its items
+        in the final result)."""
+        return spec.generator == GENERATOR_STREAMING
 
     def _item(self, spec: common_pb2.TaskSpec, stream: Any, index: int, value: Any,
               error: bool, unstreamed: list) -> None:
         loc = self._store_value(item_id(spec.task_id, index),
                                 self._task_error(spec, value) if error else value,
                                 spec.owner, kind_error=error)
-        if self._streams(spec, stream):
-            self.cw.post(self._post_result, stream, common_pb2.TaskResult(
-                task_id=spec.task_id, stream_item=True, item_index=index, returns=[loc],
-                attempt=spec.attempt))
-        else:
+        if not self._streams(spec, stream):
             unstreamed.append(loc)
+            return
+        item = common_pb2.TaskResult(task_id=spec.task_id, stream_item=True, item_index=index,
+                                     returns=[loc], attempt=spec.attempt)
+        if isinstance(stream, _Stream):
+            self.cw.post(self._post_result, stream, item)
+        else:  # a call port's connection: its own thread (this one) writes it now
+            stream.send_item(item)
 
     def _drain(self, spec: common_pb2.TaskSpec, stream: Any, gen: Any) -> Tuple[int, list]:
         """Run a generator to its end, sending each item as it comes; an exception it
-        raises is its last item (the items before it are delivered). (count, items that
-        go in the final result)."""
+        raises is its last item (the items before it are delivered). It stops early,
+        closed so its finally blocks run, when the caller's stream closes or the call is
+        cancelled: an actor call is never interrupted, but between two items a generator
+        is at a point it chose. (count, items that go in the final result)."""
         if not inspect.isgenerator(gen) and not hasattr(gen, "__next__"):
             raise TypeError(f"{spec.name} was called as a generator task (num_returns="
                             f"'streaming' or 'dynamic') but returned a "
                             f"{type(gen).__name__}, not a generator; use yield in it")
-        limit = spec.generator_backpressure if self._streams(spec, stream) else 0
+        streaming = self._streams(spec, stream)
+        limit = spec.generator_backpressure if streaming else 0
+        task_id = spec.task_id
+        cancelled = self.cancelled_running
         unstreamed: list = []
         count = 0
+        if limit:
+            with self._ack_cond:
+                self._acks[task_id] = 0
         try:
             while True:
-                if limit and not self._wait_consumed(spec.task_id, count, limit, stream):
+                if task_id in cancelled:
+                    raise _GeneratorCancelled
+                if streaming and stream.closed:
                     break  # the owner's stream is gone: nobody reads further items
+                if limit and not self._wait_consumed(task_id, count, limit, stream):
+                    break
                 try:
                     item = next(gen)
                 except StopIteration:
@@ -457,33 +486,50 @@ class Executor:
         finally:
             if limit:
                 with self._ack_cond:
-                    self._acks.pop(spec.task_id, None)
+                    self._acks.pop(task_id, None)
             close = getattr(gen, "close", None)
             if close is not None:
                 close()  # a cancel or a gone owner ends it: its finally blocks run now
         return count, unstreamed
 
     def _wait_consumed(self, task_id: bytes, produced: int, limit: int, stream: Any) -> bool:
-        """Back-pressure: wait until fewer than `limit` items are unconsumed (a cancel's
-        SIGINT interrupts the wait); False if the stream closed meanwhile."""
-        with self._ack_cond:
-            while produced - self._acks.get(task_id, 0) >= limit:
-                if getattr(stream, "closed", False):
-                    return False
-                self._ack_cond.wait(0.2)
+        """Back-pressure: wait until fewer than `limit` items are unconsumed; False if the
+        stream closed meanwhile. A cancel ends the wait (a task's SIGINT at once, an actor
+        call's flag within a poll). On a call port the acks come on the socket this thread
+        serves, so it reads them itself (and keeps the calls that come meanwhile)."""
+        acks = self._acks
+        if isinstance(stream, _Stream):
+            with self._ack_cond:
+                while produced - acks.get(task_id, 0) >= limit:
+                    if stream.closed:
+                        return False
+                    if task_id in self.cancelled_running:
+                        raise _GeneratorCancelled
+                    self._ack_cond.wait(0.2)
+            return True
+        while produced - acks.get(task_id, 0) >= limit:
+            if stream.closed:
+                return False
+            if task_id in self.cancelled_running:
+                raise _GeneratorCancelled
+            stream.read(_ACK_POLL_S)
         return True
 
     async def _drain_async(self, spec: common_pb2.TaskSpec, stream: Any, gen: Any
                            ) -> Tuple[int, list]:
         """_drain for an async actor's call: an async generator, or a sync one."""
         if not inspect.isasyncgen(gen):
-            return self._drain(spec, stream, gen)
+            try:
+                return self._drain(spec, stream, gen)
+            except _GeneratorCancelled:
+                raise asyncio.CancelledError from None  # as a cancelled async call ends
         limit = spec.generator_backpressure if self._streams(spec, stream) else 0
         unstreamed: list = []
         count = 0
         acked = asyncio.Event()
         if limit:
             with self._ack_cond:
+                self._acks[spec.task_id] = 0
                 self._ack_events[spec.task_id] = (asyncio.get_running_loop(), acked)
         try:
             while True:
@@ -663,6 +709,7 @@ class Executor:
     async def _run_async(self, spec: common_pb2.TaskSpec, stream: _Stream) -> common_pb2.TaskResult:
         generated: Tuple[int, list] = (0, [])
         token = task_context.enter(spec.task_id, spec.name, self.actor_gpu_ids, True, spec)
+        task_logs.begin(spec.task_id, spec.attempt, True)
         start = time.perf_counter()
         wall_start = time.time()
         try:
@@ -684,6 +731,7 @@ class Executor:
             app_error = True
         finally:
             self.cancelled_running.discard(spec.task_id)
+            task_logs.end(spec.task_id, spec.attempt, True)
             task_context.leave(token)
         result = common_pb2.TaskResult(task_id=spec.task_id, returns=returns, app_error=app_error,
                                        exec_seconds=time.perf_counter() - start,

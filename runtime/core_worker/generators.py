@@ -12,7 +12,8 @@ error); a task that fails as a whole (cancelled, worker lost with no retries) ge
 error appended as one more item, so iteration raises it where it stands.
 
 Back-pressure (`_generator_backpressure_num_objects=N`): each item the caller consumes is
-acknowledged to the worker (a TaskSpec with `generator_ack` on the task stream), and the
+acknowledged to the worker (a TaskSpec with `generator_ack` on the task stream, or on a
+sync actor's call port, whose thread reads it while the generator waits), and the
 worker does not produce item k+N before item k was consumed.
 """
 from __future__ import annotations

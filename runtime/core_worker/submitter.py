@@ -407,9 +407,10 @@ class TaskSubmitter:
         stream = task.stream
         spec.generator = task.generator
         spec.generator_backpressure = stream.backpressure
-        # Back-pressure acks ride the task stream as TaskSpecs; a sync actor's call port
-        # runs every spec it reads as a call, so there the worker is never paused.
-        if stream.backpressure and isinstance(conn, WorkerConnection):
+        # Back-pressure acks ride the connection the call went on, as TaskSpecs with
+        # generator_ack: a PushTasks stream, or a sync actor's call port (whose thread reads
+        # them while the generator waits).
+        if stream.backpressure:
             post = self.host.post  # type: ignore[attr-defined]
             stream.ack = lambda n: post(self._send_ack, conn, task.task_id, n)
         else:
