@@ -251,6 +251,32 @@ def test_sync_actor_generator_streams_items_as_yielded(cluster, actors, tmp_path
     assert ray.get(gen.completed(), timeout=30) is None
 
 
+@ray.remote(max_retries=1)
+def dies_once_midway(marker: str, n: int):
+    for i in range(n):
+        if i == 4 and not os.path.exists(marker):
+            Path(marker).touch()
+            os._exit(1)  # the worker dies after the caller consumed 3+ items
+        yield i
+
+
+def test_a_retried_backpressured_generator_resumes_past_what_was_consumed(cluster, tmp_path):
+    """The retry starts from item 0 again; the items the caller already took are
+    duplicates it ignores, so the worker must count them as consumed or it waits for acks
+    that never come (limit 2, 4 items consumed before the crash)."""
+    gen = dies_once_midway.options(_generator_backpressure_num_objects=2).remote(
+        str(tmp_path / "died"), 8)
+    values = []
+    for _ in range(8):
+        ref = gen._next_sync(timeout_s=60)
+        assert not ref.is_nil(), f"item {len(values)} never came (got {values})"
+        values.append(ray.get(ref, timeout=30))
+    assert values == list(range(8))
+    assert (tmp_path / "died").exists()
+    with pytest.raises(StopIteration):
+        next(gen)
+
+
 def test_sync_actor_generator_backpressure_bounds_unconsumed_items(cluster, actors, tmp_path):
     a = SyncGen.remote()
     actors.append(a)

@@ -462,7 +462,7 @@ class Executor:
         count = 0
         if limit:
             with self._ack_cond:
-                self._acks[task_id] = 0
+                self._acks[task_id] = spec.generator_consumed
         try:
             while True:
                 if task_id in cancelled:
@@ -529,7 +529,7 @@ class Executor:
         acked = asyncio.Event()
         if limit:
             with self._ack_cond:
-                self._acks[spec.task_id] = 0
+                self._acks[spec.task_id] = spec.generator_consumed
                 self._ack_events[spec.task_id] = (asyncio.get_running_loop(), acked)
         try:
             while True:

@@ -407,6 +407,7 @@ class TaskSubmitter:
         stream = task.stream
         spec.generator = task.generator
         spec.generator_backpressure = stream.backpressure
+        spec.generator_consumed = stream.consumed
         # Back-pressure acks ride the connection the call went on, as TaskSpecs with
         # generator_ack: a PushTasks stream, or a sync actor's call port (whose thread reads
         # them while the generator waits).
