@@ -11,6 +11,13 @@ from runtime.protocol import common_pb2
 
 #: Task state names by number (the state API and raytop show these; Ray's names).
 TASK_STATES = tuple(common_pb2.TaskState.Name(v) for v in sorted(common_pb2.TaskState.values()))
+# The task states the owner moves a task through (common.proto's TaskState numbers).
+PENDING_ARGS_AVAIL = common_pb2.PENDING_ARGS_AVAIL
+PENDING_NODE_ASSIGNMENT = common_pb2.PENDING_NODE_ASSIGNMENT
+SUBMITTED_TO_WORKER = common_pb2.SUBMITTED_TO_WORKER
+RUNNING = common_pb2.RUNNING
+FINISHED = common_pb2.FINISHED
+FAILED = common_pb2.FAILED
 
 _actor = common_pb2.ActorState.Name
 ACTOR_PENDING_CREATION = _actor(common_pb2.PENDING_CREATION)

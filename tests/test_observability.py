@@ -10,8 +10,6 @@ private 2-CPU ``cluster``, and last (it stops that cluster) two nodes on 127.0.0
 """
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import os
 import queue
@@ -39,54 +37,12 @@ from runtime.util.state import (GetApiOptions, ListApiOptions, StateApiClient, S
 
 from conftest import wait_for
 from helpers.env import scrubbed_env
+from helpers.log_server import TOKEN, log_server, read_all, rpc_code
 from helpers.nodes import cluster_with_nodes
 from runtime.protocol.common_pb2 import FAILED, FINISHED, PENDING_NODE_ASSIGNMENT, RUNNING
 from runtime.util.timeline import task_trace_events
 
-TOKEN = "t" * 64
-
-
 # -- the LogService on its own ------------------------------------------------------------------
-@contextlib.contextmanager
-def log_server(logs_dir: str):
-    """A LogService over logs_dir on a free loopback port, behind the real token check."""
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    state: dict = {}
-
-    async def serve() -> None:
-        server = rpc.make_server(TOKEN)
-        log_service_pb2_grpc.add_LogServiceServicer_to_server(
-            log_service.LogService(logs_dir), server)
-        state["port"] = rpc.bind(server, "127.0.0.1", 0)
-        state["stop"] = asyncio.Event()
-        await server.start()
-        started.set()
-        await state["stop"].wait()
-        await server.stop(0)
-
-    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
-    thread.start()
-    try:
-        assert started.wait(10), "the test's log server did not start"
-        yield f"127.0.0.1:{state['port']}"
-    finally:
-        loop.call_soon_threadsafe(state["stop"].set)
-        thread.join(10)
-        loop.close()
-
-
-def read_all(stub, **request) -> bytes:
-    return b"".join(c.data for c in stub.ReadLog(log_service_pb2.ReadLogRequest(**request),
-                                                 timeout=10))
-
-
-def rpc_code(call) -> grpc.StatusCode:
-    with pytest.raises(grpc.RpcError) as ei:
-        call()
-    return ei.value.code()
-
-
 def test_log_service_serves_only_the_logs_dir_and_only_with_the_token(tmp_path):
     logs = tmp_path / "logs"
     logs.mkdir()

@@ -8,12 +8,9 @@ node's LogService serving a task's range. Then real clusters.
 """
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -24,55 +21,15 @@ import pytest
 import runtime as ray
 from runtime import rpc
 from runtime.core_worker.task_logs import find_range
-from runtime.protocol import log_service_pb2, log_service_pb2_grpc
-from runtime.raylet import log_service
+from runtime.protocol import log_service_pb2_grpc
 from runtime.util.state import get_log, list_logs, list_nodes
 
 from conftest import wait_for
 from helpers.env import scrubbed_env
+from helpers.log_server import TOKEN, log_server, read_all, rpc_code
 
 REPO = str(Path(__file__).resolve().parent.parent)
-TOKEN = "t" * 64
 
-
-@contextlib.contextmanager
-def log_server(logs_dir: str):
-    """A LogService over logs_dir on a free loopback port, behind the real token check."""
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    state: dict = {}
-
-    async def serve() -> None:
-        server = rpc.make_server(TOKEN)
-        log_service_pb2_grpc.add_LogServiceServicer_to_server(
-            log_service.LogService(logs_dir), server)
-        state["port"] = rpc.bind(server, "127.0.0.1", 0)
-        state["stop"] = asyncio.Event()
-        await server.start()
-        started.set()
-        await state["stop"].wait()
-        await server.stop(0)
-
-    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
-    thread.start()
-    try:
-        assert started.wait(10), "the test's log server did not start"
-        yield f"127.0.0.1:{state['port']}"
-    finally:
-        loop.call_soon_threadsafe(state["stop"].set)
-        thread.join(10)
-        loop.close()
-
-
-def read_all(stub, **request) -> bytes:
-    return b"".join(c.data for c in stub.ReadLog(log_service_pb2.ReadLogRequest(**request),
-                                                 timeout=10))
-
-
-def rpc_code(call) -> grpc.StatusCode:
-    with pytest.raises(grpc.RpcError) as ei:
-        call()
-    return ei.value.code()
 
 # A stand-in worker: its stdout and stderr are the files the test gave it; it records
 # tasks A and B, then begins C and (with "hold") stays in it until killed.

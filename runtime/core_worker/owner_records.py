@@ -16,14 +16,9 @@ from typing import Any, Deque, Dict, List, Optional, Union
 
 from runtime.core_worker.memory_store import Value
 from runtime.protocol import common_pb2
+from runtime.vocabulary import (FAILED, FINISHED, PENDING_ARGS_AVAIL,  # noqa: F401 (shared)
+                                PENDING_NODE_ASSIGNMENT, RUNNING, SUBMITTED_TO_WORKER)
 
-# The task states (one vocabulary: common.proto's TaskState).
-PENDING_ARGS_AVAIL = common_pb2.PENDING_ARGS_AVAIL
-PENDING_NODE_ASSIGNMENT = common_pb2.PENDING_NODE_ASSIGNMENT
-SUBMITTED_TO_WORKER = common_pb2.SUBMITTED_TO_WORKER
-RUNNING = common_pb2.RUNNING
-FINISHED = common_pb2.FINISHED
-FAILED = common_pb2.FAILED
 # The actor states (common.proto's ActorState), as the GCS reports them.
 ACTOR_PENDING = common_pb2.PENDING_CREATION
 ACTOR_ALIVE = common_pb2.ALIVE

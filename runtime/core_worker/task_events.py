@@ -29,17 +29,13 @@ import grpc
 from runtime import config, vocabulary
 from runtime.protocol import common_pb2, gcs_pb2
 from runtime.serialization import parse
+from runtime.vocabulary import (FAILED, FINISHED, PENDING_NODE_ASSIGNMENT, RUNNING,
+                                SUBMITTED_TO_WORKER)
 
 log = logging.getLogger("runtime.core_worker")
 
 #: Task state names by their number in TaskEventBatch.states (common.proto's TaskState).
 TASK_STATES = list(vocabulary.TASK_STATES)
-PENDING_ARGS_AVAIL = common_pb2.PENDING_ARGS_AVAIL
-PENDING_NODE_ASSIGNMENT = common_pb2.PENDING_NODE_ASSIGNMENT
-SUBMITTED_TO_WORKER = common_pb2.SUBMITTED_TO_WORKER
-RUNNING = common_pb2.RUNNING
-FINISHED = common_pb2.FINISHED
-FAILED = common_pb2.FAILED
 _MAX_BUFFERED = 200_000
 
 
