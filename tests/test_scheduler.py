@@ -1,7 +1,9 @@
 """The raylet's lease scheduler, tested without sockets or processes (sans-I/O)."""
-from runtime.raylet.scheduler import (Grant, KillWorker, PendingRequest, Reject, RemoteNode,
-                                      Scheduler, SetupEnv, Spillback, StartWorkers, Warn,
-                                      Worker)
+import time
+
+from runtime.raylet.scheduler import (AFFINITY_UNKNOWN_NODE_GRACE_S, Grant, KillWorker,
+                                      PendingRequest, Reject, RemoteNode, Scheduler, SetupEnv,
+                                      Spillback, StartWorkers, Warn, Worker)
 
 NODE = b"n" * 28
 
@@ -125,13 +127,41 @@ def test_worker_death_releases_its_lease():
 
 def test_node_affinity_to_unknown_node_rejects_unless_soft():
     s = make()
-    hard = PendingRequest(1, 1, {"CPU": 1.0}, strategy="NODE_AFFINITY", affinity_node=b"x" * 28)
+    # Older than the grace: this raylet's view had time to learn of the node.
+    hard = PendingRequest(1, 1, {"CPU": 1.0}, strategy="NODE_AFFINITY", affinity_node=b"x" * 28,
+                          since=time.monotonic() - AFFINITY_UNKNOWN_NODE_GRACE_S - 1)
     soft = PendingRequest(1, 2, {"CPU": 1.0}, strategy="NODE_AFFINITY", affinity_node=b"x" * 28,
                           soft=True)
     s.request_lease(hard)
     s.request_lease(soft)
     actions = s.schedule()
     assert [type(a) for a in actions if not isinstance(a, StartWorkers)] == [Reject, Grant]
+
+
+def test_hard_affinity_to_a_node_not_in_the_view_yet_waits_for_it():
+    """The GCS knows a node this raylet's view has not caught up with (it just joined, or
+    came back after its agent restarted): the request waits for the view, then goes there."""
+    s = make()
+    new = b"j" * 28
+    s.request_lease(PendingRequest(1, 1, {"CPU": 1.0}, strategy="NODE_AFFINITY",
+                                   affinity_node=new))
+    assert [a for a in s.schedule() if not isinstance(a, StartWorkers)] == []
+    assert s.waits_for_view()
+    s.set_remote_nodes({new: RemoteNode(new, "127.0.0.2:7000", {"CPU": 2.0}, {"CPU": 2.0})})
+    (a,) = [a for a in s.schedule() if not isinstance(a, StartWorkers)]
+    assert isinstance(a, Spillback) and a.raylet_address == "127.0.0.2:7000"
+    assert not s.waits_for_view()
+
+
+def test_hard_affinity_to_a_node_seen_leaving_is_rejected_at_once():
+    s = make()
+    gone = b"g" * 28
+    s.set_remote_nodes({gone: RemoteNode(gone, "127.0.0.2:7000", {"CPU": 2.0}, {"CPU": 2.0})})
+    s.set_remote_nodes({})
+    s.request_lease(PendingRequest(1, 1, {"CPU": 1.0}, strategy="NODE_AFFINITY",
+                                   affinity_node=gone))
+    (a,) = [a for a in s.schedule() if not isinstance(a, StartWorkers)]
+    assert isinstance(a, Reject) and "not alive" in a.message
 
 
 def test_spillback_to_a_node_that_has_the_resource():

@@ -55,6 +55,13 @@ from runtime.raylet.resources import (GpuInstances, Resources, add, bundle_resou
 RequestKey = Tuple[int, int]  # (client id, request id)
 #: Removed placement groups the raylet remembers (see cancel_bundles).
 REMOVED_GROUPS_KEPT = 10_000
+#: A hard NodeAffinity request naming a node this raylet's view does not have waits this
+#: long for the view to catch up (the GCS may know a node that joined, or came back, a
+#: moment ago) before it is rejected as naming no alive node. A node the view saw leave
+#: is rejected at once.
+AFFINITY_UNKNOWN_NODE_GRACE_S = 3.0
+#: Nodes remembered as gone from the view (newest last), for that rule.
+DEPARTED_NODES_KEPT = 10_000
 
 
 def _remember(table: "OrderedDict", key: str, value) -> None:
@@ -231,6 +238,7 @@ class Scheduler:
         self.env_failures: Dict[str, str] = {}  # failed setups whose requests to reject
         self.soft_worker_limit = soft_worker_limit or max(1, int(total.get("CPU", 1)))
         self.remote_nodes: Dict[bytes, RemoteNode] = {}
+        self.departed: "OrderedDict[bytes, None]" = OrderedDict()  # left the view
         self.prepared: Dict[Tuple[str, int], Resources] = {}
         self.committed: Dict[Tuple[str, int], Resources] = {}
         # Removed groups, newest last: late Prepares for them are refused. A Prepare is late
@@ -367,6 +375,9 @@ class Scheduler:
             if isinstance(target, Spillback):
                 del self.pending[key]
                 actions.append(target)
+                continue
+            if target == "unknown_node":
+                req.waiting = WAIT_INFEASIBLE  # until the view has the node, or the grace ends
                 continue
             if target == "infeasible":
                 if req.strategy == "PLACEMENT_GROUP":
@@ -573,6 +584,24 @@ class Scheduler:
         return (f"no alive node{' with these resources' if sized else ''} has labels "
                 f"matching label_selector {req.selector}")
 
+    def set_remote_nodes(self, remote: Dict[bytes, RemoteNode]) -> None:
+        """The other alive nodes, as the GCS lists them now."""
+        for node_id in self.remote_nodes.keys() - remote.keys():
+            self.departed[node_id] = None
+            if len(self.departed) > DEPARTED_NODES_KEPT:
+                self.departed.popitem(last=False)
+        for node_id in remote:
+            self.departed.pop(node_id, None)  # back (a node id is not reused, but be exact)
+        self.remote_nodes = remote
+
+    def waits_for_view(self) -> bool:
+        """Whether a request waits for a node this raylet's view does not have yet: the
+        scheduler must run again at the next refresh of the view even if it is unchanged
+        (the grace may have run out)."""
+        return any(r.strategy == "NODE_AFFINITY" and not r.soft and r.affinity_node
+                   and r.affinity_node != self.node_id
+                   and r.affinity_node not in self.remote_nodes for r in self.pending.values())
+
     # -- helpers -----------------------------------------------------------------------------
     def _nodes(self) -> List[RemoteNode]:
         """Every alive node as the scheduler sees it, this one first."""
@@ -602,6 +631,9 @@ class Scheduler:
             if node is not None and not req.grant_or_reject:
                 return Spillback(req.client, req.request_id, node.raylet_address)
             if not req.soft:
+                if (req.affinity_node not in self.departed
+                        and time.monotonic() - req.since < AFFINITY_UNKNOWN_NODE_GRACE_S):
+                    return "unknown_node"
                 return Reject(req.client, req.request_id,
                               f"node {req.affinity_node.hex()} named by NodeAffinitySchedulingStrategy "
                               f"is not alive in the cluster (soft=False)")

@@ -634,8 +634,8 @@ class Raylet(raylet_pb2_grpc.RayletServicer):
                                                dict(n.resources_total), dict(n.resources_available),
                                                dict(n.labels))
         changed = set(remote) != set(self.sched.remote_nodes)
-        self.sched.remote_nodes = remote
-        if changed and self.sched.pending:
+        self.sched.set_remote_nodes(remote)
+        if (changed or self.sched.waits_for_view()) and self.sched.pending:
             self._run_scheduler()  # waiting requests may fit a node that just joined
 
     # -- lifecycle -------------------------------------------------------------------------------
