@@ -10,6 +10,7 @@ from typing import Any, Dict, Generator, List, Optional, \
 
 import grpc
 
+from runtime import config
 from runtime.core_worker.task_logs import INDEX_SUFFIX, RECORD_ACTOR_CALLS_ENV, \
     worker_log_stem
 from runtime.exceptions import RaySystemError
@@ -146,8 +147,11 @@ def _resolve_log(node_id: Optional[str], node_ip: Optional[str], filename: Optio
         found = _task_records(_check_id("task", task_id), timeout)
         if not found:
             raise FileNotFoundError(f"Could not find log file for task: {task_id} (attempt "
-                                    f"{attempt_number}): the GCS has no record of it (it may "
-                                    f"have left the task-event window)")
+                                    f"{attempt_number}): the GCS has no record of it yet. Task "
+                                    f"events reach it about a second after the task (its owner "
+                                    f"flushes them every {config.TASK_EVENTS_FLUSH_S:g} s), and "
+                                    f"old ones leave its window of "
+                                    f"{config.TASK_EVENTS_MAX_TASKS} tasks; try again shortly")
         rec = task_record(found[0])
         if attempt_number != rec["attempt_number"]:
             raise FileNotFoundError(
