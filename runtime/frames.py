@@ -21,6 +21,7 @@ configured message limit. The whole hello, not each read, has a deadline
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import socket
 import struct
 from typing import List, Optional
@@ -98,6 +99,20 @@ def recv_frame(sock: socket.socket, limit: int = config.GRPC_MAX_MESSAGE_BYTES) 
     if payload is None:
         return None
     return bytes(payload)
+
+
+def host_of(peer: object) -> str:
+    """What a peer's waiting connections are counted under: its IPv4 address, or the /64
+    of its IPv6 one (a host is usually given a whole /64)."""
+    try:
+        ip = ipaddress.ip_address(str(peer[0]).split("%", 1)[0])  # type: ignore[index]
+    except (ValueError, TypeError, IndexError):
+        return str(peer)
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+    return str(ip)
 
 
 class FrameBuffer:

@@ -38,6 +38,7 @@ import time
 from typing import List, Optional, Set
 
 from runtime import config
+from runtime.object_store.reclaim import pid_alive
 from runtime.private_fs import (UnsafePathError, check_private_dir, check_trusted_socket,
                                 default_session_root, ensure_private_dir, read_trusted_file,
                                 replace_symlink, write_private_file)
@@ -128,15 +129,6 @@ def read_cluster_file(session_dir: str) -> Optional[dict]:
 # ---- liveness and pruning -----------------------------------------------------------------
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
 
 def _cmdline(pid: int) -> Optional[List[bytes]]:
     """pid's argv, or None when it cannot be read (hidepid, gone)."""
@@ -155,7 +147,7 @@ def _gcs_alive(info: dict, session_dir: str) -> bool:
         pid = int(info.get("gcs_pid") or 0)
     except (TypeError, ValueError):
         return False
-    if pid <= 0 or not _pid_alive(pid):
+    if pid <= 0 or not pid_alive(pid):
         return False
     argv = _cmdline(pid)
     if argv is None:
@@ -182,10 +174,10 @@ def _session_alive(path: str, creator_pid: int, st: os.stat_result) -> bool:
             return _gcs_alive(info, path)
         if info.get("agent_pid"):
             try:
-                return _pid_alive(int(info["agent_pid"]))
+                return pid_alive(int(info["agent_pid"]))
             except (TypeError, ValueError):
                 return False
-    if not _pid_alive(creator_pid):
+    if not pid_alive(creator_pid):
         return False
     return time.time() - st.st_mtime < STARTING_GRACE_S
 

@@ -18,22 +18,16 @@ from runtime.core_worker.generators import DynamicObjectRefGenerator, ObjectRefG
 
 from conftest import wait_for
 from helpers.env import scrubbed_env
+from helpers.gates import await_path
 
 REPO = str(Path(__file__).resolve().parent.parent)
 
-
-def _wait_file(path: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"gate {path} never opened")
-        time.sleep(0.01)
 
 
 @ray.remote
 def gated(gate: str, n: int):
     yield "first"
-    _wait_file(gate)
+    await_path(gate)
     for i in range(n):
         yield i
 
@@ -45,15 +39,15 @@ def failing():
     raise ValueError("boom in the generator")
 
 
-@ray.remote
-def counting(marks: str, n: int):
+def _counting(marks: str, n: int):
+    """Marks each item's file as it is produced (back-pressure shows in the marks)."""
     for i in range(n):
         Path(marks, f"{i}").touch()
         yield i
 
 
-@ray.remote
-def endless(marks: str):
+def _endless(marks: str):
+    """Yields until closed; its finally marks "closed" (a cancel or a gone caller)."""
     i = 0
     try:
         while True:
@@ -63,6 +57,16 @@ def endless(marks: str):
             time.sleep(0.02)
     finally:
         Path(marks, "closed").touch()
+
+
+@ray.remote
+def counting(marks: str, n: int):
+    yield from _counting(marks, n)
+
+
+@ray.remote
+def endless(marks: str):
+    yield from _endless(marks)
 
 
 @ray.remote(num_returns="dynamic")
@@ -84,26 +88,16 @@ class SyncGen:
 
     def gated(self, gate, fail=False):
         yield "first"
-        _wait_file(gate)
+        await_path(gate)
         if fail:
             raise ValueError("boom after the gate")
         yield "second"
 
     def counting(self, marks, n):
-        for i in range(n):
-            Path(marks, f"{i}").touch()
-            yield i
+        yield from _counting(marks, n)
 
     def endless(self, marks):
-        i = 0
-        try:
-            while True:
-                Path(marks, "last").write_text(str(i))
-                yield i
-                i += 1
-                time.sleep(0.02)
-        finally:
-            Path(marks, "closed").touch()
+        yield from _endless(marks)
 
     def record(self, i):
         self.calls.append(i)
@@ -176,16 +170,23 @@ def test_cancel_stops_the_worker_side_generator(cluster, tmp_path):
             ray.get(ref, timeout=30)
 
 
+def _assert_paused_at_two_unconsumed(gen, marks: Path) -> None:
+    """`gen` is `counting(marks, 10)` under back-pressure 2: it pauses after two items,
+    makes one more per item read, and ends with all ten. The sleeps only give a worker
+    that ignored the bound time to show it (what is checked is that nothing happens)."""
+    wait_for(lambda: (marks / "1").exists(), timeout=60, message="two items produced")
+    time.sleep(0.5)
+    assert not (marks / "2").exists()  # paused with 2 unconsumed
+    assert ray.get(next(gen), timeout=30) == 0
+    wait_for(lambda: (marks / "2").exists(), timeout=30, message="third item after a read")
+    time.sleep(0.3)
+    assert not (marks / "3").exists()
+    assert [ray.get(r, timeout=30) for r in gen] == list(range(1, 10))
+
+
 def test_backpressure_bounds_unconsumed_items(cluster, tmp_path):
     gen = counting.options(_generator_backpressure_num_objects=2).remote(str(tmp_path), 10)
-    wait_for(lambda: (tmp_path / "1").exists(), timeout=60, message="two items produced")
-    time.sleep(0.5)
-    assert not (tmp_path / "2").exists()  # paused with 2 unconsumed
-    assert ray.get(next(gen)) == 0
-    wait_for(lambda: (tmp_path / "2").exists(), timeout=30, message="third item after a read")
-    time.sleep(0.3)
-    assert not (tmp_path / "3").exists()
-    assert [ray.get(r) for r in gen] == list(range(1, 10))
+    _assert_paused_at_two_unconsumed(gen, tmp_path)
 
 
 def test_dynamic_returns_one_ref_to_a_generator(cluster):
@@ -281,14 +282,7 @@ def test_sync_actor_generator_backpressure_bounds_unconsumed_items(cluster, acto
     a = SyncGen.remote()
     actors.append(a)
     gen = a.counting.options(_generator_backpressure_num_objects=2).remote(str(tmp_path), 10)
-    wait_for(lambda: (tmp_path / "1").exists(), timeout=60, message="two items produced")
-    time.sleep(0.5)
-    assert not (tmp_path / "2").exists()  # paused with 2 unconsumed
-    assert ray.get(next(gen), timeout=30) == 0
-    wait_for(lambda: (tmp_path / "2").exists(), timeout=30, message="third item after a read")
-    time.sleep(0.3)
-    assert not (tmp_path / "3").exists()
-    assert [ray.get(r, timeout=30) for r in gen] == list(range(1, 10))
+    _assert_paused_at_two_unconsumed(gen, tmp_path)
 
 
 def test_calls_queued_behind_a_paused_sync_generator_run_after_it_in_order(cluster, actors,

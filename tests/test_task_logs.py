@@ -14,6 +14,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import List
 
 import grpc
 import pytest
@@ -59,13 +60,29 @@ task_logs.close()
 """
 
 
+_recorders: List[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _kill_recorders():
+    """Every recorder a test started is gone after it, whatever the test did."""
+    yield
+    while _recorders:
+        proc = _recorders.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
 def run_recorder(logs: Path, mode: str, **env: str) -> subprocess.Popen:
     logs.mkdir(exist_ok=True)
     out = open(logs / "worker-0badcafe.out", "ab")
     err = open(logs / "worker-0badcafe.err", "ab")
     with out, err:
-        return subprocess.Popen([sys.executable, "-c", RECORDER, str(logs), mode], cwd=REPO,
+        proc = subprocess.Popen([sys.executable, "-c", RECORDER, str(logs), mode], cwd=REPO,
                                 stdout=out, stderr=err, env=scrubbed_env(env))
+    _recorders.append(proc)
+    return proc
 
 
 def cut(path: Path, start: int, end) -> str:

@@ -36,7 +36,6 @@ most `frames.HANDSHAKE_TIMEOUT_S`, and can make the actor log one line per
 """
 from __future__ import annotations
 
-import ipaddress
 import logging
 import select
 import selectors
@@ -180,20 +179,7 @@ class RateLimitedLog:
         return None
 
 
-def host_of(peer: Any) -> str:
-    """What a peer's waiting connections are counted under: its IPv4 address, or the /64
-    of its IPv6 one (a host is usually given a whole /64)."""
-    try:
-        ip = ipaddress.ip_address(str(peer[0]).split("%", 1)[0])
-    except (ValueError, TypeError, IndexError):
-        return str(peer)
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
-    return str(ip)
-
-
+# ---- serving ------------------------------------------------------------------------------
 class _Hello:
     """A connection that has not authenticated yet: its peer, deadline and the bytes of
     its hello read so far."""
@@ -202,7 +188,7 @@ class _Hello:
 
     def __init__(self, peer: Any, deadline: float) -> None:
         self.peer = peer
-        self.host = host_of(peer)
+        self.host = frames.host_of(peer)
         self.deadline = deadline
         self.buf = bytearray()
         self.need = _HEADER_SIZE  # bytes still to read of the header, then of the payload

@@ -65,6 +65,24 @@ def process_start_time(pid: int) -> int:
         return 0
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether the process runs (a zombie does not: it only waits for its parent)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def pid_namespace(pid: int | str = "self") -> int:
     """Inode of the pid namespace a process lives in (0 when unknown)."""
     try:

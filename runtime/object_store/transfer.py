@@ -50,14 +50,11 @@ oldest pushed out), and only an authenticated connection gets a thread.
 """
 from __future__ import annotations
 
-import ipaddress
 import logging
 import socket
 import struct
 import threading
-from typing import Optional
 
-from runtime import frames
 from runtime.protocol import object_store_pb2
 
 log = logging.getLogger("object_store")
@@ -141,42 +138,3 @@ def kernel_timeouts(sock: socket.socket, recv_s: float, send_s: float) -> None:
         whole = int(seconds)
         sock.setsockopt(socket.SOL_SOCKET, opt,
                         struct.pack("ll", whole, int((seconds - whole) * 1e6)))
-
-
-def recv_exact_blocking(sock: socket.socket, n: int) -> Optional[bytes]:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = sock.recv_into(view[got:])
-        if not k:
-            return None
-        got += k
-    return bytes(buf)
-
-
-def recv_frame(sock: socket.socket, limit: int) -> Optional[bytes]:
-    """A frame's payload (blocking, the socket's timeout applies), None at end of stream."""
-    header = recv_exact_blocking(sock, 4)
-    if header is None:
-        return None
-    n = int.from_bytes(header, "little")
-    if n > limit:
-        raise frames.FrameError(f"frame of {n} bytes is over the {limit}-byte limit")
-    return recv_exact_blocking(sock, n)
-
-
-def host_key(peer: object) -> str:
-    """Waiting connections are counted per IPv4 address, or per IPv6 /64."""
-    try:
-        ip = ipaddress.ip_address(str(peer[0]).split("%", 1)[0])  # type: ignore[index]
-    except (ValueError, TypeError, IndexError):
-        return str(peer)
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
-    return str(ip)
-
-
-# ---- serving ------------------------------------------------------------------------------

@@ -19,8 +19,7 @@ from runtime.object_store.transfer import (CHUNK_BYTES, CONNECT_TIMEOUT_S, STALL
                                            POOL_IDLE_S, POOL_PER_HOLDER, MAX_PULLS_AT_ONCE,
                                            RECENT_FAILURE_S, MAX_REQUEST_BYTES, UNREACHABLE,
                                            MISSING, REFUSED, HolderError, PullCancelled,
-                                           TransferCounters, TIMED_OUT, kernel_timeouts,
-                                           recv_frame)
+                                           TransferCounters, TIMED_OUT, kernel_timeouts)
 from runtime.protocol import object_store_pb2
 
 if TYPE_CHECKING:
@@ -400,7 +399,7 @@ class PullManager:
         try:
             frames.tune(sock)
             sock.sendall(frames.hello(self._token))
-            answer = recv_frame(sock, frames.MAX_HELLO_BYTES)
+            answer = frames.recv_frame(sock, frames.MAX_HELLO_BYTES)
         except (OSError, frames.FrameError) as exc:
             sock.close()
             raise HolderError(UNREACHABLE, f"its transfer port {host}:{port} broke the "
@@ -422,7 +421,7 @@ class PullManager:
         request = object_store_pb2.TransferRequest(object_id=object_id, offset=offset)
         try:
             conn.sock.sendall(frames.frame(request.SerializeToString()))
-            payload = recv_frame(conn.sock, MAX_REQUEST_BYTES)
+            payload = frames.recv_frame(conn.sock, MAX_REQUEST_BYTES)
         except TIMED_OUT:
             raise HolderError(UNREACHABLE, f"no answer in {STALL_TIMEOUT_S:g}s") from None
         except (OSError, frames.FrameError) as exc:

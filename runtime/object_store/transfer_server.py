@@ -16,8 +16,7 @@ from google.protobuf.message import DecodeError
 from runtime import frames
 from runtime.object_store.transfer import (STALL_TIMEOUT_S, SERVER_IDLE_S, MAX_SERVING,
                                            MAX_REQUEST_BYTES, RATE_SLICE_BYTES,
-                                           TransferCounters, TIMED_OUT, kernel_timeouts,
-                                           recv_frame, host_key)
+                                           TransferCounters, TIMED_OUT, kernel_timeouts)
 from runtime.protocol import object_store_pb2
 
 if TYPE_CHECKING:
@@ -115,7 +114,7 @@ class TransferServer:
                 log.warning("transfer port: accept failed: %s", exc)
                 await asyncio.sleep(0.1)
                 continue
-            host = host_key(peer)
+            host = frames.host_of(peer)
             self._make_room(host)
             task = asyncio.ensure_future(self._handshake(sock, peer))
             self._waiting[task] = host
@@ -218,7 +217,7 @@ class TransferServer:
         try:
             while not self._closed:
                 try:
-                    payload = recv_frame(sock, MAX_REQUEST_BYTES)
+                    payload = frames.recv_frame(sock, MAX_REQUEST_BYTES)
                 except TIMED_OUT:
                     return  # idle: the puller reconnects when it needs us again
                 if payload is None:

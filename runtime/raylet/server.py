@@ -35,6 +35,7 @@ from runtime import component, config, rpc
 from runtime.core_worker.gcs_client import GcsClient
 from runtime.labels import compile_selector
 from runtime.protocol import common_pb2, gcs_pb2, gcs_pb2_grpc, raylet_pb2, raylet_pb2_grpc
+from runtime.object_store.reclaim import pid_alive
 from runtime.raylet import log_service, runtime_env_service
 from runtime.raylet.memory_monitor import (Candidate, Kill, MemoryMonitor, NodeMemoryReader,
                                            NothingToKill, describe, rss_of)
@@ -235,7 +236,7 @@ class Raylet(raylet_pb2_grpc.RayletServicer):
         """Drivers gone without shutdown(): their processes are gone (or zombies)."""
         now = time.monotonic()
         for key, until in list(self._driver_suspects.items()):
-            if not _pid_alive(key[1]):
+            if not pid_alive(key[1]):
                 del self._driver_suspects[key]
                 self._exited_drivers.append(gcs_pb2.DriverExit(job_id=key[0], pid=key[1]))
                 log.info("driver pid %s of job %s exited without shutdown()", key[1],
@@ -409,7 +410,7 @@ class Raylet(raylet_pb2_grpc.RayletServicer):
         while not self._stopping.is_set():
             await asyncio.sleep(refresh_s)
             victim = monitor.killing
-            if victim is not None and not _pid_alive(victim.pid):
+            if victim is not None and not pid_alive(victim.pid):
                 monitor.worker_gone(victim.pid)  # its exit was not reported (not ours)
             try:
                 decision = monitor.check(reader.read(), self._memory_candidates)
@@ -452,7 +453,7 @@ class Raylet(raylet_pb2_grpc.RayletServicer):
         if v.worker_id in self.procs or v.worker_id in self.sched.workers:
             self._kill_worker(v.worker_id, "the node is low on memory (memory monitor)")
             self._run_scheduler()
-        elif not _pid_alive(v.pid):
+        elif not pid_alive(v.pid):
             self.memory_monitor.worker_gone(v.pid)  # it exited meanwhile
 
     async def _reap_idle_workers(self) -> None:
@@ -682,23 +683,6 @@ class Raylet(raylet_pb2_grpc.RayletServicer):
         await server.stop(0.5)
         await self.gcs_client.close()
 
-
-def _pid_alive(pid: int) -> bool:
-    """Whether the process runs (a zombie does not: it only waits for its parent)."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-    except OSError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def parse_args(argv=None) -> argparse.Namespace:
