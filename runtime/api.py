@@ -10,7 +10,6 @@ import sys
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import grpc
@@ -361,13 +360,16 @@ def _eager_install(env: runtime_env_context.ResolvedEnv, nodes: Sequence[Any],
             not any(env.env.get(f) for f in _EAGER_FIELDS):
         return
     request = runtime_env_pb2.PrepareRuntimeEnvRequest(runtime_env=env.info)
-
-    def ask(n: Any) -> None:
+    asked = []
+    for n in nodes:  # all at once: each node answers as soon as its setup has started
         address = f"{n.node_ip}:{n.raylet_port}"
         channel = rpc.sync_channel(address, token)
+        call = runtime_env_pb2_grpc.RuntimeEnvServiceStub(channel).Prepare.future(
+            request, timeout=_EAGER_TIMEOUT_S)
+        asked.append((n, address, channel, call))
+    for n, address, channel, call in asked:
         try:
-            runtime_env_pb2_grpc.RuntimeEnvServiceStub(channel).Prepare(
-                request, timeout=_EAGER_TIMEOUT_S)
+            call.result()
         except grpc.RpcError as exc:
             log.warning("could not ask node %s (raylet %s) to set the job's runtime_env up "
                         "ahead of its tasks (eager_install): %s: %s; it is set up there when "
@@ -375,13 +377,6 @@ def _eager_install(env: runtime_env_context.ResolvedEnv, nodes: Sequence[Any],
                         exc.details())
         finally:
             channel.close()
-
-    if len(nodes) == 1:
-        ask(nodes[0])
-        return
-    with ThreadPoolExecutor(max_workers=min(16, len(nodes)),
-                            thread_name_prefix="eager-install") as pool:
-        list(pool.map(ask, nodes))
 
 
 def _watch_private_raylet(cw: CoreWorker, node: Node) -> None:

@@ -192,6 +192,13 @@ class _AuthCallable:
     def __call__(self, *args, metadata=None, **kwargs):
         return self._inner(*args, metadata=tuple(metadata or ()) + self._md, **kwargs)
 
+    def future(self, *args, metadata=None, **kwargs):
+        """The sync API's non-blocking call (unary requests), token included."""
+        return self._inner.future(*args, metadata=tuple(metadata or ()) + self._md, **kwargs)
+
+    def with_call(self, *args, metadata=None, **kwargs):
+        return self._inner.with_call(*args, metadata=tuple(metadata or ()) + self._md, **kwargs)
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
